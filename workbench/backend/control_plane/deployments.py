@@ -1,0 +1,184 @@
+"""REST routes for deployments (wire contract §4.5).
+
+    POST   /v1/accounts/{a}/deployments?deploymentId=ID     create (409 if ID exists); starts a replica
+    GET    /v1/accounts/{a}/deployments[/{id}]              list / get (a CREATING one is waited on briefly)
+    PATCH  /v1/accounts/{a}/deployments/{id}[?updateMask=]  update; without a mask the given fields are merged
+    DELETE /v1/accounts/{a}/deployments/{id}                stop the replica and forget the deployment
+
+A deployment has at most one replica locally: it runs while `maxReplicaCount > 0` (so the seed's
+`min_replica_count=0, max_replica_count=1` serves at once); `scale_to_zero` stops it and keeps the record,
+and scaling up again restarts it on its last good snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+from fastapi import APIRouter, Request
+
+from workbench.models import ModelNotFoundError, local_path
+
+from .app import ControlPlane, read_body_json, rfc3339
+from .errors import ApiError, require
+from .jobs import ID_RE, SETTLE_WAIT_S, check_account
+
+router = APIRouter()
+
+# Fields a client may set, camelCase as on the wire; updateMask uses their snake_case spelling.
+_MUTABLE = ("displayName", "description", "minReplicaCount", "maxReplicaCount", "hotLoadTrainerJob",
+            "hotLoadTransitionType", "annotations", "extraArgs", "extraValues")
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+def _cp(request: Request) -> ControlPlane:
+    return request.app.state.cp
+
+
+def _get(cp: ControlPlane, deployment_id: str) -> dict:
+    dep = cp.store.get("deployments", deployment_id)
+    require(dep is not None, 404, f"deployment {deployment_id!r} not found")
+    return dep
+
+
+def _check_trainer_link(cp: ControlPlane, value) -> None:
+    if value in (None, ""):
+        return
+    parts = str(value).split("/")
+    require(len(parts) == 4 and parts[0] == "accounts" and parts[2] == "rlorTrainerJobs", 400,
+            f"hotLoadTrainerJob must be accounts/{cp.account}/rlorTrainerJobs/<id> (got {value!r})")
+    require(cp.store.get("jobs", parts[3]) is not None, 400, f"hotLoadTrainerJob {value!r} does not exist")
+
+
+def _check_replicas(body: dict) -> None:
+    for field in ("minReplicaCount", "maxReplicaCount"):
+        if field in body:
+            v = body[field]
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, 400,
+                    f"{field} must be a non-negative integer (got {v!r})")
+
+
+@router.post("/v1/accounts/{account}/deployments")
+async def create_deployment(request: Request, account: str) -> dict:
+    cp = _cp(request)
+    check_account(cp, account)
+    body = read_body_json(await request.body())
+    deployment_id = request.query_params.get("deploymentId")
+    require(bool(deployment_id), 400, "deploymentId (query parameter) is required")
+    require(bool(ID_RE.match(deployment_id)), 400,
+            f"deploymentId {deployment_id!r} is invalid: use 1-63 lowercase letters, digits and hyphens")
+    base_model = body.get("baseModel")
+    require(isinstance(base_model, str) and bool(base_model), 400, "baseModel is required")
+    try:
+        local_path(base_model)
+    except ModelNotFoundError as e:
+        raise ApiError(400, f"baseModel: {e}") from e
+    _check_trainer_link(cp, body.get("hotLoadTrainerJob"))
+    _check_replicas(body)
+    now = rfc3339()
+    dep = {
+        "name": cp.deployment_name(deployment_id),
+        "displayName": body.get("displayName") or deployment_id,
+        "description": body.get("description", ""),
+        "createTime": now,
+        "updateTime": now,
+        "state": "CREATING",
+        "status": {"code": "OK", "message": "starting replica"},
+        "baseModel": base_model,
+        "minReplicaCount": body.get("minReplicaCount", 0),
+        "maxReplicaCount": body.get("maxReplicaCount", 1),
+        "enableHotLoad": body.get("enableHotLoad", True),
+        "hotLoadBucketType": body.get("hotLoadBucketType", "FW_HOSTED"),
+        "hotLoadTrainerJob": body.get("hotLoadTrainerJob", ""),
+        "hotLoadTransitionType": body.get("hotLoadTransitionType", "ASYNC"),
+        "acceleratorType": body.get("acceleratorType", "CPU"),
+    }
+    for key in ("deploymentShape", "annotations", "extraArgs", "extraValues", "placement"):
+        if key in body:
+            dep[key] = body[key]
+    _set_bucket_url(cp, dep)
+    if not cp.store.insert("deployments", deployment_id, dep):
+        raise ApiError(409, f"deployment {deployment_id!r} already exists")
+    if dep["maxReplicaCount"] > 0:
+        cp.start_deployment(deployment_id)
+    else:
+        cp.set_deployment_state(deployment_id, "READY", "scaled to zero")
+    return cp.store.get("deployments", deployment_id)
+
+
+def _set_bucket_url(cp: ControlPlane, dep: dict) -> None:
+    trainer = dep.get("hotLoadTrainerJob")
+    dep["hotLoadBucketUrl"] = (f"file://{cp.job_dir(trainer.split('/')[-1]) / 'sampler'}" if trainer else "")
+
+
+@router.get("/v1/accounts/{account}/deployments")
+async def list_deployments(request: Request, account: str) -> dict:
+    cp = _cp(request)
+    check_account(cp, account)
+    deps = cp.store.list("deployments")
+    return {"deployments": deps, "totalSize": len(deps), "nextPageToken": ""}
+
+
+@router.get("/v1/accounts/{account}/deployments/{deployment_id}")
+async def get_deployment(request: Request, account: str, deployment_id: str) -> dict:
+    cp = _cp(request)
+    check_account(cp, account)
+    dep = _get(cp, deployment_id)
+    waited = 0.0
+    while dep["state"] == "CREATING" and waited < SETTLE_WAIT_S:
+        await asyncio.sleep(0.1)
+        waited += 0.1
+        dep = _get(cp, deployment_id)
+    return dep
+
+
+@router.patch("/v1/accounts/{account}/deployments/{deployment_id}")
+async def update_deployment(request: Request, account: str, deployment_id: str) -> dict:
+    cp = _cp(request)
+    check_account(cp, account)
+    dep = _get(cp, deployment_id)
+    body = read_body_json(await request.body())
+    mask = request.query_params.get("updateMask")
+    if mask:
+        by_snake = {_snake(f): f for f in _MUTABLE}
+        fields = []
+        for item in (m.strip() for m in mask.split(",") if m.strip()):
+            field = by_snake.get(item) or (item if item in _MUTABLE else None)
+            require(field is not None, 400, f"updateMask: field {item!r} cannot be updated "
+                                            f"(updatable: {sorted(by_snake)})")
+            fields.append(field)
+        changes = {f: body.get(f) for f in fields}
+    else:
+        # No mask (DeploymentManager.scale_to_zero): merge the given fields, never replace the whole object.
+        unknown = [k for k in body if k not in _MUTABLE]
+        require(not unknown, 400, f"fields {unknown} cannot be updated (updatable: {list(_MUTABLE)})")
+        changes = body
+    _check_replicas(changes)
+    if "hotLoadTrainerJob" in changes:
+        _check_trainer_link(cp, changes["hotLoadTrainerJob"])
+    dep.update(changes)
+    _set_bucket_url(cp, dep)
+    dep["updateTime"] = rfc3339()
+    if dep["state"] == "FAILED" and dep.get("maxReplicaCount", 0) > 0:
+        dep["state"] = "CREATING"  # an update is a chance to recover a failed replica
+    cp.store.put("deployments", deployment_id, dep)
+    cp.reconcile_replicas(deployment_id)
+    if dep.get("maxReplicaCount", 0) == 0:
+        cp.set_deployment_state(deployment_id, "READY", "scaled to zero")
+    return cp.store.get("deployments", deployment_id)
+
+
+@router.delete("/v1/accounts/{account}/deployments/{deployment_id}")
+async def delete_deployment(request: Request, account: str, deployment_id: str) -> dict:
+    cp = _cp(request)
+    check_account(cp, account)
+    dep = _get(cp, deployment_id)
+    cp.store.delete("deployments", deployment_id)
+    cp.supervisor.stop("deployment", deployment_id)
+    # The replica's snapshot chain belongs to this deployment only; the snapshots themselves stay with the trainer.
+    shutil.rmtree(cp.deployment_dir(deployment_id), ignore_errors=True)
+    dep.update(state="DELETED", updateTime=rfc3339())
+    return dep

@@ -1,0 +1,135 @@
+"""The gateway: routes trainer, hot-load and inference traffic to the process that serves it.
+
+    /training/v1/rlorTrainerJobs/{account}/{job}/api/v1/*   -> that job's trainer process   (§1, R1.1)
+    /hot_load/v1/models/hot_load                             -> the replica named by the `fireworks-deployment` header (§5)
+    /inference/v1/completions, /v1/completions               -> the replica named by the body's `model` (§6)
+
+Requests and responses pass through unchanged (bodies streamed back, so SSE and long-polls work). A
+target that is not running answers 503 with a JSON body: the SDK retries 503 on every surface, which
+is exactly what a client should do while a trainer resumes or a crashed replica restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from .app import ControlPlane, desired_replicas
+from .errors import error_response
+
+router = APIRouter()
+
+_TRAINER_PREFIX = re.compile(r"^/training/v1/rlorTrainerJobs/[^/]+/[^/]+(/.*)$")
+_HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade",
+               "proxy-authorization", "te", "trailer"}
+
+
+def strip_trainer_prefix(path: str) -> str | None:
+    """R1.2: `/training/v1/rlorTrainerJobs/{a}/{j}/v1/...` -> `/v1/...` (the Tinker `/api/` paths stay)."""
+    m = _TRAINER_PREFIX.match(path)
+    if m and not m.group(1).startswith("/api/"):
+        return m.group(1)
+    return None
+
+
+async def proxy(request: Request, port: int, path: str, body: bytes | None = None,
+                extra_headers: dict | None = None) -> StreamingResponse:
+    client: httpx.AsyncClient = request.app.state.http
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers.update(extra_headers or {})
+    url = httpx.URL(f"http://127.0.0.1:{port}{path}", query=request.url.query.encode())
+    upstream = client.build_request(request.method, url, headers=headers,
+                                    content=body if body is not None else await request.body())
+    try:
+        response = await client.send(upstream, stream=True)
+    except httpx.TransportError as e:
+        return error_response(503, f"upstream process on port {port} is unavailable ({type(e).__name__}); retry")
+    out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-encoding"}}
+    return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=out_headers,
+                             background=BackgroundTask(response.aclose))
+
+
+def _cp(request: Request) -> ControlPlane:
+    return request.app.state.cp
+
+
+# ---- trainer ----------------------------------------------------------------------------------
+@router.api_route("/training/v1/rlorTrainerJobs/{account}/{job_id}/api/v1/{rest:path}", methods=["GET", "POST"])
+async def trainer_gateway(request: Request, account: str, job_id: str, rest: str):
+    cp = _cp(request)
+    job = cp.store.get("jobs", job_id)
+    if job is None or account != cp.account:
+        return error_response(404, f"rlorTrainerJob {account}/{job_id} not found")
+    child = cp.supervisor.get("trainer", job_id)
+    port = child.port() if child else None
+    if port is None or job["state"] != "JOB_STATE_RUNNING":
+        return error_response(503, f"trainer for job {job_id!r} is not serving (state {job['state']}); "
+                                   "wait for it, or resume the job")
+    return await proxy(request, port, f"/api/v1/{rest}")
+
+
+# ---- hot load ---------------------------------------------------------------------------------
+def _deployment_from_header(cp: ControlPlane, request: Request) -> tuple[str | None, JSONResponse | None]:
+    name = request.headers.get("fireworks-deployment", "")
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments":
+        return None, error_response(400, "header fireworks-deployment must name a deployment "
+                                         f"(accounts/{cp.account}/deployments/<id>), got {name!r}")
+    if cp.store.get("deployments", parts[3]) is None:
+        return None, error_response(404, f"deployment {name!r} not found")
+    return parts[3], None
+
+
+@router.api_route("/hot_load/v1/models/hot_load", methods=["GET", "POST"])
+async def hot_load(request: Request):
+    cp = _cp(request)
+    deployment_id, error = _deployment_from_header(cp, request)
+    if error:
+        return error
+    dep = cp.store.get("deployments", deployment_id)
+    if desired_replicas(dep) == 0 and request.method == "GET":
+        return JSONResponse({"replicas": []})  # scaled to zero: nothing loaded, nothing pending
+    child = cp.supervisor.get("deployment", deployment_id)
+    port = child.port() if child else None
+    if port is None:
+        return error_response(503, f"deployment {deployment_id!r} has no ready replica (state {dep['state']}); retry")
+    extra = {}
+    trainer = dep.get("hotLoadTrainerJob")
+    if trainer:
+        extra["x-workbench-snapshot-root"] = str(cp.job_dir(trainer.split("/")[-1]) / "sampler")
+    elif request.method == "POST":
+        return error_response(400, f"deployment {deployment_id!r} has no hotLoadTrainerJob: link it to a trainer "
+                                   "(create with hot_load_trainer_job, or reattach_trainer) before hot-loading")
+    return await proxy(request, port, "/hot_load/v1/models/hot_load", extra_headers=extra)
+
+
+# ---- inference --------------------------------------------------------------------------------
+@router.post("/inference/v1/completions")
+@router.post("/v1/completions")
+async def completions(request: Request):
+    cp = _cp(request)
+    raw = await request.body()
+    try:
+        model = json.loads(raw).get("model", "")
+    except (json.JSONDecodeError, AttributeError):
+        return error_response(400, "request body must be a JSON object with a `model` field")
+    parts = str(model).split("#")[0].split("/")
+    if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments":
+        return error_response(400, f"model must name a deployment (accounts/{cp.account}/deployments/<id>), "
+                                   f"got {model!r}")
+    dep = cp.store.get("deployments", parts[3])
+    if dep is None:
+        return error_response(404, f"deployment {model!r} not found")
+    child = cp.supervisor.get("deployment", parts[3])
+    port = child.port() if child else None
+    if port is None:
+        if desired_replicas(dep) == 0:
+            return error_response(503, f"deployment {model!r} is scaled to zero; scale it up to sample")
+        return error_response(503, f"deployment {model!r} has no ready replica yet (state {dep['state']}); retry")
+    return await proxy(request, port, request.url.path if request.url.path.startswith("/inference")
+                       else "/v1/completions", body=raw)

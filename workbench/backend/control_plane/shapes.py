@@ -1,0 +1,55 @@
+"""Training shapes: named trainer configurations that `resolve_training_profile` looks up.
+
+On the Fireworks service a shape pins accelerators, image tags and sharding for a base model. Locally a
+shape names a base model, a context length and whether the trainer is full-parameter or LoRA, so
+seed code that starts from `rlor_mgr.resolve_training_profile(shape_id)` runs unchanged.
+"""
+
+from __future__ import annotations
+
+from workbench.models import DEFAULT_MODEL, SMALL_MODEL
+
+from ..home import ACCOUNT_ID
+
+# shape id -> (base model, trainer mode, max context length)
+SHAPES = {
+    "qwen3-tiny-cpu": (DEFAULT_MODEL, "POLICY_TRAINER", 2048),
+    "qwen3-tiny-lora-cpu": (DEFAULT_MODEL, "LORA_TRAINER", 2048),
+    "qwen3-small-cpu": (SMALL_MODEL, "POLICY_TRAINER", 2048),
+    "qwen3-small-lora-cpu": (SMALL_MODEL, "LORA_TRAINER", 2048),
+}
+VERSION = "v1"
+
+
+def shape_version(shape_id: str, account: str = ACCOUNT_ID) -> dict | None:
+    if shape_id not in SHAPES:
+        return None
+    base_model, mode, context = SHAPES[shape_id]
+    return {
+        "name": f"accounts/{account}/trainingShapes/{shape_id}/versions/{VERSION}",
+        "validated": True,
+        "latestValidated": True,
+        "snapshot": {
+            "baseModel": base_model,
+            "trainerImageTag": "workbench",
+            "maxSupportedContextLength": context,
+            "nodeCount": 1,
+            "deploymentShapeVersion": f"accounts/{account}/deploymentShapes/{shape_id}/versions/1",
+            "deploymentImageTag": "workbench",
+            "acceleratorType": "CPU",
+            "acceleratorCount": 0,
+            "baseModelWeightPrecision": "BF16",
+            "trainerShardingScheme": {"pipelineParallelism": 1},
+            "trainerMode": mode,
+        },
+    }
+
+
+def shape_for_ref(ref: str) -> tuple[str, dict] | None:
+    """`accounts/<a>/trainingShapes/<s>[/versions/<v>]` -> (shape id, version object)."""
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[0] == "accounts" and parts[2] == "trainingShapes":
+        version = shape_version(parts[3], parts[1])
+        if version is not None:
+            return parts[3], version
+    return None

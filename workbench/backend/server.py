@@ -1,0 +1,120 @@
+"""Running the control plane: in the foreground, detached, and stopping it.
+
+    serve_foreground(home, host="127.0.0.1", port=0)   # blocks; what `workbench serve` does
+    info = start_detached(home)                          # returns once the server answers; `serve --detach`
+    stop(home)                                           # stops it and every process it started
+
+The server writes `server.json` only once it accepts connections, so anyone who finds the file can
+connect at once. `server.json` and `api_key` are how clients (the notebook layer, recipes, the CLI)
+find a running backend.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .home import ensure_api_key, pid_alive, read_server_info, server_file, write_json_atomic
+
+
+def serve_foreground(home: Path, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    import uvicorn
+
+    from .control_plane.app import create_app
+
+    info = read_server_info(home)
+    if info and pid_alive(info.get("pid")) and info.get("pid") != os.getpid() and _healthy(info, home):
+        raise SystemExit(f"a workbench backend already runs for {home} at {info['base_url']} (pid {info['pid']}); "
+                         "use `workbench stop` first")
+    api_key = ensure_api_key(home)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    base_url = f"http://{url_host}:{bound_port}"
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            write_json_atomic(server_file(home), {"base_url": base_url, "pid": os.getpid(), "host": host,
+                                                  "port": bound_port, "home": str(home), "started_at": time.time()})
+            print(f"workbench backend serving at {base_url} (home {home})", flush=True)
+
+    config = uvicorn.Config(create_app(home, api_key), log_level=log_level, timeout_keep_alive=75,
+                            lifespan="on", access_log=False)
+    server = _Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        info = read_server_info(home)
+        if info and info.get("pid") == os.getpid():
+            server_file(home).unlink(missing_ok=True)
+
+
+def _healthy(info: dict, home: Path) -> bool:
+    key = ensure_api_key(home)
+    try:
+        return httpx.get(f"{info['base_url']}/healthz", headers={"X-Api-Key": key}, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def running_server(home: Path) -> dict | None:
+    """The server.json of a live, answering backend for `home`, else None."""
+    info = read_server_info(home)
+    if info and pid_alive(info.get("pid")) and _healthy(info, home):
+        return info
+    return None
+
+
+def start_detached(home: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 90.0) -> dict:
+    info = running_server(home)
+    if info:
+        return info
+    ensure_api_key(home)
+    (home / "logs").mkdir(exist_ok=True)
+    log = open(home / "logs" / "control-plane.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--host", host, "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env=dict(os.environ, WORKBENCH_HOME=str(home)))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = read_server_info(home)
+        if info and info.get("pid") == proc.pid and _healthy(info, home):
+            return info
+        if proc.poll() is not None:
+            # Lost a race with another starter? Then use theirs.
+            info = running_server(home)
+            if info:
+                return info
+            tail = (home / "logs" / "control-plane.log").read_text(errors="replace").splitlines()[-20:]
+            raise RuntimeError("workbench serve exited before it was ready:\n" + "\n".join(tail))
+        time.sleep(0.1)
+    proc.terminate()
+    raise TimeoutError(f"workbench serve did not become ready in {timeout:.0f}s (see {home / 'logs'})")
+
+
+def stop(home: Path, timeout: float = 30.0) -> bool:
+    """Stop the backend of `home` (it stops its trainers and deployments). False if none ran."""
+    info = read_server_info(home)
+    if not info or not pid_alive(info.get("pid")):
+        server_file(home).unlink(missing_ok=True)
+        return False
+    pid = info["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while time.time() < deadline and pid_alive(pid):
+        time.sleep(0.1)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    server_file(home).unlink(missing_ok=True)
+    return True

@@ -1,0 +1,175 @@
+"""Starts, watches and stops the trainer and deployment processes of a control plane.
+
+    sup = Supervisor(home, api_key, on_exit=callback)
+    proc = sup.start("trainer", job_id, ["-m", "workbench.backend.trainer", ...], run_dir)
+    port = proc.wait_ready(timeout=120)     # the child writes its port file once it serves
+    sup.stop("trainer", job_id)
+
+Every child binds 127.0.0.1 on a port of its own choosing and writes it to `<run_dir>/port` when it is
+ready; the control plane proxies to that port. Children get the API key in their environment and
+check it too, so the loopback ports are not an unauthenticated side door.
+
+Children are asked to die with the control plane (PR_SET_PDEATHSIG on Linux): a crashed or killed
+`workbench serve` must not leave orphaned trainers holding memory. A watcher thread notices children
+that exit on their own and calls `on_exit(kind, key, returncode, log_tail)` so the control plane can
+mark a job FAILED or restart a deployment replica.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: children then outlive a crashed control plane; `workbench stop` still works
+
+
+@dataclass
+class ChildProcess:
+    kind: str
+    key: str
+    popen: subprocess.Popen
+    run_dir: Path
+    log_path: Path
+    started_at: float = field(default_factory=time.time)
+    stopping: bool = False
+
+    @property
+    def port_file(self) -> Path:
+        return self.run_dir / "port"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def port(self) -> int | None:
+        try:
+            return int(self.port_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def wait_ready(self, timeout: float) -> int:
+        """Block until the child has written its port file; raise if it exits or times out first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            port = self.port()
+            if port:
+                return port
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.kind} process exited with code {self.popen.returncode} before it was "
+                                   f"ready:\n{log_tail(self.log_path)}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.kind} process not ready after {timeout:.0f}s:\n{log_tail(self.log_path)}")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Supervisor:
+    def __init__(self, home: Path, api_key: str,
+                 on_exit: Callable[[str, str, int, str], None] | None = None):
+        self.home = home
+        self.api_key = api_key
+        self.on_exit = on_exit
+        self._children: dict[tuple[str, str], ChildProcess] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="supervisor-watch", daemon=True)
+        self._watcher.start()
+
+    def start(self, kind: str, key: str, args: list[str], run_dir: Path) -> ChildProcess:
+        """Start `python <args>` for (kind, key), stopping any previous process of that key first."""
+        self.stop(kind, key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "port").unlink(missing_ok=True)
+        log_dir = self.home / "logs"
+        log_dir.mkdir(exist_ok=True)
+        log_path = log_dir / f"{kind}-{key}.log"
+        env = dict(os.environ, WORKBENCH_API_KEY=self.api_key, WORKBENCH_HOME=str(self.home),
+                   PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        with open(log_path, "ab") as log:
+            log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {kind} {key}\n".encode())
+            log.flush()
+            popen = subprocess.Popen([sys.executable, *args, "--port-file", str(run_dir / "port")],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=str(run_dir), preexec_fn=_die_with_parent)
+        child = ChildProcess(kind, key, popen, run_dir, log_path)
+        with self._lock:
+            self._children[(kind, key)] = child
+        return child
+
+    def get(self, kind: str, key: str) -> ChildProcess | None:
+        with self._lock:
+            child = self._children.get((kind, key))
+        if child is not None and child.popen.poll() is not None:
+            return None
+        return child
+
+    def stop(self, kind: str, key: str, timeout: float = 10.0) -> None:
+        with self._lock:
+            child = self._children.pop((kind, key), None)
+        if child is None:
+            return
+        child.stopping = True
+        _terminate(child.popen, timeout)
+        child.port_file.unlink(missing_ok=True)
+
+    def stop_all(self) -> None:
+        self._closed.set()
+        with self._lock:
+            children = list(self._children.values())
+            self._children.clear()
+        for child in children:
+            child.stopping = True
+            if child.popen.poll() is None:
+                child.popen.terminate()
+        for child in children:
+            _terminate(child.popen, 10.0)
+            child.port_file.unlink(missing_ok=True)
+
+    def children(self) -> list[ChildProcess]:
+        with self._lock:
+            return list(self._children.values())
+
+    def _watch(self) -> None:
+        while not self._closed.wait(0.25):
+            with self._lock:
+                exited = [(k, c) for k, c in self._children.items() if c.popen.poll() is not None]
+                for k, _ in exited:
+                    del self._children[k]
+            for (kind, key), child in exited:
+                child.port_file.unlink(missing_ok=True)
+                if not child.stopping and self.on_exit is not None:
+                    try:
+                        self.on_exit(kind, key, child.popen.returncode, log_tail(child.log_path))
+                    except Exception as e:  # the watcher must survive a failing callback
+                        print(f"supervisor: on_exit callback failed: {e!r}", file=sys.stderr)
+
+
+def _terminate(popen: subprocess.Popen, timeout: float) -> None:
+    if popen.poll() is not None:
+        return
+    popen.terminate()
+    try:
+        popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(5)
