@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The one test command: installs what it needs, then runs every test, the tutorial notebooks included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/python -m pytest tests "$@"

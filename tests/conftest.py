@@ -1,0 +1,93 @@
+"""Shared fixtures: a real `workbench serve` in a temporary home, driven over real HTTP.
+
+    def test_something(backend):            # one backend per test module
+        backend.base_url, backend.api_key, backend.home
+        backend.trainer_manager()            # official TrainerJobManager on it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = "accounts/workbench/models/qwen3-tiny"
+TINY_SHAPE = "accounts/workbench/trainingShapes/qwen3-tiny-cpu"
+
+
+@dataclass
+class Backend:
+    base_url: str
+    api_key: str
+    home: Path
+    proc: subprocess.Popen
+
+    def headers(self) -> dict:
+        return {"X-Api-Key": self.api_key}
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return httpx.get(self.base_url + path, headers=self.headers(), timeout=60, **kw)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(self.base_url + path, headers=self.headers(), timeout=60, **kw)
+
+    def trainer_manager(self):
+        from fireworks.training.sdk import TrainerJobManager
+
+        return TrainerJobManager(api_key=self.api_key, base_url=self.base_url)
+
+    def deployment_manager(self):
+        from fireworks.training.sdk import DeploymentManager
+
+        return DeploymentManager(api_key=self.api_key, base_url=self.base_url)
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+
+def start_backend(home: Path) -> Backend:
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "serve.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--port", "0"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, WORKBENCH_HOME=str(home)))
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        info_file = home / "server.json"
+        if info_file.exists():
+            info = json.loads(info_file.read_text())
+            if info.get("pid") == proc.pid:
+                return Backend(info["base_url"], (home / "api_key").read_text().strip(), home, proc)
+        if proc.poll() is not None:
+            raise RuntimeError((home / "serve.log").read_text())
+        time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError("workbench serve did not start")
+
+
+def stop_backend(backend: Backend) -> None:
+    if backend.proc.poll() is None:
+        backend.proc.send_signal(signal.SIGTERM)
+        try:
+            backend.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            backend.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    b = start_backend(tmp_path_factory.mktemp("wbhome"))
+    yield b
+    stop_backend(b)

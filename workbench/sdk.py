@@ -1,0 +1,116 @@
+"""Thin extensions of the official SDK for what the seeds document but `fireworks-ai==1.2.28` lacks.
+
+    from workbench.sdk import TrainingClient, WeightSyncer
+    client = TrainingClient(sdk_training_client, endpoint_base_url, api_key)   # wraps, never forks
+    client.save_weights_for_sampler("tmp", checkpoint_type="delta", ttl_seconds=3600).result()
+    client.save_state("step-10", ttl_seconds=600).result()
+
+    syncer = WeightSyncer(policy_client=client, deploy_mgr=..., deployment_id=..., dcp_timeout=2700)
+    syncer.save_dcp("step-10")        # seed 002: DCP-only save, returns bool
+
+TTL: the pinned SDK refuses `ttl_seconds` client-side (NotImplementedError), so the wrapper saves
+without it and then sets the checkpoint's TTL on the control plane
+(`PATCH .../rlorTrainerJobs/{job}/checkpoints/{id}` with `{"ttl": "<n>s"}`, a workbench extension).
+Everything else is delegated unchanged to the SDK's `FiretitanTrainingClient`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import httpx
+from fireworks.training.sdk import WeightSyncer as _SdkWeightSyncer
+
+logger = logging.getLogger(__name__)
+
+_GATEWAY = re.compile(r"^(?P<root>.+?)/training/v1/rlorTrainerJobs/(?P<account>[^/]+)/(?P<job>[^/]+)/?$")
+
+
+def parse_trainer_endpoint(url: str) -> tuple[str, str, str]:
+    """`http://host/training/v1/rlorTrainerJobs/<a>/<job>` -> (root url, account, job id)."""
+    m = _GATEWAY.match(url)
+    if not m:
+        raise ValueError(f"not a trainer gateway URL: {url!r}")
+    return m["root"], m["account"], m["job"]
+
+
+class _Done:
+    """A completed future (what the SDK's `_ImmediateAPIFuture` is), for calls that had to block."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self, timeout: float | None = None):
+        return self._value
+
+    async def result_async(self, timeout: float | None = None):
+        return self._value
+
+
+class TrainingClient:
+    """Wraps an SDK `FiretitanTrainingClient`, adding `ttl_seconds` to sampler and state saves."""
+
+    def __init__(self, sdk_client, endpoint_base_url: str, api_key: str):
+        self.sdk = sdk_client
+        self._root, self._account, self.job_id = parse_trainer_endpoint(endpoint_base_url)
+        self._api_key = api_key
+
+    def __getattr__(self, name):  # everything not overridden is the SDK's own behaviour
+        return getattr(self.sdk, name)
+
+    def set_checkpoint_ttl(self, checkpoint_id: str, ttl_seconds: int) -> dict:
+        if not isinstance(ttl_seconds, int) or isinstance(ttl_seconds, bool) or ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be a positive integer (got {ttl_seconds!r})")
+        r = httpx.patch(f"{self._root}/v1/accounts/{self._account}/rlorTrainerJobs/{self.job_id}/checkpoints/"
+                        f"{checkpoint_id}", json={"ttl": f"{ttl_seconds}s"},
+                        headers={"X-Api-Key": self._api_key}, timeout=30)
+        if r.status_code >= 400:
+            raise RuntimeError(f"setting ttl on checkpoint {checkpoint_id!r} failed (HTTP {r.status_code}): {r.text}")
+        return r.json()
+
+    def save_weights_for_sampler_ext(self, name: str, checkpoint_type: str | None = None,
+                                     ttl_seconds: int | None = None, **kwargs):
+        if ttl_seconds is not None and (not isinstance(ttl_seconds, int) or ttl_seconds <= 0):
+            raise ValueError(f"ttl_seconds must be a positive integer (got {ttl_seconds!r})")
+        result = self.sdk.save_weights_for_sampler_ext(name, checkpoint_type=checkpoint_type, **kwargs)
+        if ttl_seconds is not None:
+            self.set_checkpoint_ttl(result.snapshot_name, ttl_seconds)
+        return result
+
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None, *,
+                                 checkpoint_type: str | None = None, **kwargs):
+        from fireworks.training.sdk._core import types
+
+        result = self.save_weights_for_sampler_ext(name, checkpoint_type=checkpoint_type,
+                                                   ttl_seconds=ttl_seconds, **kwargs)
+        return _Done(types.SaveWeightsForSamplerResponse(path=result.path))
+
+    def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False, *,
+                   timeout: float | None = None):
+        if ttl_seconds is not None and (not isinstance(ttl_seconds, int) or ttl_seconds <= 0):
+            raise ValueError(f"ttl_seconds must be a positive integer (got {ttl_seconds!r})")
+        future = self.sdk.save_state(name, overwrite=overwrite, timeout=timeout)
+        if ttl_seconds is None:
+            return future
+        result = future.result()  # the row must exist before its TTL can be set
+        self.set_checkpoint_ttl(name, ttl_seconds)
+        return _Done(result)
+
+
+@dataclass
+class WeightSyncer(_SdkWeightSyncer):
+    """The SDK's WeightSyncer plus seed 002's `save_dcp(name)` and `dcp_timeout`."""
+
+    dcp_timeout: int = 2700
+    """Seconds to wait for a DCP save in `save_dcp`."""
+
+    def save_dcp(self, name: str) -> bool:
+        """Save a resumable DCP checkpoint only (no sampler snapshot, no hotload). True on success."""
+        try:
+            self.policy_client.save_state(name).result(timeout=self.dcp_timeout)
+        except Exception as e:  # the seed's contract is a bool, like hotload()
+            logger.warning("save_dcp(%r) failed: %s", name, e)
+            return False
+        return True
