@@ -1,0 +1,118 @@
+"""Training-step overhead of the backend: the same model and batch, in-process vs through the SDK.
+
+    python bench/step_overhead.py [--steps 10] [--model accounts/workbench/models/qwen3-small]
+
+Trains N steps with plain PyTorch in this process and N steps through the official SDK ->
+control plane -> trainer process, alternating blocks so machine noise hits both alike, and prints
+ms/step for each, their ratio (target <= 1.10 for the ~5M model) and the fixed overhead per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import tinker
+import torch
+
+
+def batch(n=16, length=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(10, 500, (n, length + 1), generator=g)
+    return tokens
+
+
+def to_datums(tokens):
+    length = tokens.shape[1] - 1
+    return [tinker.Datum(model_input=tinker.ModelInput.from_ints(row[:-1].tolist()),
+                         loss_fn_inputs={"target_tokens": tinker.TensorData(data=row[1:].tolist(), dtype="int64",
+                                                                           shape=[length]),
+                                         "weights": tinker.TensorData(data=[1.0] * length, dtype="float32",
+                                                                      shape=[length])})
+            for row in tokens]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--model", default="accounts/workbench/models/qwen3-small")
+    args = ap.parse_args()
+
+    from fireworks.training.sdk import FiretitanServiceClient, TrainerJobConfig, TrainerJobManager
+
+    from workbench.backend.home import ensure_api_key, resolve_home
+    from workbench.backend.server import start_detached, stop
+    from workbench.models import load_model
+
+    home = resolve_home(tempfile.mkdtemp(prefix="wb-bench-"))
+    info = start_detached(home)
+    key = ensure_api_key(home)
+    try:
+        mgr = TrainerJobManager(api_key=key, base_url=info["base_url"])
+        endpoint = mgr.create_and_wait(TrainerJobConfig(base_model=args.model, lora_rank=0, learning_rate=1e-4),
+                                       poll_interval_s=1)
+        service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=key)
+        client = service.create_training_client(base_model=args.model, lora_rank=0)
+
+        tokens = batch()
+        datums = to_datums(tokens)
+        adam = tinker.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0)
+        model = load_model(args.model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+        def local_step():
+            logits = model(input_ids=tokens[:, :-1]).logits.float()
+            lp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+            (-lp.sum()).backward()
+            opt.step()
+            opt.zero_grad()
+
+        def sdk_step():
+            client.forward_backward(datums, "cross_entropy").result()
+            client.optim_step(adam).result()
+
+        tiny = to_datums(batch(n=1, length=4))
+
+        def sdk_tiny_call():
+            client.forward(tiny, "cross_entropy").result()
+
+        def local_tiny_call():
+            with torch.no_grad():
+                model(input_ids=batch(n=1, length=4)[:, :-1])
+
+        local_step(), sdk_step()  # warm up both paths
+        local_times, sdk_times, call_overheads = [], [], []
+        for _ in range(args.blocks):
+            for fn, out in ((local_step, local_times), (sdk_step, sdk_times)):
+                for _ in range(args.steps):
+                    t = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - t)
+            for _ in range(20):
+                t = time.perf_counter()
+                sdk_tiny_call()
+                sdk_t = time.perf_counter() - t
+                t = time.perf_counter()
+                local_tiny_call()
+                call_overheads.append(sdk_t - (time.perf_counter() - t))
+        params = sum(p.numel() for p in model.parameters())
+        local_ms = statistics.median(local_times) * 1e3
+        sdk_ms = statistics.median(sdk_times) * 1e3
+        print(f"model {args.model} ({params / 1e6:.2f}M params), batch 16 x 128 tokens, "
+              f"{args.blocks} x {args.steps} steps each, medians")
+        print(f"{'path':28s} {'ms/step':>10s}")
+        print(f"{'in-process torch':28s} {local_ms:10.1f}")
+        print(f"{'SDK -> backend':28s} {sdk_ms:10.1f}")
+        print(f"ratio SDK/in-process: {sdk_ms / local_ms:.3f}  (target <= 1.10)")
+        print(f"fixed overhead per call (forward of 1x4 tokens, SDK minus in-process): "
+              f"{statistics.median(call_overheads) * 1e3:.1f} ms")
+        service.close()
+    finally:
+        stop(home)
+
+
+if __name__ == "__main__":
+    main()
