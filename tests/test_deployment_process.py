@@ -1,0 +1,270 @@
+"""The deployment replica as a real OS process, driven over HTTP by the official SDK.
+
+One replica process per module (plus one restart). Snapshots are written with workbench.checkpoints
+from the tiny model with perturbed weights, exactly as a trainer would write them:
+
+    root/snap-1        base: the tiny model + noise
+    root/snap-2        delta over snap-1 (snap-1 + smaller noise)
+    root/snap-bad-crc  snap-2's delta with bytes flipped
+    root/snap-other    a delta made against some other snapshot
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from workbench import checkpoints as ck
+from workbench import models
+
+TINY = models.DEFAULT_MODEL
+KEY = "test-deploy-key"
+ACCOUNT, DEP = "acct", "dep-1"
+MODEL = f"accounts/{ACCOUNT}/deployments/{DEP}"
+
+
+class Replica:
+    def __init__(self, ddir: Path):
+        self.dir = ddir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self, timeout=90) -> "Replica":
+        port_file = self.dir / "port"
+        port_file.unlink(missing_ok=True)
+        log = open(self.dir / "replica.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workbench.backend.deployment", "--deployment-dir", str(self.dir),
+             "--port-file", str(port_file)],
+            env=dict(os.environ, WORKBENCH_API_KEY=KEY, WORKBENCH_TORCH_THREADS="1"), stdout=log,
+            stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if port_file.exists() and self.get("/readyz").status_code == 200:
+                return self
+            if port_file.exists() and not self.port:
+                self.port = int(port_file.read_text())
+            assert self.proc.poll() is None, (self.dir / "replica.log").read_text()
+            time.sleep(0.05)
+        raise TimeoutError((self.dir / "replica.log").read_text())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path):
+        self.port = int((self.dir / "port").read_text())
+        return httpx.get(self.url + path, headers={"X-Api-Key": KEY}, timeout=30)
+
+    def complete(self, **body) -> dict:
+        body = {"model": MODEL, **body}
+        r = httpx.post(self.url + "/inference/v1/completions", json=body, headers={"X-Api-Key": KEY}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def status(self) -> dict:
+        return self.get("/hot_load/v1/models/hot_load").json()["replicas"][0]
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def perturbed(model, scale: float, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.abs().mean() + 1e-3))
+    return ck.bf16_state(model)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deploy")
+    root = tmp / "sampler"
+    root.mkdir()
+    model_dir = models.local_path(TINY)
+    model = models.load_model(TINY)
+    w1 = perturbed(model, 0.5, seed=1)
+    ck.save_sampler_base(root / "snap-1", w1, model_dir, {"base_model": TINY})
+    w2 = perturbed(model, 0.05, seed=2)
+    ck.save_sampler_delta(root / "snap-2", w2, w1, "snap-1", {"base_model": TINY})
+    shutil.copytree(root / "snap-2", root / "snap-bad-crc")
+    blob = bytearray((root / "snap-bad-crc" / "delta.wbd").read_bytes())
+    for i in range(len(blob) // 2, len(blob) // 2 + 64):
+        blob[i] ^= 0x5A
+    (root / "snap-bad-crc" / "delta.wbd").write_bytes(bytes(blob))
+    w_other = perturbed(models.load_model(TINY), 0.5, seed=9)
+    ck.save_sampler_delta(root / "snap-other", w2, w_other, "snap-9", {"base_model": TINY})
+
+    ddir = tmp / "dep"
+    ddir.mkdir()
+    (ddir / "deployment.json").write_text(json.dumps(
+        {"deployment_id": DEP, "account": ACCOUNT, "base_model": TINY, "home": str(tmp)}))
+    replica = Replica(ddir).start()
+    yield replica, root
+    replica.kill()
+
+
+def manager(replica, root):
+    from fireworks.training.sdk import DeploymentManager
+
+    # the control plane adds x-workbench-snapshot-root; talking to the replica directly, we add it
+    mgr = DeploymentManager(api_key=KEY, base_url=replica.url,
+                            additional_headers={"x-workbench-snapshot-root": str(root)})
+    mgr._account_id = ACCOUNT   # the replica has no /v1/accounts; the SDK resolves the account lazily
+    return mgr
+
+
+def transformers_logprobs(snapshot_dir: Path | None, ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    if snapshot_dir is None:
+        model = models.load_model(TINY)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(snapshot_dir), dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def assert_logprobs_match(body: dict, lsm: torch.Tensor, tol=1e-4):
+    choice = body["choices"][0]
+    prompt = choice["raw_output"]["prompt_token_ids"]
+    out = choice["raw_output"]["completion_token_ids"]
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == len(out)
+    for j, (tid, e) in enumerate(zip(out, entries)):
+        assert e["token_id"] == tid
+        assert abs(e["logprob"] - float(lsm[len(prompt) - 1 + j, tid])) < tol
+
+
+def test_sdk_sampler_batches_and_reports(setup):
+    from fireworks.training.sdk import DeploymentSampler
+
+    replica, _ = setup
+    tok = models.load_tokenizer(TINY)
+    sampler = DeploymentSampler(inference_url=replica.url, model=MODEL, api_key=KEY, tokenizer=tok)
+    before = replica.get("/healthz").json()
+
+    async def go():
+        msgs = [{"role": "user", "content": "What is 2+2?"}]
+        return await asyncio.gather(*(sampler.sample_with_tokens(msgs, n=4, max_tokens=24, logprobs=True,
+                                                                 top_logprobs=2) for _ in range(2)))
+
+    results = asyncio.run(go())
+    completions = [c for r in results for c in r]
+    assert len(completions) == 8
+    for c in completions:
+        assert c.completion_len >= 1 and len(c.full_tokens) == c.prompt_len + c.completion_len
+        assert len(c.inference_logprobs) == c.completion_len == len(c.sampling_logprobs)
+        assert all(lp <= 0 for lp in c.inference_logprobs)
+        assert len(c.inference_topk_token_ids[0]) == 2
+    after = replica.get("/healthz").json()
+    # 8 concurrent streams were decoded together, not one after another
+    assert after["max_batch_seen"] >= 4
+    assert after["decode_steps"] - before["decode_steps"] < 8 * 24 / 2
+    metrics = sampler._recent_metrics[-1]
+    assert metrics.prefill_queue_duration is not None and metrics.num_concurrent_requests >= 1
+
+
+def test_base_then_delta_hotload_and_logprobs(setup):
+    replica, root = setup
+    mgr = manager(replica, root)
+    prompt = [1, 17, 42, 99, 7, 256, 3]
+    greedy = dict(prompt=prompt, max_tokens=16, temperature=0.0, ignore_eos=True, raw_output=True, logprobs=True)
+    outs = {None: replica.complete(**greedy)}
+    assert_logprobs_match(outs[None], transformers_logprobs(None, prompt + outs[None]["choices"][0]["raw_output"]["completion_token_ids"]))
+
+    t0 = time.time()
+    assert mgr.hotload_and_wait(DEP, TINY, "snap-1", timeout_seconds=30)
+    assert time.time() - t0 < 4, "the first status poll should already see the new snapshot"
+    assert replica.status()["current_snapshot_identity"] == "snap-1"
+    outs["snap-1"] = replica.complete(**greedy)
+
+    meta = {"previous_snapshot_identity": "snap-1", "compression_format": "arc_v2", "checksum_format": "alder32"}
+    assert mgr.hotload_and_wait(DEP, TINY, "snap-2", incremental_snapshot_metadata=meta, timeout_seconds=30)
+    st = replica.status()
+    assert st["current_snapshot_identity"] == "snap-2" and st["readiness"] and st["loading_state"]["stage"] == "done"
+    outs["snap-2"] = replica.complete(**greedy, top_logprobs=3)
+
+    ids = {k: v["choices"][0]["raw_output"]["completion_token_ids"] for k, v in outs.items()}
+    assert ids[None] != ids["snap-1"] != ids["snap-2"]
+
+    # the delta result must be what transformers computes from the same weights (rebuilt from disk)
+    ref_dir = root.parent / "snap-2-reconstructed"
+    ck.save_sampler_base(ref_dir, ck.reconstruct([root / "snap-1", root / "snap-2"]), models.local_path(TINY), {})
+    assert_logprobs_match(outs["snap-2"], transformers_logprobs(ref_dir, prompt + ids["snap-2"]))
+    sampled = replica.complete(prompt=prompt, max_tokens=20, temperature=1.0, top_p=0.95, seed=5,
+                               raw_output=True, logprobs=True, echo=True)
+    echoed = sampled["choices"][0]["raw_output"]["completion_token_ids"]
+    assert echoed[:len(prompt)] == prompt
+    sampled["choices"][0]["raw_output"]["completion_token_ids"] = echoed[len(prompt):]
+    sampled["choices"][0]["logprobs"]["content"] = sampled["choices"][0]["logprobs"]["content"][len(prompt):]
+    assert_logprobs_match(sampled, transformers_logprobs(ref_dir, echoed))
+    state = json.loads((replica.dir / "state.json").read_text())
+    assert state["identity"] == "snap-2" and [e["kind"] for e in state["chain"]] == ["base", "delta"]
+
+
+def test_failed_hotloads_keep_serving(setup):
+    from fireworks.training.sdk import WeightSyncer
+
+    replica, root = setup
+    mgr = manager(replica, root)
+    current = replica.status()["current_snapshot_identity"]
+    assert current == "snap-2"
+    state_before = (replica.dir / "state.json").read_text()
+    probe = dict(prompt=[1, 2, 3], max_tokens=8, temperature=0.0, ignore_eos=True, raw_output=True)
+    expected = replica.complete(**probe)["choices"][0]["raw_output"]["completion_token_ids"]
+    meta = {"previous_snapshot_identity": current, "compression_format": "arc_v2", "checksum_format": "alder32"}
+    cases = [
+        ("snap-missing", None, 404, "not found"),
+        ("snap-bad-crc", meta, 422, "rejected"),
+        ("snap-other", meta, 422, "rejected"),                       # made against another base
+        ("snap-2", {**meta, "previous_snapshot_identity": "snap-0"}, 409, "holds 'snap-2'"),
+        ("snap-2", None, 400, "is a delta"),
+        ("snap-2", {**meta, "compression_format": "zip"}, 400, "compression_format"),
+    ]
+    for identity, md, status, words in cases:
+        with pytest.raises(httpx.HTTPStatusError) as e:
+            mgr.hotload(DEP, TINY, identity, incremental_snapshot_metadata=md)
+        assert e.value.response.status_code == status, (identity, e.value.response.text)
+        assert words in e.value.response.json()["error"]["message"]
+        st = replica.status()
+        assert st["current_snapshot_identity"] == current and st["readiness"] is True
+        assert st["loading_state"]["stage"] == "error"
+        assert st["loading_state"]["target_snapshot_identity"] == identity and st["loading_state"]["message"]
+        assert replica.complete(**probe)["choices"][0]["raw_output"]["completion_token_ids"] == expected
+    assert (replica.dir / "state.json").read_text() == state_before
+
+    # WeightSyncer surfaces the failure at once (no polling until its timeout)
+    syncer = WeightSyncer(policy_client=None, deploy_mgr=mgr, deployment_id=DEP, base_model=TINY,
+                          hotload_timeout=60, warmup_after_hotload=False)
+    t0 = time.time()
+    assert syncer.hotload("snap-missing", "base") is False
+    assert time.time() - t0 < 5
+
+
+def test_restart_comes_back_on_last_good_snapshot(setup):
+    replica, _ = setup
+    probe = dict(prompt=[5, 6, 7, 8], max_tokens=12, temperature=0.0, ignore_eos=True, raw_output=True)
+    before = replica.complete(**probe)["choices"][0]["raw_output"]["completion_token_ids"]
+    replica.kill()
+    replica.start()
+    st = replica.status()
+    assert st["current_snapshot_identity"] == "snap-2" and st["loading_state"]["stage"] == "done"
+    assert replica.complete(**probe)["choices"][0]["raw_output"]["completion_token_ids"] == before

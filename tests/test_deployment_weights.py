@@ -1,0 +1,146 @@
+"""WeightManager in-process: LoRA snapshots, state.json restore and chain compaction, a hot load
+under concurrent sampling. (The HTTP/SDK side of hot loads is in test_deployment_process.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from workbench import checkpoints as ck
+from workbench import models
+from workbench.backend.deployment.engine import SamplingParams, Sequence
+from workbench.backend.deployment.weights import MAX_CHAIN_DELTAS, WeightManager
+
+TINY = models.DEFAULT_MODEL
+META = {"previous_snapshot_identity": None, "compression_format": "arc_v2", "checksum_format": "alder32"}
+
+
+def started(ddir) -> WeightManager:
+    ddir.mkdir(exist_ok=True)
+    wm = WeightManager(ddir, {"deployment_id": "d", "account": "x", "base_model": TINY})
+    wm.start()
+    deadline = time.time() + 60
+    while not wm.ready:
+        assert wm.startup_error is None and time.time() < deadline, wm.startup_error
+        time.sleep(0.02)
+    return wm
+
+
+def generate(wm, prompt, n=12, **kw) -> Sequence:
+    s = Sequence(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=True, **kw))
+    wm.engine.submit(s)
+    assert s.done.wait(30) and s.error is None
+    return s
+
+
+def test_lora_snapshot_merges_like_peft_and_restores(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(models.load_model(TINY),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    root = tmp_path / "sampler"
+    ck.save_sampler_lora(root / "adapter-1", peft_model, models.local_path(TINY), {"base_model": TINY})
+
+    wm = started(tmp_path / "dep")
+    try:
+        # WeightSyncer with lora_rank left at 0 sends delta metadata for a LoRA save (flow4c): tolerated
+        result = wm.hotload("adapter-1", {**META, "previous_snapshot_identity": "whatever"}, snapshot_root=str(root))
+        assert result["kind"] == "lora"
+        status = wm.status()["replicas"][0]
+        assert status["current_snapshot_identity"] == "adapter-1"
+        assert status["loaded_adapters"] == [{"identity": "adapter-1", "status": "loaded"}]
+        prompt = [1, 9, 33, 120, 4]
+        s = generate(wm, prompt)
+        ref = PeftModel.from_pretrained(models.load_model(TINY), str(root / "adapter-1")).eval()
+        with torch.no_grad():
+            lsm = torch.log_softmax(ref(torch.tensor([prompt + s.token_ids])).logits[0].float(), -1)
+        for j, t in enumerate(s.output):
+            assert abs(t.logprob - float(lsm[len(prompt) - 1 + j, t.token_id])) < 1e-4
+    finally:
+        wm.stop()
+    # a new process restores the adapter from state.json
+    wm2 = started(tmp_path / "dep")
+    try:
+        assert wm2.current_identity == "adapter-1"
+        assert generate(wm2, prompt).token_ids == s.token_ids
+    finally:
+        wm2.stop()
+
+
+def test_long_delta_chain_is_compacted_and_restores(tmp_path):
+    root = tmp_path / "sampler"
+    model = models.load_model(TINY)
+    g = torch.Generator().manual_seed(3)
+    prev_w, prev_id = None, None
+    names = []
+    for step in range(MAX_CHAIN_DELTAS + 3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 1e-2)
+        w = ck.bf16_state(model)
+        name = f"step-{step}"
+        if prev_w is None:
+            ck.save_sampler_base(root / name, w, models.local_path(TINY), {})
+        else:
+            ck.save_sampler_delta(root / name, w, prev_w, prev_id, {})
+        prev_w, prev_id = w, name
+        names.append(name)
+
+    wm = started(tmp_path / "dep")
+    try:
+        prompt = [1, 2, 3, 4, 5]
+        # a long generation runs across every swap: loads never stall or break in-flight requests
+        long = Sequence(prompt, SamplingParams(max_tokens=400, ignore_eos=True))
+        wm.engine.submit(long)
+        for i, name in enumerate(names):
+            meta = None if i == 0 else {**META, "previous_snapshot_identity": names[i - 1]}
+            wm.hotload(name, meta, snapshot_root=str(root))
+        assert long.done.wait(60) and long.error is None and len(long.output) == 400
+        state = json.loads((tmp_path / "dep" / "state.json").read_text())
+        assert state["identity"] == names[-1]
+        assert state["chain"][0]["kind"] == "materialized"
+        assert sum(e["kind"] == "delta" for e in state["chain"]) <= MAX_CHAIN_DELTAS
+        assert len(list((tmp_path / "dep" / "materialized").glob("*.safetensors"))) == 1
+        expected = generate(wm, prompt).token_ids
+        want = ck.reconstruct([root / n for n in names])
+        for k, v in wm.current_bf16.items():
+            assert torch.equal(v, want[k]), k
+    finally:
+        wm.stop()
+    # the materialized file makes the restart independent of the snapshots it replaced
+    still_needed = {e.get("dir") for e in state["chain"]}
+    for name in names:
+        if str(root / name) not in still_needed:
+            for f in (root / name).iterdir():
+                f.unlink()
+    wm2 = started(tmp_path / "dep")
+    try:
+        assert wm2.current_identity == names[-1] and wm2.status()["replicas"][0]["loading_state"]["stage"] == "done"
+        assert generate(wm2, prompt).token_ids == expected
+    finally:
+        wm2.stop()
+
+
+def test_restore_failure_falls_back_to_base(tmp_path):
+    ddir = tmp_path / "dep"
+    ddir.mkdir()
+    (ddir / "state.json").write_text(json.dumps({"version": 1, "identity": "gone", "kind": "base",
+                                                 "chain": [{"identity": "gone", "kind": "base",
+                                                            "dir": str(tmp_path / "nope")}]}))
+    wm = started(ddir)
+    try:
+        replica = wm.status()["replicas"][0]
+        assert replica["current_snapshot_identity"] is None and replica["readiness"] is True
+        assert replica["loading_state"]["stage"] == "error" and "gone" in replica["loading_state"]["message"]
+        generate(wm, [1, 2, 3], n=3)
+    finally:
+        wm.stop()

@@ -1,0 +1,89 @@
+"""Entry point of a deployment replica process (one OS process per replica).
+
+    WORKBENCH_API_KEY=... python -m workbench.backend.deployment --deployment-dir DIR --port-file FILE [--host 127.0.0.1]
+
+Reads DIR/deployment.json ({"deployment_id", "account", "base_model", "home"}, written by the control
+plane), binds HOST on a free port, and writes that port to FILE (temp file + os.replace, so a reader
+never sees a partial number) as soon as the HTTP server accepts connections. The base model (and the
+snapshot recorded in DIR/state.json, if any) loads in the background meanwhile: /healthz answers at
+once, the hot-load GET reports readiness false, and completions answer 425 until the weights are in.
+SIGTERM/SIGINT stop uvicorn gracefully; the engine thread is a daemon and dies with the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def write_port_file(path: Path, port: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workbench.backend.deployment")
+    ap.add_argument("--deployment-dir", required=True, type=Path)
+    ap.add_argument("--port-file", required=True, type=Path)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0 = any free port (the default)")
+    args = ap.parse_args(argv)
+
+    ddir = args.deployment_dir.resolve()
+    try:
+        config = json.loads((ddir / "deployment.json").read_text())
+        for key in ("deployment_id", "base_model"):
+            if not config.get(key):
+                raise ValueError(f"deployment.json has no {key!r}")
+    except (OSError, ValueError) as e:
+        print(f"deployment replica: cannot read {ddir / 'deployment.json'}: {e}", file=sys.stderr)
+        return 2
+    if config.get("home"):
+        os.environ.setdefault("WORKBENCH_HOME", str(config["home"]))
+
+    import uvicorn
+    from .server import create_app, make_deliver
+    from .weights import WeightManager
+
+    api_key = os.environ.get("WORKBENCH_API_KEY") or None
+    if api_key is None:
+        print("deployment replica: WORKBENCH_API_KEY is not set; requests are not authenticated",
+              file=sys.stderr)
+    wm = WeightManager(ddir, config, deliver=make_deliver())
+    app = create_app(wm, api_key)
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                           timeout_keep_alive=75))
+
+    def announce():
+        # the port file is the control plane's "ready to serve HTTP" signal: write it only once
+        # uvicorn really accepts connections
+        while not server.started:
+            if server.should_exit:
+                return
+            time.sleep(0.01)
+        write_port_file(args.port_file, port)
+        print(f"deployment {config['deployment_id']} serving on {args.host}:{port}", flush=True)
+
+    threading.Thread(target=announce, name="announce", daemon=True).start()
+    wm.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        wm.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""Weights of a deployment replica: the snapshot it serves, hot loads, atomic swaps, state.json.
+
+    wm = WeightManager(deployment_dir, deployment_config)
+    wm.start()                      # background: load base model (+ restore state.json), start the engine
+    wm.ready                        # True once inference may run (before: the server answers 425)
+    result = wm.hotload(identity, metadata, snapshot_root=..., source_url=..., reset_prompt_cache=True)
+    wm.status()                     # the hot-load GET body (wire contract §5.2)
+
+What is held. The current snapshot is kept as a bf16 state dict (`current_bf16`: exactly what a base
+snapshot holds, and the XOR base the next delta applies to), and as an fp32 model the engine computes
+with (this CPU has no fast bf16). At start the replica serves the base model rounded to bf16 (what a
+base snapshot of it would hold) with identity null.
+
+Hot load (§5). Runs under one lock, in the caller's thread (the server runs it off the event loop):
+resolve `<root>/<identity>` (or a local path from `x-fireworks-hot-load-source-url`), build the new
+bf16 dict (base: load whole; delta: check `previous_snapshot_identity` equals what we hold, then
+`apply_delta`, which verifies the base and the checksum; LoRA: merge the adapter onto the base with
+peft), copy it into the spare fp32 model, then ask the engine to swap models between two steps. The
+previous model becomes the spare for the next load (double buffering: serving never waits on a load,
+and a swap is a pointer change). Only after the swap do the identity, the chain and state.json change.
+Any failure leaves all of them untouched, sets `loading_state` to stage "error" for that target with a
+message, and raises `HotloadError` with an HTTP status the server returns. The statuses are 4xx on
+purpose: the SDK's REST layer retries 5xx for minutes, which would turn a bad snapshot into a hang.
+
+state.json (in the deployment dir) is rewritten atomically after every successful load:
+`{"version": 1, "identity", "kind", "chain": [{"identity", "kind", "dir"}...]}`, the snapshot dirs
+to replay (a base or LoRA snapshot, then deltas) to rebuild the current weights. A restarted process
+replays it; if replay fails (a snapshot was deleted, say) it serves the base model with identity null
+and reports the failure as stage "error", so WeightSyncer starts a fresh chain with a full load. When
+the chain grows past MAX_CHAIN_DELTAS deltas, the current weights are written once into the
+deployment dir (`materialized/<identity>.safetensors`) and the chain restarts from that file, so a
+restart never replays hundreds of deltas and does not depend on old snapshots being kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+
+STATE_FILE = "state.json"
+MAX_CHAIN_DELTAS = 4
+COMPRESSION_FORMATS = {"arc_v2"}
+CHECKSUM_FORMATS = {"alder32", "adler32"}   # "alder32" is the SDK's spelling
+
+
+class HotloadError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _ckpt():
+    """workbench.checkpoints, imported late: it is only needed once a snapshot is loaded."""
+    from workbench import checkpoints
+    return checkpoints
+
+
+def _delta_error_types() -> tuple:
+    try:
+        return (_ckpt().DeltaError,)
+    except (ImportError, AttributeError):
+        return ()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a killed process leaves the old or the new file, never half of one
+
+
+def bf16_round_(model) -> None:
+    """Round every parameter to bf16 precision in place (kept in fp32)."""
+    import torch
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+
+
+class WeightManager:
+    def __init__(self, deployment_dir: Path, config: dict, max_batch: int | None = None, deliver=None):
+        self.dir = Path(deployment_dir)
+        self.config = config
+        self.deployment_id = config["deployment_id"]
+        self.base_model = config["base_model"]
+        self.max_batch = int(max_batch or config.get("max_batch") or os.environ.get("WORKBENCH_MAX_BATCH", 64))
+        self.deliver = deliver
+        self.ready = False
+        self.startup_error: str | None = None
+        self.current_identity: str | None = None
+        self.current_kind: str = "base_model"
+        self.current_bf16: dict | None = None
+        self.base_bf16: dict | None = None
+        self._base_fp32: dict | None = None
+        self.chain: list[dict] = []
+        self.loading_state: dict = {"stage": "loading", "target_snapshot_identity": None,
+                                    "message": "loading the base model"}
+        self.model = None
+        self.spare = None
+        self.engine = None
+        self.tokenizer = None
+        self.vocab_size = 0
+        self.max_context = 0
+        self.prompt_cache_resets = 0
+        self.last_load: dict = {}
+        self._lock = threading.Lock()          # one load at a time (startup counts as one)
+        self._state_lock = threading.Lock()    # guards the fields status() reads together
+        self._thread: threading.Thread | None = None
+
+    # ---- startup ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._lock.acquire()                   # held until startup is done: hot loads queue behind it
+        self._thread = threading.Thread(target=self._startup, name="weights-startup", daemon=True)
+        self._thread.start()
+
+    def _startup(self) -> None:
+        try:
+            import torch
+            from workbench import models
+            from .engine import Engine
+
+            # One intra-op thread by default: the replica shares two cores with its own event loop,
+            # the trainer and the notebook, and OpenMP workers spin-waiting on busy cores made a
+            # batch-16 linear 7x slower than single-threaded here (measured; see bench/sampling.py).
+            torch.set_num_threads(int(os.environ.get("WORKBENCH_TORCH_THREADS", "1")))
+
+            self.tokenizer = models.load_tokenizer(self.base_model)
+            model = models.load_model(self.base_model).eval()
+            bf16_round_(model)
+            self.base_bf16 = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+            self.model = model
+            self.spare = copy.deepcopy(model)
+            cfg = model.config
+            self.vocab_size = int(cfg.vocab_size)
+            self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+            restored = self._restore()
+            self.engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch,
+                                 deliver=self.deliver).start()
+            with self._state_lock:
+                self.ready = True
+                if restored is None:
+                    self.current_bf16 = self.base_bf16
+                    self.loading_state = {"stage": "done"}
+        except Exception as e:  # the process stays up to report it; inference answers 503
+            traceback.print_exc()
+            self.startup_error = f"{type(e).__name__}: {e}"
+            self.loading_state = {"stage": "error", "target_snapshot_identity": None,
+                                  "message": f"replica failed to start: {self.startup_error}"}
+        finally:
+            self._lock.release()
+
+    def _restore(self) -> str | None:
+        """Rebuild the weights recorded in state.json; returns the identity, or None (base model)."""
+        path = self.dir / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+            identity, chain = state["identity"], state["chain"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.loading_state = {"stage": "error", "target_snapshot_identity": None,
+                                  "message": f"unreadable {path}: {e}; serving the base model"}
+            return None
+        self.loading_state = {"stage": "loading", "target_snapshot_identity": identity,
+                              "message": "restoring the last hot-loaded snapshot"}
+        try:
+            weights, kind = self._replay(chain, self.spare)     # built on the spare, swapped on success
+        except Exception as e:
+            traceback.print_exc()
+            self.spare = copy.deepcopy(self.model)              # a failed LoRA merge may leave it modified
+            self.loading_state = {"stage": "error", "target_snapshot_identity": identity,
+                                  "message": f"could not restore snapshot {identity!r} after a restart "
+                                             f"({type(e).__name__}: {e}); serving the base model, "
+                                             "hot-load a full (base) snapshot"}
+            return None
+        self.model, self.spare = self.spare, self.model
+        self.current_identity, self.current_kind = identity, kind
+        self.current_bf16, self.chain = weights, chain
+        self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
+        return identity
+
+    def _replay(self, chain: list[dict], target):
+        """Rebuild the weights of a state.json chain into `target`; returns (bf16 dict, kind)."""
+        weights, prev, kind = None, None, None
+        for entry in chain:
+            k = entry["kind"]
+            if k == "materialized":
+                from safetensors.torch import load_file
+                weights = load_file(entry["path"])
+            elif k == "base":
+                weights = _ckpt().load_base_weights(entry["dir"])
+            elif k == "lora":
+                weights = self._merge_lora(Path(entry["dir"]), target)
+            elif k == "delta":
+                if weights is None:
+                    raise ValueError("state.json chain starts with a delta")
+                weights = _ckpt().apply_delta(entry["dir"], weights, prev)
+            else:
+                raise ValueError(f"unknown chain entry kind {k!r}")
+            prev, kind = entry["identity"], entry.get("as_kind", k)
+        if kind != "lora":
+            self._load_into(target, weights)
+        return weights, kind
+
+    # ---- status -----------------------------------------------------------------------------------
+    def status(self) -> dict:
+        with self._state_lock:
+            replica = {
+                "replica_id": f"{self.deployment_id}-0",
+                "current_snapshot_identity": self.current_identity,
+                "readiness": bool(self.ready),
+                "loading_state": dict(self.loading_state),
+            }
+            if self.current_kind == "lora" and self.current_identity:
+                replica["loaded_adapters"] = [{"identity": self.current_identity, "status": "loaded"}]
+        return {"replicas": [replica]}
+
+    # ---- hot load ---------------------------------------------------------------------------------
+    def hotload(self, identity, metadata=None, snapshot_root: str | None = None,
+                source_url: str | None = None, reset_prompt_cache: bool = False) -> dict:
+        """Load snapshot `identity` and swap it in; blocks until done. Raises HotloadError."""
+        identity = _check_identity(identity)
+        meta = _check_metadata(metadata)
+        with self._state_lock:
+            if self._lock.locked():
+                self.loading_state = {"stage": "pending", "target_snapshot_identity": identity}
+        with self._lock:
+            if not self.ready:
+                raise self._fail(identity, 503 if self.startup_error is None else 422,
+                                 f"replica is not serving: {self.startup_error or 'still starting'}")
+            with self._state_lock:
+                self.loading_state = {"stage": "loading", "target_snapshot_identity": identity}
+            t0 = time.perf_counter()
+            try:
+                result = self._load(identity, meta, snapshot_root, source_url)
+            except HotloadError as e:
+                raise self._fail(identity, e.status, e.message)
+            except Exception as e:
+                traceback.print_exc()
+                if isinstance(e, _delta_error_types()):
+                    raise self._fail(identity, 422, f"delta snapshot {identity!r} rejected: {e}")
+                raise self._fail(identity, 422, f"failed to load snapshot {identity!r}: {type(e).__name__}: {e}")
+            if reset_prompt_cache:
+                self.prompt_cache_resets += 1   # no KV state outlives a request here: nothing to clear
+            result["load_seconds"] = round(time.perf_counter() - t0, 6)
+            self.last_load = result
+            return result
+
+    def _fail(self, identity: str, status: int, message: str) -> HotloadError:
+        with self._state_lock:
+            self.loading_state = {"stage": "error", "target_snapshot_identity": identity, "message": message}
+        print(f"hotload {identity!r} failed ({status}): {message}", flush=True)
+        return HotloadError(status, message)
+
+    def _load(self, identity: str, meta: dict | None, snapshot_root, source_url) -> dict:
+        ck = _ckpt()
+        src = self._resolve(identity, snapshot_root, source_url)
+        try:
+            kind = ck.snapshot_kind(src)
+        except Exception as e:
+            raise HotloadError(422, f"{src} is not a readable snapshot: {e}")
+        t_read = time.perf_counter()
+        entry = {"identity": identity, "kind": kind, "dir": str(src)}
+        if kind == "delta":
+            if meta is None:
+                raise HotloadError(400, f"snapshot {identity!r} is a delta: the hot load needs "
+                                        "incremental_snapshot_metadata naming the snapshot it applies to")
+            prev = meta["previous_snapshot_identity"]
+            if prev != self.current_identity:
+                raise HotloadError(409, f"delta {identity!r} applies to {prev!r}, but this replica holds "
+                                        f"{self.current_identity!r}; hot-load a full (base) snapshot first")
+            weights = ck.apply_delta(src, self.current_bf16, self.current_identity)
+            chain = self.chain + [entry]
+        elif kind == "base":
+            # a full snapshot is valid whatever metadata came with it (flow4c: a LoRA policy's syncer
+            # may send delta metadata for what is really a full save)
+            weights = ck.load_base_weights(src)
+            chain = [entry]
+        elif kind == "lora":
+            weights = self._merge_lora(src, self.spare)        # merges straight into the spare
+            chain = [entry]
+        else:
+            raise HotloadError(422, f"snapshot {identity!r} has unknown kind {kind!r}")
+        t_decoded = time.perf_counter()
+        if kind != "lora":
+            self._load_into(self.spare, weights)
+        t_copied = time.perf_counter()
+        # the engine switches between two steps; wait for it so the identity is never ahead of the weights
+        if not self.engine.swap_model(self.spare).wait(60):
+            raise HotloadError(422, "the engine did not take the new weights within 60 s")
+        t_swapped = time.perf_counter()
+        with self._state_lock:
+            self.model, self.spare = self.spare, self.model
+            self.current_identity, self.current_kind = identity, kind
+            self.current_bf16, self.chain = weights, chain
+            self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
+        self._persist()
+        return {"status": "ok", "identity": identity, "kind": kind,
+                "read_decode_seconds": round(t_decoded - t_read, 6),
+                "copy_seconds": round(t_copied - t_decoded, 6),
+                "swap_wait_seconds": round(t_swapped - t_copied, 6)}
+
+    def _resolve(self, identity: str, snapshot_root, source_url) -> Path:
+        candidates: list[Path] = []
+        src = None
+        if source_url:
+            s = source_url[len("file://"):] if source_url.startswith("file://") else source_url
+            if s.startswith("/"):          # gs://... cannot be fetched locally: fall back to the root
+                src = Path(s)
+                candidates.append(src / identity)
+        if snapshot_root:
+            candidates.append(Path(snapshot_root) / identity)
+        if src is None and not snapshot_root:
+            raise HotloadError(400, "no snapshot location: the request has neither an "
+                                    "x-workbench-snapshot-root header (set by the control plane for a "
+                                    "deployment linked to a trainer) nor a local x-fireworks-hot-load-source-url")
+        for c in candidates:
+            if c.is_dir():
+                return c
+        if src is not None and src.is_dir():
+            try:
+                _ckpt().snapshot_kind(src)
+                return src                  # the source URL names the snapshot directory itself
+            except Exception:
+                pass
+        raise HotloadError(404, f"snapshot {identity!r} not found (looked in "
+                                f"{', '.join(str(c) for c in candidates)})")
+
+    def _merge_lora(self, adapter_dir: Path, target) -> dict:
+        """Merge a PEFT adapter onto the base weights inside `target` (one of our fp32 models);
+        returns the merged weights rounded to bf16.
+
+        The base here is the base model's own fp32 weights (not the bf16-rounded ones the replica
+        serves with identity null): that is what the trainer's LoRA forward runs on, and what
+        `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)` computes. The
+        merge runs in fp32 and `target` keeps the exact merged values for compute."""
+        import torch
+        from peft import PeftModel
+
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise HotloadError(422, f"{adapter_dir} has no adapter_config.json")
+        if self._base_fp32 is None:     # loaded on the first LoRA load only: full-parameter runs never pay
+            from workbench import models
+            self._base_fp32 = {k: v.detach().clone() for k, v in
+                               models.load_model(self.base_model).state_dict().items()}
+        self._load_into(target, self._base_fp32)
+        try:
+            merged = PeftModel.from_pretrained(target, str(adapter_dir)).merge_and_unload()
+        except Exception:
+            # peft injects its layers into `target` before it loads the adapter: a failure half-way
+            # would leave a modified model; rebuild the spare from the clean active model
+            if target is self.spare and self.model is not None:
+                self.spare = copy.deepcopy(self.model)
+            raise
+        if merged is not target:
+            raise RuntimeError("peft merge_and_unload returned a new model object")
+        return {k: v.detach().to(torch.bfloat16) for k, v in merged.state_dict().items()}
+
+    def _load_into(self, model, weights: dict) -> None:
+        """Copy a bf16 state dict into an fp32 model; reject one that does not fit the base model."""
+        import torch
+        tied = _tied_names(model)
+        with torch.no_grad():
+            try:
+                missing, unexpected = model.load_state_dict(weights, strict=False)
+            except RuntimeError as e:       # shape mismatch: a snapshot of another model
+                raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: {e}")
+        missing = [k for k in missing if k not in tied or not (tied[k] & weights.keys())]
+        if missing or unexpected:
+            raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: "
+                                    f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def _persist(self) -> None:
+        deltas = sum(1 for e in self.chain if e["kind"] == "delta")
+        if deltas > MAX_CHAIN_DELTAS:
+            self._materialize()
+        write_json_atomic(self.dir / STATE_FILE, {
+            "version": 1, "identity": self.current_identity, "kind": self.current_kind,
+            "chain": self.chain, "updated_at": time.time()})
+        self._prune_materialized()
+
+    def _materialize(self) -> None:
+        from safetensors.torch import save_file
+        out = self.dir / "materialized"
+        out.mkdir(exist_ok=True)
+        path = out / f"{self.current_identity}.safetensors"
+        tmp = out / f".{self.current_identity}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in _untie(self.current_bf16).items()}, str(tmp))
+        os.replace(tmp, path)
+        self.chain = [{"identity": self.current_identity, "kind": "materialized", "path": str(path),
+                       "as_kind": self.current_kind, "replaces": [e.get("dir") for e in self.chain]}]
+
+    def _prune_materialized(self) -> None:
+        out = self.dir / "materialized"
+        if not out.is_dir():
+            return
+        keep = {e.get("path") for e in self.chain}
+        for f in out.glob("*.safetensors"):
+            if str(f) not in keep:
+                f.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def _tied_names(model) -> dict[str, set[str]]:
+    """name -> the other names of the same parameter (tied embeddings)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    out = {}
+    for names in by_id.values():
+        if len(names) > 1:
+            for n in names:
+                out[n] = set(names) - {n}
+    return out
+
+
+def _untie(weights: dict) -> dict:
+    """safetensors refuses tensors sharing memory: keep the first name of each storage."""
+    seen, out = set(), {}
+    for k, v in weights.items():
+        key = (v.data_ptr(), v.shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def _check_identity(identity) -> str:
+    if not isinstance(identity, str) or not identity:
+        raise HotloadError(400, "identity is required (the snapshot name from save_weights_for_sampler)")
+    if "/" in identity or "\\" in identity or identity in (".", "..") or "\x00" in identity or len(identity) > 255:
+        raise HotloadError(400, f"identity {identity!r} is not a snapshot name")
+    return identity
+
+
+def _check_metadata(meta) -> dict | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise HotloadError(400, "incremental_snapshot_metadata must be an object")
+    unknown = set(meta) - {"previous_snapshot_identity", "compression_format", "checksum_format"}
+    if unknown:
+        raise HotloadError(400, f"incremental_snapshot_metadata: unknown fields {sorted(unknown)}")
+    prev = meta.get("previous_snapshot_identity")
+    if not isinstance(prev, str) or not prev:
+        raise HotloadError(400, "incremental_snapshot_metadata.previous_snapshot_identity is required")
+    cf = meta.get("compression_format", "arc_v2")
+    if cf not in COMPRESSION_FORMATS:
+        raise HotloadError(400, f"incremental_snapshot_metadata.compression_format {cf!r} is not supported "
+                                f"(supported: {sorted(COMPRESSION_FORMATS)})")
+    sf = meta.get("checksum_format", "alder32")
+    if sf not in CHECKSUM_FORMATS:
+        raise HotloadError(400, f"incremental_snapshot_metadata.checksum_format {sf!r} is not supported "
+                                f"(supported: {sorted(CHECKSUM_FORMATS)})")
+    return dict(meta)
