@@ -109,6 +109,22 @@ async def drive(port: int, concurrency: int, n_requests: int, new_tokens: int, v
             "p50_prefill_queue_s": queue_waits[len(queue_waits) // 2]}
 
 
+async def drive_sdk(port: int, n: int, rounds: int, new_tokens: int, vocab: int) -> float:
+    """The official client: DeploymentSampler.sample_with_prompt_tokens(n=16) fires n concurrent streams."""
+    from fireworks.training.sdk import DeploymentSampler
+
+    sampler = DeploymentSampler(inference_url=f"http://127.0.0.1:{port}", model="accounts/bench/deployments/bench",
+                                api_key=KEY)
+    ps = prompts(rounds + 1, vocab, seed=99)
+    await sampler.sample_with_prompt_tokens(ps[0], n=n, max_tokens=new_tokens, ignore_eos=True)   # warm-up
+    tokens = 0
+    t0 = time.perf_counter()
+    for p in ps[1:]:
+        out = await sampler.sample_with_prompt_tokens(p, n=n, max_tokens=new_tokens, ignore_eos=True)
+        tokens += sum(c.completion_len for c in out)
+    return tokens / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=models.SMALL_MODEL)
@@ -133,6 +149,8 @@ def main() -> None:
                 r = asyncio.run(drive(port, c, n, args.new_tokens, vocab))
                 print(f"{f'deployment over HTTP, concurrency {c:>2} ({n} requests)':<52} {r['tok_s']:8.0f} tok/s "
                       f"{r['tok_s'] / base:6.2f}x   (median prefill-queue {r['p50_prefill_queue_s'] * 1000:.1f} ms)")
+            sdk = asyncio.run(drive_sdk(port, 16, 2, args.new_tokens, vocab))
+            print(f"{'official DeploymentSampler, n=16 streams (2 rounds)':<52} {sdk:8.0f} tok/s {sdk / base:6.2f}x")
         finally:
             proc.terminate()
             proc.wait(10)

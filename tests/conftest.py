@@ -22,6 +22,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread in every process of the test run (trainers, replicas and this one): the CI machine
+# has 2 cores shared by several processes, where oversubscribed threads are ~20x slower, and exact
+# weight comparisons need the same thread count on both sides (reductions differ by thread count).
+os.environ.setdefault("WORKBENCH_TRAINER_THREADS", "1")
+os.environ.setdefault("WORKBENCH_DEPLOYMENT_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY = "accounts/workbench/models/qwen3-tiny"
 TINY_SHAPE = "accounts/workbench/trainingShapes/qwen3-tiny-cpu"

@@ -268,3 +268,40 @@ def test_restart_comes_back_on_last_good_snapshot(setup):
     st = replica.status()
     assert st["current_snapshot_identity"] == "snap-2" and st["loading_state"]["stage"] == "done"
     assert replica.complete(**probe)["choices"][0]["raw_output"]["completion_token_ids"] == before
+
+
+def test_wire_details(setup):
+    replica, _ = setup
+    h = {"Authorization": f"Bearer {KEY}", "x-request-id": "req-42"}
+    url = replica.url + "/v1/completions"
+    r = httpx.post(url, headers=h, timeout=30, json={
+        "model": MODEL, "prompt": "hello world", "n": 2, "max_tokens": 6, "seed": 3, "ignore_eos": True,
+        "raw_output": True, "perf_metrics_in_response": True, "logprobs": 2, "prompt_cache_key": "k"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["usage"]["completion_tokens"] == 12
+    assert all(len(c["logprobs"]["content"]) == 6 and len(c["logprobs"]["content"][0]["top_logprobs"]) == 2
+               for c in body["choices"])
+    pm = body["perf_metrics"]
+    assert int(pm["num-concurrent-requests"]) >= 2 and float(pm["prefill-queue-duration"]) >= 0
+    assert {"server-time-to-first-token", "server-processing-time", "prompt-tokens", "cached-prompt-tokens",
+            "generation-queue-duration", "prefill-duration", "generation-duration"} <= set(pm)
+
+    r = httpx.post(url, headers=h, timeout=30, json={
+        "model": MODEL, "prompt": [1, 2, 3], "n": 2, "max_tokens": 5, "stream": True, "raw_output": True,
+        "perf_metrics_in_response": True, "echo": True, "logprobs": True})
+    events = [e[len("data: "):] for e in r.text.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    finals = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(f["index"] for f in finals) == [0, 1]
+    assert all(f["raw_output"]["completion_token_ids"][:3] == [1, 2, 3] for f in finals)
+    assert "usage" in chunks[-1] and "perf_metrics" in chunks[-1]
+    for idx in (0, 1):
+        rows = [row for c in chunks if c["choices"][0]["index"] == idx
+                for row in c["choices"][0].get("logprobs", {}).get("content", [])]
+        ids = next(f for f in finals if f["index"] == idx)["raw_output"]["completion_token_ids"]
+        assert [row["token_id"] for row in rows] == ids and rows[0]["logprob"] == 0.0
+
+    r = httpx.post(url, headers=h, timeout=30, json={"model": MODEL, "prompt": [1], "temprature": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temprature"

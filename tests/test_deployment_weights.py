@@ -41,14 +41,17 @@ def test_lora_snapshot_merges_like_peft_and_restores(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(models.load_model(TINY),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    # configured like the trainer's LoRA (train_unembed: a trained copy of the tied lm_head rides along)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                        modules_to_save=["lm_head"], ensure_weight_tying=True)
+    peft_model = get_peft_model(models.load_model(TINY), config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape) * 0.05)
     root = tmp_path / "sampler"
     ck.save_sampler_lora(root / "adapter-1", peft_model, models.local_path(TINY), {"base_model": TINY})
+    ck.save_sampler_base(root / "full-1", ck.bf16_state(models.load_model(TINY)), models.local_path(TINY), {})
 
     wm = started(tmp_path / "dep")
     try:
@@ -65,6 +68,12 @@ def test_lora_snapshot_merges_like_peft_and_restores(tmp_path):
             lsm = torch.log_softmax(ref(torch.tensor([prompt + s.token_ids])).logits[0].float(), -1)
         for j, t in enumerate(s.output):
             assert abs(t.logprob - float(lsm[len(prompt) - 1 + j, t.token_id])) < 1e-4
+        # peft replaced modules inside the model it merged into: later loads into it must still land
+        wm.hotload("full-1", None, snapshot_root=str(root))
+        wm.hotload("adapter-1", None, snapshot_root=str(root))
+        wm.hotload("full-1", None, snapshot_root=str(root))
+        wm.hotload("adapter-1", None, snapshot_root=str(root))
+        assert generate(wm, prompt).token_ids == s.token_ids
     finally:
         wm.stop()
     # a new process restores the adapter from state.json
@@ -142,5 +151,31 @@ def test_restore_failure_falls_back_to_base(tmp_path):
         assert replica["current_snapshot_identity"] is None and replica["readiness"] is True
         assert replica["loading_state"]["stage"] == "error" and "gone" in replica["loading_state"]["message"]
         generate(wm, [1, 2, 3], n=3)
+    finally:
+        wm.stop()
+
+
+def test_snapshot_location_resolution(tmp_path):
+    from workbench.backend.deployment.weights import HotloadError
+
+    root = tmp_path / "bucket"
+    ck.save_sampler_base(root / "snap-a", ck.bf16_state(models.load_model(TINY)), models.local_path(TINY), {})
+    wm = started(tmp_path / "dep")
+    try:
+        # an absolute local source URL (a prefix, or the snapshot dir itself) needs no snapshot root
+        assert wm.hotload("snap-a", source_url=str(root))["identity"] == "snap-a"
+        assert wm.hotload("snap-a", source_url="file://" + str(root / "snap-a"))["identity"] == "snap-a"
+        # a remote URL cannot be fetched here: the control plane's snapshot root is used instead
+        assert wm.hotload("snap-a", snapshot_root=str(root), source_url="gs://bucket/prefix/")["kind"] == "base"
+        for kwargs, status in [({"source_url": "gs://bucket/prefix/"}, 400), ({}, 400),
+                               ({"snapshot_root": str(tmp_path)}, 404)]:
+            with pytest.raises(HotloadError) as e:
+                wm.hotload("snap-a", **kwargs)
+            assert e.value.status == status
+        for bad in ("../snap-a", "", None, "a/b"):
+            with pytest.raises(HotloadError) as e:
+                wm.hotload(bad, snapshot_root=str(root))
+            assert e.value.status == 400
+        assert wm.current_identity == "snap-a"
     finally:
         wm.stop()

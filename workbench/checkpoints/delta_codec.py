@@ -12,22 +12,27 @@ repeats them).
 
 How a tensor is encoded. Each element's change is the wrapping difference `new - old` of the bf16
 bit patterns, zigzag-mapped to an unsigned 16-bit code (0 = unchanged, 1 = -1 ulp, 2 = +1 ulp, ...).
-Training moves most weights by 0 or a few ulps, so codes are small and their high byte is usually
-zero. The codes are stored in whichever of three layouts is smallest for that tensor:
-  dense   all n codes as byte planes (low bytes; high bytes only if any is non-zero), each zstd'd;
-  bitmap  a packed changed-element bitmap + the codes of the changed elements as byte planes;
-  gaps    the distance to each changed element (uint32 byte planes) + their codes as byte planes.
+An optimizer step moves most weights by 0 or a few ulps, so codes are small. Per tensor, the
+smallest of these layouts is kept (all zstd level 1):
+  gaps     distance to each changed element (uint32 byte planes) + the changed codes: sparse changes;
+  packed2  2 bits per element (0, -1, +1 ulp, or "escape"), the escaped codes listed separately;
+  packed4  4 bits per element (codes 0-14, or "escape"), likewise: most elements change a few ulps;
+  dense    all codes as byte planes (low bytes; high bytes only if any is non-zero): large changes;
+  same     nothing changed, no data.
 Why the difference rather than XOR: a +1 ulp step XORs to 1, 3, 7, 15... depending on the carry
-chain, information the decoder already has in `old`, while the difference is always 1 (on a real
-AdamW trajectory ~10% smaller). `transform="xor"` is kept so the benchmark can show that comparison.
+chain, information the decoder already has in `old`, while the difference is always 1 (10-20%
+smaller on a real AdamW trajectory). `transform="xor"` is kept so the benchmark can show it.
+Why packed codes rather than a changed-element bitmap + values: zstd's Huffman stage then codes 4
+(or 2) elements per byte symbol, and decoding is one table lookup per byte (8% smaller, ~2x faster).
 
 Why a hand-written container rather than safetensors: on the ~5M test model a sparse delta is
-~80 KB, and safetensors' per-section JSON header alone was ~25 KB; here the header is zstd'd (~3 KB).
+~80 KB, and a safetensors header listing every section was ~25 KB; here the header is zstd'd (~3 KB).
 
-Decode is single-threaded numpy/torch, avoids boolean-mask scatters (slow on random masks) in favour
-of index arrays and torch's scatter_add_, and verifies each tensor's adler32 (zlib's; the SDK's
-checksum_format name is "alder32") after reconstruction, which also catches a wrong base. It never
-modifies its inputs; every failure raises DeltaError.
+Decoding is single-threaded numpy/torch, streamed in chunks through reused scratch buffers (big
+temporary allocations cost more than the arithmetic on this VM), and verifies each tensor's adler32
+(zlib's; the SDK's checksum_format name is "alder32") after reconstruction, which also catches a
+wrong base, plus checksums of the header and the payload. It never modifies its inputs; every
+failure raises DeltaError.
 """
 
 from __future__ import annotations
@@ -43,11 +48,11 @@ import zstandard
 MAGIC = b"WBDELTA\0"
 FORMAT_VERSION = 1
 TRANSFORMS = ("sub", "xor")
-LAYOUTS = ("same", "dense", "bitmap", "gaps")
+LAYOUTS = ("same", "dense", "packed2", "packed4", "gaps")
 ZSTD_LEVEL = 1  # calibration: level 3 is never more than 2-3% smaller and encodes slower
 # magic, version (u16), flags (u16), header length (u32), header adler32 (u32), payload length (u64),
 # payload adler32 (u32); little-endian. The payload checksum makes any damaged byte an error, even one
-# that would decode to the same weights (e.g. a bitmap's padding bits).
+# that would decode to the same weights (e.g. a packed byte's unused padding fields).
 _PREAMBLE = struct.Struct("<8sHHIIQI")
 # Gap indices are uint32: a tensor may hold at most 2**32 - 1 elements (8 GB of bf16 in one tensor).
 _MAX_ELEMENTS = 2**32 - 1
@@ -107,62 +112,151 @@ def _compress_planes(values: np.ndarray, cctx: zstandard.ZstdCompressor) -> list
     return [cctx.compress(np.ascontiguousarray(as_bytes[:, i])) for i in range(n_planes)]
 
 
-def _decompress(frame, expected_size: int, dctx: zstandard.ZstdDecompressor, what: str) -> bytes:
-    # The frame's declared size is checked first: it rejects a mismatched section cheaply and never
-    # lets corrupted bytes ask for an enormous allocation.
-    try:
-        declared = zstandard.frame_content_size(frame)
-        if declared != expected_size:
-            raise DeltaError(f"{what}: frame declares {declared} bytes, expected {expected_size}")
-        data = dctx.decompress(frame, max_output_size=expected_size)
-    except zstandard.ZstdError as e:
-        raise DeltaError(f"{what}: corrupted zstd data ({e})") from e
-    if len(data) != expected_size:
-        raise DeltaError(f"{what}: decompressed to {len(data)} bytes, expected {expected_size}")
-    return data
+class _FrameReader:
+    """Sequential reads from one zstd frame into caller-owned buffers (no per-call allocation).
+
+    The frame's declared size is checked up front: it rejects a mismatched section cheaply and never
+    lets damaged bytes ask for an enormous allocation.
+    """
+
+    def __init__(self, frame, size: int, dctx: zstandard.ZstdDecompressor, what: str):
+        self.what, self.remaining = what, size
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as e:
+            raise DeltaError(f"{what}: not a zstd frame ({e})") from e
+        if declared != size:
+            raise DeltaError(f"{what}: frame declares {declared} bytes, expected {size}")
+        self._reader = dctx.stream_reader(frame, read_across_frames=False)
+
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        """Fill the contiguous uint8 array `out` with the next len(out) bytes; returns it."""
+        if out.size > self.remaining:
+            raise DeltaError(f"{self.what}: needs more than the {self.remaining} bytes left in its section")
+        view, got = memoryview(out), 0
+        while got < out.size:
+            try:
+                n = self._reader.readinto(view[got:])
+            except zstandard.ZstdError as e:
+                raise DeltaError(f"{self.what}: corrupted zstd data ({e})") from e
+            if n == 0:
+                raise DeltaError(f"{self.what}: section ends early")
+            got += n
+        self.remaining -= got
+        return out
 
 
-def _decompress_planes(frames: list, count: int, dtype, dctx, what: str) -> np.ndarray:
-    out = None
-    for i, frame in enumerate(frames):
-        plane = np.frombuffer(_decompress(frame, count, dctx, f"{what} byte plane {i}"), np.uint8)
-        if out is None:
-            out = plane.astype(dtype)
-        else:
-            shifted = plane.astype(dtype)
-            shifted <<= 8 * i
-            out |= shifted
-    return out
+class _PlaneReader:
+    """Reads unsigned integers stored as zstd'd little-endian byte planes (see _compress_planes).
+
+    Planes are read in lockstep, so each needs its own decompressor from `dctxs` (a zstd stream
+    reader decompresses with its decompressor's context: two open readers on one would clash).
+    """
+
+    def __init__(self, frames: list, count: int, dctxs: list, what: str):
+        if len(frames) > len(dctxs):
+            raise DeltaError(f"{what}: {len(frames)} byte planes, at most {len(dctxs)} expected")
+        self._planes = [_FrameReader(f, count, d, f"{what} byte plane {i}") for i, (f, d) in enumerate(zip(frames, dctxs))]
+
+    def read(self, k: int, dtype, scratch: np.ndarray) -> np.ndarray:
+        """The next k values as a new array of `dtype`, staged through the uint8 `scratch` when it is big enough."""
+        out = np.empty(k, dtype)
+        staging = scratch[:k] if k <= scratch.size else np.empty(k, np.uint8)
+        for i, plane in enumerate(self._planes):
+            plane.read_into(staging)
+            if i == 0:
+                np.copyto(out, staging)
+            else:
+                shifted = staging.astype(dtype)
+                shifted <<= 8 * i
+                out |= shifted
+        return out
+
+    def exhausted(self) -> bool:
+        return all(plane.remaining == 0 for plane in self._planes)
+
+
+# --------------------------------------------------------------------------------------------------
+# packed codes: b bits per element, the all-ones value escapes to a separate list
+
+PACKED_BITS = {"packed2": 2, "packed4": 4}
+_ESCAPE_MARK = 0x8000  # what the lookup table yields for an escape field (overwritten once the escape is read)
+
+
+def _pack(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(packed bytes, escaped codes minus the escape value). Element i sits in bits (i % per) * b of byte i // per."""
+    per, escape = 8 // bits, (1 << bits) - 1
+    fields = np.zeros(-(-codes.size // per) * per, np.uint8)
+    np.minimum(codes, escape, out=fields[:codes.size], casting="unsafe")
+    # Gather the `per` fields of each byte with whole-word shifts (field j sits at bit 8j of a
+    # little-endian word) instead of strided column reads.
+    words = fields.view(np.uint32 if per == 4 else np.uint16).astype(np.uint32)
+    packed = words.copy()
+    for j in range(1, per):
+        packed |= words >> (j * (8 - bits))
+    escaped = codes[codes >= escape] - escape
+    return packed.astype(np.uint8), escaped.astype(np.uint16)
+
+
+def _lookup_table(bits: int, transform: str) -> np.ndarray:
+    """byte -> its `8 // bits` decoded uint16 values (difference or XOR), as one numpy item per byte.
+
+    One fancy-index take of this table expands packed bytes to values in a single pass; items are
+    8 (packed2) or 4 (packed4) bytes wide, so the take moves whole words.
+    """
+    per, escape = 8 // bits, (1 << bits) - 1
+    short = np.arange(escape, dtype=np.uint16)
+    values = np.append(_unzigzag_inplace(short) if transform == "sub" else short, np.uint16(_ESCAPE_MARK))
+    byte = np.arange(256)
+    table = np.stack([values[(byte >> (bits * j)) & escape] for j in range(per)], axis=1).astype(np.uint16)
+    return np.ascontiguousarray(table).view(np.uint64 if per == 4 else np.uint32).reshape(256)
+
+
+_TABLES = {(bits, transform): _lookup_table(bits, transform) for bits in PACKED_BITS.values() for transform in TRANSFORMS}
 
 
 # --------------------------------------------------------------------------------------------------
 # encode
 
+def _candidates(codes: np.ndarray, k: int, cctx):
+    """(layout, record fields, sections in layout order) for the layouts worth trying on these codes.
+
+    All of these are compressed and the smallest is kept; cheap counts only skip layouts that lose
+    by construction on every trajectory measured (bench/delta_codec.py): gaps when a quarter or more
+    changed, packed when a quarter of its fields would escape (or under 1% changed: gaps wins),
+    dense while packed4 escapes fewer than 1 in 16 values.
+    """
+    n = codes.size
+    escapes = {bits: int(np.count_nonzero(codes >= (1 << bits) - 1)) for bits in PACKED_BITS.values()}
+    if escapes[4] > n // 16:
+        dense = _compress_planes(codes, cctx)
+        yield "dense", {"value_planes": len(dense)}, dense
+    for layout, bits in PACKED_BITS.items():
+        if escapes[bits] > n // 4 or k < n // 100:
+            continue
+        packed, escaped = _pack(codes, bits)
+        escaped_planes = _compress_planes(escaped, cctx) if escapes[bits] else []
+        yield layout, {"escapes": escapes[bits], "value_planes": len(escaped_planes)}, [cctx.compress(packed), *escaped_planes]
+    if k <= n // 4:
+        changed = np.flatnonzero(codes != 0)  # on bool: numpy's fast path
+        values = _compress_planes(codes[changed], cctx)
+        gaps = np.diff(changed, prepend=-1)
+        gaps -= 1  # zero-based: adjacent changed elements have gap 0
+        gap_planes = _compress_planes(gaps.astype(np.uint32), cctx)
+        yield "gaps", {"value_planes": len(values), "gap_planes": len(gap_planes)}, [*gap_planes, *values]
+
+
 def _encode_tensor(new: np.ndarray, old: np.ndarray, transform: str, cctx) -> tuple[dict, list[bytes]]:
     """One tensor -> (record fields, its sections in layout order); the smallest layout wins."""
     record = {"adler32": zlib.adler32(new)}
     codes = _zigzag(new - old) if transform == "sub" else new ^ old  # uint16 arithmetic wraps
-    changed = np.flatnonzero(codes)
-    k = int(changed.size)
+    k = int(np.count_nonzero(codes))
     record["changed"] = k
     if k == 0:
         record["layout"] = "same"
         return record, []
-
-    candidates = []  # (layout, record fields, sections in the order the format fixes)
-    dense = _compress_planes(codes, cctx)
-    candidates.append(("dense", {"value_planes": len(dense)}, dense))
-    if k < codes.size:
-        values = _compress_planes(codes[changed], cctx)
-        bitmap = cctx.compress(np.packbits(codes != 0))
-        candidates.append(("bitmap", {"value_planes": len(values)}, [bitmap, *values]))
-        gaps = np.diff(changed, prepend=-1)
-        gaps -= 1  # zero-based: adjacent changed elements have gap 0
-        gap_planes = _compress_planes(gaps.astype(np.uint32), cctx)
-        candidates.append(("gaps", {"value_planes": len(values), "gap_planes": len(gap_planes)},
-                           [*gap_planes, *values]))
-    # min() keeps the first of equal sizes: dense, then bitmap, then gaps.
-    layout, fields, sections = min(candidates, key=lambda c: sum(len(s) for s in c[2]))
+    # min() keeps the first of equal sizes, in the order _candidates yields them.
+    layout, fields, sections = min(_candidates(codes, k, cctx), key=lambda c: sum(len(s) for s in c[2]))
     record["layout"] = layout
     record.update(fields)
     return record, sections
@@ -251,58 +345,138 @@ def read_header(blob) -> dict:
     return header
 
 
-def _decode_tensor(rec: dict, old_t: torch.Tensor, sections: list, transform: str, dctx) -> torch.Tensor:
-    """The new tensor for one record; `sections` are this record's frames in layout order."""
+# Elements decoded per step. Temporaries live in scratch buffers of this size, reused for every
+# tensor: they stay in the CPU cache, and big fresh allocations are avoided (on this VM a page
+# fault costs more than decoding the page). Memory use stays bounded for any tensor size.
+_CHUNK = 1 << 16
+
+
+class _Scratch:
+    """Buffers reused by every tensor of one decode call, and a decompressor per concurrently open section."""
+
+    def __init__(self, size: int):
+        self.dctx = [zstandard.ZstdDecompressor() for _ in range(4)]
+        self.u8 = np.empty(size, np.uint8)
+        self.u16 = np.empty(size, np.uint16)
+        self.mask = np.empty(size, np.bool_)
+        self.index = np.empty(size // 2, np.intp)  # packed4 looks up half as many bytes as elements
+
+
+def _finish_chunk(values: np.ndarray, old: np.ndarray, transform: str, checksum: int) -> int:
+    """values <- old (+|^) values in place (uint16 addition wraps like the encoder's subtraction); running adler32."""
+    if transform == "sub":
+        np.add(values, old, out=values)
+    else:
+        np.bitwise_xor(values, old, out=values)
+    return zlib.adler32(values, checksum)
+
+
+def _unzigzag_chunk(code: np.ndarray, sign: np.ndarray) -> None:
+    np.bitwise_and(code, 1, out=sign)
+    np.negative(sign, out=sign)
+    code >>= 1
+    code ^= sign
+
+
+def _decode_dense(out, old, sections, n, transform, s: _Scratch, name) -> int:
+    planes = [_FrameReader(f, n, d, f"tensor {name} byte plane {i}") for i, (f, d) in enumerate(zip(sections, s.dctx))]
+    checksum = 1
+    for a in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - a)
+        values = out[a:a + c]
+        np.copyto(values, planes[0].read_into(s.u8[:c]))
+        if len(planes) == 2:
+            high = s.u16[:c]
+            np.copyto(high, planes[1].read_into(s.u8[:c]))
+            high <<= 8
+            values |= high
+        if transform == "sub":
+            _unzigzag_chunk(values, s.u16[:c])
+        checksum = _finish_chunk(values, old[a:a + c], transform, checksum)
+    return checksum
+
+
+def _decode_packed(out, old, sections, n, bits, escapes, transform, s: _Scratch, name) -> int:
+    per = 8 // bits
+    table = _TABLES[bits, transform]
+    packed = _FrameReader(sections[0], -(-n // per), s.dctx[0], f"tensor {name} packed codes")
+    escaped = _PlaneReader(sections[1:], escapes, s.dctx[1:], f"tensor {name} escaped codes")
+    escape_offset = (1 << bits) - 1
+    checksum, seen = 1, 0
+    for a in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - a)
+        values = out[a:a + c]
+        whole = c // per  # bytes whose `per` values all fit; only the tensor's last byte can be partial
+        nbytes = -(-c // per)
+        index = s.index[:nbytes]
+        np.copyto(index, packed.read_into(s.u8[:nbytes]))  # np.take is ~3x faster with intp indices
+        # One table lookup per byte yields its `per` decoded values (differences already un-zigzagged).
+        np.take(table, index[:whole], out=values[:whole * per].view(table.dtype), mode="wrap")
+        if whole < nbytes:
+            values[whole * per:] = table[index[whole]:index[whole] + 1].view(np.uint16)[:c - whole * per]
+        if escapes:
+            at = np.flatnonzero(np.equal(values, _ESCAPE_MARK, out=s.mask[:c]))
+            if at.size:
+                seen += at.size
+                if seen > escapes:
+                    raise DeltaError(f"tensor {name}: more escaped codes than the {escapes} the header lists")
+                codes = escaped.read(at.size, np.uint16, s.u8)
+                codes += escape_offset
+                values[at] = _unzigzag_inplace(codes) if transform == "sub" else codes
+        checksum = _finish_chunk(values, old[a:a + c], transform, checksum)
+    if seen != escapes or not escaped.exhausted():
+        raise DeltaError(f"tensor {name}: {seen} escaped codes, header says {escapes}")
+    return checksum
+
+
+def _decode_gaps(out, old, sections, n, k, gap_planes, transform, s: _Scratch, name) -> int:
+    index = _PlaneReader(sections[:gap_planes], k, s.dctx, f"tensor {name} gaps").read(k, np.uint32, s.u8)
+    index = index.astype(np.int64)
+    index += 1
+    np.cumsum(index, out=index)
+    index -= 1
+    if index[-1] >= n:
+        raise DeltaError(f"tensor {name}: changed-element positions run past the tensor's {n} elements")
+    values = _PlaneReader(sections[gap_planes:], k, s.dctx, f"tensor {name} values").read(k, np.uint16, s.u8)
+    np.copyto(out, old)
+    if transform == "sub":
+        # torch's scatter_add_ gathers, adds and scatters in one pass (~3x numpy's fancy indexing);
+        # int16 addition wraps exactly like the encoder's uint16 subtraction.
+        torch.from_numpy(out.view(np.int16)).scatter_add_(
+            0, torch.from_numpy(index), torch.from_numpy(_unzigzag_inplace(values).view(np.int16)))
+    else:
+        out[index] ^= values
+    return zlib.adler32(out)
+
+
+def _decode_tensor(rec: dict, old: np.ndarray, sections: list, transform: str, scratch: _Scratch):
+    """(new uint16 bits, their adler32) for one record; `sections` are its frames in layout order."""
     name, layout = rec["name"], rec["layout"]
-    old = bf16_bits(old_t)
     n = old.size
     if layout not in LAYOUTS:
         raise DeltaError(f"tensor {name}: unknown layout {layout!r}")
+    out = np.empty(n, np.uint16)  # each result owns its memory (callers may save it with safetensors)
     if layout == "same":
         if sections:
             raise DeltaError(f"tensor {name}: unchanged tensor with {len(sections)} data sections")
-        return old_t.detach().clone(memory_format=torch.contiguous_format)
+        np.copyto(out, old)
+        return out, zlib.adler32(out)
     k = int(rec["changed"])
     value_planes = int(rec["value_planes"])
-    gap_planes = int(rec["gap_planes"]) if layout == "gaps" else 0
-    expected = {"dense": value_planes, "bitmap": 1 + value_planes, "gaps": gap_planes + value_planes}[layout]
-    if not 0 < k <= n or value_planes not in (1, 2) or not 0 <= gap_planes <= 4 or len(sections) != expected:
-        raise DeltaError(f"tensor {name}: inconsistent record (changed={k} of {n}, value_planes={value_planes}, "
-                         f"gap_planes={gap_planes}, {len(sections)} sections)")
-
+    escapes = int(rec.get("escapes", 0))
+    gap_planes = int(rec.get("gap_planes", 0))
+    expected_sections = {"dense": value_planes, "gaps": gap_planes + value_planes}.get(layout, 1 + value_planes)
+    if (not 0 < k <= n or not 0 <= escapes <= k or value_planes not in ((0, 1, 2) if escapes == 0 else (1, 2))
+            or not 0 <= gap_planes <= 4 or len(sections) != expected_sections):
+        raise DeltaError(f"tensor {name}: inconsistent record (changed={k} of {n}, escapes={escapes}, value_planes="
+                         f"{value_planes}, gap_planes={gap_planes}, {len(sections)} sections)")
     if layout == "dense":
-        codes = _decompress_planes(sections, n, np.uint16, dctx, f"tensor {name}")
-        if transform == "sub":
-            np.add(_unzigzag_inplace(codes), old, out=codes)  # wraps mod 2**16: inverse of the subtraction
-        else:
-            np.bitwise_xor(codes, old, out=codes)
-        return bits_to_bf16(codes, old_t.shape)
-
-    values = _decompress_planes(sections[-value_planes:], k, np.uint16, dctx, f"tensor {name} values")
-    if layout == "bitmap":
-        packed = np.frombuffer(_decompress(sections[0], (n + 7) // 8, dctx, f"tensor {name} bitmap"), np.uint8)
-        # As bool: numpy's nonzero has a fast path for bool, ~5x faster than on the uint8 0/1 bits.
-        index = np.flatnonzero(np.unpackbits(packed, count=n).view(bool))
-        if index.size != k:
-            raise DeltaError(f"tensor {name}: bitmap marks {index.size} changed elements, header says {k}")
+        checksum = _decode_dense(out, old, sections, n, transform, scratch, name)
+    elif layout in PACKED_BITS:
+        checksum = _decode_packed(out, old, sections, n, PACKED_BITS[layout], escapes, transform, scratch, name)
     else:
-        index = _decompress_planes(sections[:gap_planes], k, np.uint32, dctx, f"tensor {name} gaps")
-        index = index.astype(np.int64)
-        index += 1
-        np.cumsum(index, out=index)
-        index -= 1
-        if index[-1] >= n:
-            raise DeltaError(f"tensor {name}: changed-element positions run past the tensor's {n} elements")
-
-    new = old.copy()
-    if transform == "sub":
-        # torch's scatter_add_ does gather + add + scatter in one pass (~3x numpy's fancy indexing);
-        # int16 addition wraps exactly like the encoder's uint16 subtraction.
-        torch.from_numpy(new.view(np.int16)).scatter_add_(
-            0, torch.from_numpy(index), torch.from_numpy(_unzigzag_inplace(values).view(np.int16)))
-    else:
-        new[index] ^= values
-    return bits_to_bf16(new, old_t.shape)
+        checksum = _decode_gaps(out, old, sections, n, k, gap_planes, transform, scratch, name)
+    return out, checksum
 
 
 def decode(blob, old_bf16: dict, base_identity: str) -> dict:
@@ -323,28 +497,27 @@ def decode(blob, old_bf16: dict, base_identity: str) -> dict:
                          f"not in current weights: {extra[:5]})")
     view = memoryview(blob)
     offset = header["payload_offset"]
-    dctx = zstandard.ZstdDecompressor()
+    scratch = _Scratch(min(_CHUNK, max((t.numel() for t in old_bf16.values()), default=0)) + 8)
     result = {}
     for rec in records:
         name = rec["name"]
         old_t = old_bf16[name]
         try:
-            lengths = [int(n) for n in rec["sections"]]
             sections = []
-            for length in lengths:
-                sections.append(view[offset:offset + length])
-                offset += length
+            for length in rec["sections"]:
+                sections.append(view[offset:offset + int(length)])
+                offset += int(length)
             shape = tuple(int(s) for s in rec["shape"])
             if shape != tuple(old_t.shape):
                 raise DeltaError(f"tensor {name}: delta shape {shape} differs from current {tuple(old_t.shape)}")
-            new_t = _decode_tensor(rec, old_t, sections, header["transform"], dctx)
+            new, checksum = _decode_tensor(rec, bf16_bits(old_t), sections, header["transform"], scratch)
             expected = int(rec["adler32"])
         except DeltaError:
             raise
         except (KeyError, TypeError, ValueError) as e:
             raise DeltaError(f"tensor {name}: bad record ({type(e).__name__}: {e})") from e
-        if zlib.adler32(bf16_bits(new_t)) != expected:
+        if checksum != expected:
             raise DeltaError(f"tensor {name}: checksum mismatch after applying the delta (corrupted delta, "
                              f"or the current weights are not really {base_identity!r})")
-        result[name] = new_t
+        result[name] = bits_to_bf16(new, shape)
     return result

@@ -433,7 +433,9 @@ class Run:
                               f"{rec['learning_rate']}; the job keeps it (the AdamParams you pass to optim_step "
                               f"set the rate of each step).", stacklevel=2)
             job = mgr.try_get(rec["job_id"])
-            if job is None or job.get("state") in GONE_STATES:
+            if job is None and not rec.get("created"):
+                pass  # requested but the create never completed (interrupted): create it now, same id
+            elif job is None or job.get("state") in GONE_STATES:
                 why = "no longer exists on this backend" if job is None else f"is {_short_state(job.get('state'))}"
                 print(f"note: this run's trainer job {rec['job_id']} {why}; creating a new one "
                       f"(history stays in {self.store.path.name}).")
@@ -794,6 +796,25 @@ class Run:
                                          size_bytes=r.get("sizeBytes"))
         return rows
 
+    def _bucket_sizes(self) -> dict[str, int]:
+        """Sampler snapshot sizes in bytes, read from the hot-load bucket a deployment of this run points at
+        (`hotLoadBucketUrl` on the wire) when that is a local `file://` directory; {} otherwise."""
+        sizes: dict[str, int] = {}
+        for dep_id in self.deployment_ids:
+            try:
+                url = self._http("GET", f"/v1/accounts/{self.account_id}/deployments/{dep_id}").get("hotLoadBucketUrl")
+            except Exception:  # noqa: BLE001 - sizes are a nicety
+                continue
+            if not url or not url.startswith("file://"):
+                continue
+            root = Path(url[len("file://"):])
+            if not root.is_dir():
+                continue
+            for snap in root.iterdir():
+                if snap.is_dir() and not snap.name.startswith("."):
+                    sizes[snap.name] = sum(f.stat().st_size for f in snap.rglob("*") if f.is_file())
+        return sizes
+
     def checkpoint_rows(self, all_jobs: bool = True) -> list[dict]:
         """The control plane's checkpoint rows of this run's trainer job(s), oldest first, joined with the
         lineage: step, data consumed, the snapshot's last eval score, where it was hot-loaded."""
@@ -801,6 +822,7 @@ class Run:
         if self.job_id:
             jobs.append(self.job_id)
         out = []
+        sizes = self._bucket_sizes()
         for job in jobs:
             for r in self._refresh_rows(job):
                 cid = r["name"].split("/")[-1]
@@ -819,7 +841,7 @@ class Run:
                     "eval_score": None if scores.empty else float(scores["score"].iloc[-1]),
                     "eval_name": None if scores.empty else scores["name"].iloc[-1],
                     "hotloaded_to": hl[0]["deployment_id"] if hl else None,
-                    "size_bytes": r.get("sizeBytes", ck.get("size_bytes")),
+                    "size_bytes": r.get("sizeBytes") or sizes.get(cid) or ck.get("size_bytes"),
                 })
         out.sort(key=lambda r: (r["created_ts"] is None, r["created_ts"] or 0))
         return out

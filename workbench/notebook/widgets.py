@@ -68,7 +68,27 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _size(n) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _none(v):
+    """pandas' NaN for a missing value -> None."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def _records(df) -> list[dict]:
+    return [{k: _none(v) for k, v in r.items()} for r in df.to_dict("records")]
+
+
 def _short(snapshot: str | None, n: int = 28) -> str:
+    snapshot = _none(snapshot)
     if not snapshot:
         return "base model"
     return snapshot if len(snapshot) <= n else snapshot[: n - 1] + "…"
@@ -122,7 +142,7 @@ class _View:
 class CheckpointTable(_View):
     """The control plane's checkpoint rows of the run, with step, data consumed and eval score; promote."""
 
-    COLUMNS = ["checkpoint", "type", "promotable", "step", "created", "eval score", "hot-loaded to"]
+    COLUMNS = ["checkpoint", "type", "promotable", "step", "created", "size", "eval score", "hot-loaded to"]
 
     def __init__(self, run: "Run"):
         self.run = run
@@ -155,7 +175,8 @@ class CheckpointTable(_View):
 
     def _table_rows(self) -> list[list]:
         return [[r["checkpoint_id"], r["type"], "yes" if r["promotable"] else "no", r["step"],
-                 (r["created"] or "")[:19].replace("T", " "), r["eval_score"], r["hotloaded_to"] or ""]
+                 (r["created"] or "")[:19].replace("T", " "), _size(r.get("size_bytes")), r["eval_score"],
+                 r["hotloaded_to"] or ""]
                 for r in self.rows]
 
     def promote(self, checkpoint: str | None = None, output_model_id: str | None = None) -> dict | None:
@@ -216,9 +237,9 @@ class EvalChart(_View):
     def points(self) -> list[dict]:
         """[{eval, step, score, snapshot, checkpoint_type}] in recording order."""
         df = self.frame
-        return [{"eval": r["eval"], "step": None if r["step"] is None or r["step"] != r["step"] else int(r["step"]),
+        return [{"eval": r["eval"], "step": None if r["step"] is None else int(r["step"]),
                  "score": float(r["score"]), "snapshot": r["snapshot"], "checkpoint_type": r["checkpoint_type"]}
-                for r in df.to_dict("records")]
+                for r in _records(df)]
 
     def refresh(self) -> "EvalChart":
         pts = self.points
@@ -292,7 +313,7 @@ class LineageView(_View):
     def chains(self) -> list[str]:
         """One readable chain per evaluation."""
         out = []
-        for r in self.frame.to_dict("records"):
+        for r in _records(self.frame):
             from .run import _short_type
 
             out.append(f"step {_fmt(r['step'])} -> {r['checkpoint']} ({_short_type(r['checkpoint_type'])}) -> "
@@ -327,8 +348,8 @@ class LineageView(_View):
 
         return [[r["step"], r["data_consumed"], r["checkpoint"],
                  _short_type(r["checkpoint_type"]) if r["checkpoint_type"] else "-",
-                 {1: "yes", 0: "no"}.get(r["promotable"], "-") if r["promotable"] == r["promotable"] else "-",
-                 r["deployment"], r["eval"], r["score"], r["samples"]] for r in df.to_dict("records")]
+                 {1: "yes", 0: "no"}.get(r["promotable"], "-"),
+                 r["deployment"], r["eval"], r["score"], r["samples"]] for r in _records(df)]
 
     def _draw(self, df) -> bytes:
         """Lanes over training steps: loss, checkpoints (base/delta), hot-loads, eval scores, joined per eval."""
@@ -341,16 +362,16 @@ class LineageView(_View):
             span = (hi - lo) or 1.0
             ax.plot(steps, [0 + 0.7 * (v - lo) / span - 0.35 for v in losses], color="#888", lw=1)
         cks = self.run.store.checkpoints()
-        for r in cks.to_dict("records"):
-            if r["step"] is None or r["step"] != r["step"]:
+        for r in _records(cks):
+            if r["step"] is None:
                 continue
             t = r["checkpoint_type"] or r["requested_type"] or ""
             marker = "s" if ("BASE" in t or t == "base") else ("^" if r["kind"] == "state" else "o")
             ax.plot([r["step"]], [lanes["checkpoint"]], marker=marker, color="#0969da", ms=6)
         best = self.best
-        for r in df.to_dict("records"):
+        for r in _records(df):
             step = r["step"]
-            if step is None or step != step:
+            if step is None:
                 continue
             is_best = best is not None and r["eval_id"] == best["eval_id"]
             color = "#cf222e" if is_best else "#1a7f37"
@@ -426,8 +447,8 @@ class TrainingMonitor(_View):
         ev = self.run.store.evaluations()
         if len(ev):
             e = ev.iloc[-1]
-            self.last_eval = {"name": e["name"], "score": float(e["score"]), "snapshot": e["snapshot"],
-                              "step": None if e["step"] != e["step"] else e["step"]}
+            self.last_eval = {"name": e["name"], "score": float(e["score"]), "snapshot": _none(e["snapshot"]),
+                              "step": _none(e["step"])}
         for dep in self.run.deployment_ids:
             last = self.run.store.last_hotload(dep)
             if last:
@@ -513,8 +534,8 @@ class TrainingMonitor(_View):
             ax = fig.add_subplot(111)
             ax.plot(steps, values, color="#0969da", lw=1.2)
             syncs = self.run.store.checkpoints(self.run.job_id)
-            for r in syncs.to_dict("records"):
-                if r["kind"] == "sampler" and r["step"] == r["step"] and r["step"] is not None:
+            for r in _records(syncs):
+                if r["kind"] == "sampler" and r["step"] is not None:
                     ax.axvline(r["step"], color="#8250df", alpha=0.25, lw=0.8)
             ax.set_xlabel("step")
             ax.set_ylabel(self.metric)

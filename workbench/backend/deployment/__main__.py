@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if config.get("home"):
         os.environ.setdefault("WORKBENCH_HOME", str(config["home"]))
 
+    # The engine thread releases the GIL inside every torch op and must win it back ~100 times per
+    # decode step. While a hot load (numpy/torch work in another thread) or the event loop holds it,
+    # each hand-back waits up to the switch interval (5 ms by default): a step of 100 ops then
+    # stretches by far more than the load itself costs. 0.5 ms bounds that convoy effect.
+    sys.setswitchinterval(float(os.environ.get("WORKBENCH_SWITCH_INTERVAL", "0.0005")))
+
     import uvicorn
     from .server import create_app, make_deliver
     from .weights import WeightManager
@@ -59,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     wm = WeightManager(ddir, config, deliver=make_deliver())
     app = create_app(wm, api_key)
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto is
+    # IPPROTO_TCP, and a socket made with proto 0 leaves Nagle on, so every keep-alive response
+    # written in two pieces (headers, body) waited ~40 ms for the client's delayed ACK (measured).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]

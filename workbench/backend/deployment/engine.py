@@ -118,6 +118,10 @@ class Sequence:
         self.num_concurrent = 0
         self.t_prefill_start = self.t_prefill_end = self.t_first_token = self.t_done = None
         self._detok: IncrementalDetokenizer | None = None
+        # set by the HTTP layer: choice index, and where to post events (see server.make_deliver)
+        self.index = 0
+        self.queue = None
+        self.loop = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -363,6 +367,11 @@ class KVRunner:
     def clear(self) -> None:
         self.n, self.cur, self.starts = 0, 0, []
 
+    def trim(self, keep_bytes: int = 64 << 20) -> None:
+        """When idle, give back buffers a burst of long or many sequences grew past `keep_bytes`."""
+        if self.n == 0 and self.k and 2 * sum(b.numel() * b.element_size() for b in self.k) > keep_bytes:
+            self.k, self.v, self.rows_cap, self.cols_cap = [], [], 0, 0
+
 
 class RecomputeRunner:
     """Fallback for architectures KVRunner does not know: no cache, every step re-runs the whole
@@ -406,6 +415,9 @@ class RecomputeRunner:
 
     def clear(self):
         self.seqs = []
+
+    def trim(self, keep_bytes: int = 0):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +562,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cond:
+                if not (self._stop or self.waiting or self.active or self._swap):
+                    self.runner.trim()
                 while not (self._stop or self.waiting or self.active or self._swap):
                     self.cond.wait()
                 if self._stop:

@@ -84,12 +84,21 @@ def create_app(wm: WeightManager, api_key: str | None) -> FastAPI:
         return error(503, wm.startup_error or "weights are still loading")
 
     # ---- hot load ----------------------------------------------------------------------------------
+    def misrouted(request: Request) -> JSONResponse | None:
+        # the control plane routes by this header; a different name here means a routing bug
+        name = request.headers.get("fireworks-deployment")
+        if name and name.split("/")[-1] != wm.deployment_id:
+            return error(400, f"this replica serves {deployment_name}, not {name}")
+        return None
+
     @app.get("/hot_load/v1/models/hot_load")
-    async def hotload_status():
-        return wm.status()
+    async def hotload_status(request: Request):
+        return misrouted(request) or wm.status()
 
     @app.post("/hot_load/v1/models/hot_load")
     async def hotload(request: Request):
+        if (bad := misrouted(request)) is not None:
+            return bad
         try:
             body = json.loads(await request.body() or b"null")
         except ValueError:

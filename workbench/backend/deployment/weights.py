@@ -14,13 +14,19 @@ base snapshot of it would hold) with identity null.
 Hot load (§5). Runs under one lock, in the caller's thread (the server runs it off the event loop):
 resolve `<root>/<identity>` (or a local path from `x-fireworks-hot-load-source-url`), build the new
 bf16 dict (base: load whole; delta: check `previous_snapshot_identity` equals what we hold, then
-`apply_delta`, which verifies the base and the checksum; LoRA: merge the adapter onto the base with
-peft), copy it into the spare fp32 model, then ask the engine to swap models between two steps. The
+`apply_delta`, which verifies the base and the checksum; LoRA: merge the adapter with peft onto the
+base model's own fp32 weights, as the trainer's LoRA forward computes), copy it into the spare fp32
+model, then ask the engine to swap models between two steps. The
 previous model becomes the spare for the next load (double buffering: serving never waits on a load,
 and a swap is a pointer change). Only after the swap do the identity, the chain and state.json change.
 Any failure leaves all of them untouched, sets `loading_state` to stage "error" for that target with a
-message, and raises `HotloadError` with an HTTP status the server returns. The statuses are 4xx on
-purpose: the SDK's REST layer retries 5xx for minutes, which would turn a bad snapshot into a hang.
+message, and raises `HotloadError` with an HTTP status the server returns: 400 malformed request or
+metadata (or a delta sent without metadata), 404 snapshot not found, 409 the delta's
+previous_snapshot_identity is not what the replica holds, 422 a snapshot that cannot be used (corrupt,
+truncated, checksum mismatch, made against another base, or not fitting the base model). They are 4xx
+on purpose: the SDK's REST layer retries 5xx for minutes, which would turn a bad snapshot into a hang;
+a 4xx makes DeploymentManager.hotload raise httpx.HTTPStatusError at once (after logging our
+message), so WeightSyncer.save_and_hotload raises and WeightSyncer.hotload returns False.
 
 state.json (in the deployment dir) is rewritten atomically after every successful load:
 `{"version": 1, "identity", "kind", "chain": [{"identity", "kind", "dir"}...]}`, the snapshot dirs
@@ -40,6 +46,7 @@ import os
 import threading
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 STATE_FILE = "state.json"
@@ -97,6 +104,8 @@ class WeightManager:
         self.current_bf16: dict | None = None
         self.base_bf16: dict | None = None
         self._base_fp32: dict | None = None
+        # model -> (name -> tensor, tied names); weak, so a replaced spare model is not kept alive
+        self._targets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.chain: list[dict] = []
         self.loading_state: dict = {"stage": "loading", "target_snapshot_identity": None,
                                     "message": "loading the base model"}
@@ -145,7 +154,8 @@ class WeightManager:
                 self.ready = True
                 if restored is None:
                     self.current_bf16 = self.base_bf16
-                    self.loading_state = {"stage": "done"}
+                    if self.loading_state.get("stage") != "error":   # keep a failed restore visible
+                        self.loading_state = {"stage": "done"}
         except Exception as e:  # the process stays up to report it; inference answers 503
             traceback.print_exc()
             self.startup_error = f"{type(e).__name__}: {e}"
@@ -357,23 +367,35 @@ class WeightManager:
             if target is self.spare and self.model is not None:
                 self.spare = copy.deepcopy(self.model)
             raise
+        finally:
+            # peft swaps modules in and out (modules_to_save puts a trained copy of lm_head in place
+            # of the original): the cached name -> tensor map of `target` is stale now
+            self._targets.pop(target, None)
         if merged is not target:
             raise RuntimeError("peft merge_and_unload returned a new model object")
         return {k: v.detach().to(torch.bfloat16) for k, v in merged.state_dict().items()}
 
     def _load_into(self, model, weights: dict) -> None:
-        """Copy a bf16 state dict into an fp32 model; reject one that does not fit the base model."""
+        """Copy a bf16 state dict into an fp32 model; reject one that does not fit the base model.
+
+        Straight `copy_` into each tensor of a cached name -> tensor map (load_state_dict's module
+        walk and hooks cost more than the copy itself for small models). Checked before anything is
+        written, so a snapshot that does not fit never leaves the model half overwritten."""
         import torch
-        tied = _tied_names(model)
+        targets = self._targets.get(model)
+        if targets is None:
+            targets = self._targets[model] = (model.state_dict(keep_vars=True), _tied_names(model))
+        tensors, tied = targets
+        unexpected = sorted(weights.keys() - tensors.keys())
+        missing = sorted(k for k in tensors.keys() - weights.keys() if not (tied.get(k, set()) & weights.keys()))
+        wrong = [f"{k}: {tuple(v.shape)} vs {tuple(tensors[k].shape)}" for k, v in weights.items()
+                 if k in tensors and tuple(v.shape) != tuple(tensors[k].shape)]
+        if missing or unexpected or wrong:
+            raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
         with torch.no_grad():
-            try:
-                missing, unexpected = model.load_state_dict(weights, strict=False)
-            except RuntimeError as e:       # shape mismatch: a snapshot of another model
-                raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: {e}")
-        missing = [k for k in missing if k not in tied or not (tied[k] & weights.keys())]
-        if missing or unexpected:
-            raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: "
-                                    f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            for k, v in weights.items():
+                tensors[k].copy_(v)
 
     def _persist(self) -> None:
         deltas = sum(1 for e in self.chain if e["kind"] == "delta")

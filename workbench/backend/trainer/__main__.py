@@ -9,7 +9,7 @@ waits for the file, so its appearance means "ready". Logs go to stderr. SIGTERM/
 Every request must carry the key as `X-Api-Key` or `Authorization: Bearer`; if WORKBENCH_API_KEY is
 unset, authentication is disabled (and a warning logged) — only sensible for ad-hoc local debugging.
 
-Optional environment: WORKBENCH_TRAINER_THREADS (torch intra-op threads; default half the cores),
+Optional environment: WORKBENCH_TRAINER_THREADS (torch intra-op threads; default torch's own),
 WORKBENCH_TRAINER_LONG_POLL_S (retrieve_future hold, default 20), WORKBENCH_TRAINER_EXACT_DATUMS
 (requests up to this many datums run datum by datum, bit-compatible with a plain torch loop; default 64).
 """
@@ -56,18 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import DEFAULT_EXACT_MAX_DATUMS, Engine, JobConfig
     from .server import create_app
 
-    # Trainer, deployments and notebooks share the machine: torch's default (every core) oversubscribes
-    # it, and spinning intra-op threads then slow everything down many times over.
-    threads = int(os.environ.get("WORKBENCH_TRAINER_THREADS") or max(1, (os.cpu_count() or 2) // 2))
-    torch.set_num_threads(threads)
+    # torch's default thread count is kept unless overridden: CPU kernels reduce in a thread-count-
+    # dependent order, so the default is what makes results reproducible by a plain torch process on
+    # the same machine (Adam with a tiny eps turns 1e-7 gradient differences into visible weight
+    # differences). On a crowded machine, WORKBENCH_TRAINER_THREADS=1 avoids oversubscription.
+    threads = os.environ.get("WORKBENCH_TRAINER_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
     job = JobConfig.load(args.job_dir / "job.json")
     api_key = os.environ.get("WORKBENCH_API_KEY") or None
     if api_key is None:
         log.warning("WORKBENCH_API_KEY is not set: the trainer accepts unauthenticated requests")
 
     log.info("job %s: loading %s (lora_rank=%d)", job.job_id, job.base_model, job.lora_rank)
-    model_dir = models.local_path(job.base_model)
-    model = models.load_model(job.base_model)
+    try:
+        model_dir = models.local_path(job.base_model)
+        model = models.load_model(job.base_model)
+    except models.ModelNotFoundError as e:
+        # No port file is written: the control plane sees the process exit and fails the job.
+        log.error("job %s: cannot load base model: %s", job.job_id, e)
+        return 2
     engine = Engine(args.job_dir, job, model, model_dir, base_loader=lambda: models.load_model(job.base_model),
                     exact_max_datums=int(os.environ.get("WORKBENCH_TRAINER_EXACT_DATUMS") or DEFAULT_EXACT_MAX_DATUMS))
     app = create_app(engine, api_key,
@@ -92,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(captured, list) and sig == signal.SIGTERM:
                 captured[:] = [s for s in captured if s != signal.SIGTERM]
 
+    # Keep-alive well above the clients' pool expiry (httpx: 5 s), so idle pooled connections are closed
+    # by the client side first and a request never races a server-side close.
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
-                            lifespan="on")
+                            timeout_keep_alive=75, lifespan="on")
     server = _Server(config)
 
     async def serve() -> None:

@@ -266,11 +266,15 @@ class Engine:
             signature = self._lora_signature(lora)
             if self.train_model is None:
                 self._build_train_model(signature)
-            elif signature != self.lora_signature:
+            else:
+                # Reconnecting to the existing model: its structure must match. seed / init_method only
+                # shaped the initial adapter weights, which exist already, so they are not compared.
                 diff = [f"lora_config.{k}={signature[k]!r} (model has {self.lora_signature[k]!r})"
-                        for k in signature if signature[k] != self.lora_signature[k]]
-                raise UserError("this trainer's model was created with a different configuration: "
-                                + ", ".join(diff))
+                        for k in ("train_attn", "train_mlp", "train_unembed", "alpha")
+                        if k in signature and signature[k] != self.lora_signature[k]]
+                if diff:
+                    raise UserError("this trainer's model was created with a different configuration: "
+                                    + ", ".join(diff))
         with self._handles_lock:
             self.handles[model_id] = Handle(model_id, base_only, body.get("session_id"), time.time())
         log.info("create_model %s (base_only=%s, lora_rank=%d, step=%d)", model_id, base_only,
@@ -461,8 +465,9 @@ class Engine:
         return _Datum(i, tokens, inputs)
 
     def _micro_batches(self, datums: list[_Datum]) -> list[list[_Datum]]:
-        # Group datums of equal length (and equal target layout) so a micro-batch needs no padding
-        # and its targets stack into one gather: results are the same as running datums one by one.
+        # Small requests: one datum per micro-batch (exact, see DEFAULT_EXACT_MAX_DATUMS). Large ones:
+        # datums of equal length (and equal target layout) together, so a micro-batch needs no padding
+        # and its targets stack into one gather; results agree with the per-datum ones to float rounding.
         if len(datums) <= self.exact_max_datums:
             return [[d] for d in datums]
         groups: dict[tuple, list[_Datum]] = {}
@@ -605,7 +610,8 @@ class Engine:
             job_id, _, name = path[len("cross_job://"):].partition("/")
             if not _JOB_ID.match(job_id) or not _NAME_SEGMENT.match(name):
                 raise UserError(f"path {path!r} must look like cross_job://<job_id>/<checkpoint-name>")
-            root = self.job.home / "jobs" / job_id / "checkpoints" if job_id != self.job.job_id else self.checkpoints_dir
+            root = (self.checkpoints_dir if job_id == self.job.job_id
+                    else self.job.home / "jobs" / job_id / "checkpoints")
         else:
             if not _NAME_SEGMENT.match(path):
                 raise UserError(f"path {path!r} is not a checkpoint name of this job (a lowercase DNS label) "

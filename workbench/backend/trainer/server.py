@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, UserError
@@ -253,12 +253,12 @@ def create_app(engine: Engine, api_key: str | None, *, long_poll_s: float = 20.0
     def _authorized(request: Request) -> bool:
         if not api_key:
             return True
-        given = request.headers.get("x-api-key")
-        if given is None:
-            auth = request.headers.get("authorization", "")
-            if auth[:7].lower() == "bearer ":
-                given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
+        offered = [request.headers.get("x-api-key")]
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            offered.append(auth[7:].strip())
+        # Either credential may carry the key (the SDK's healthz poll sends both).
+        return any(k is not None and hmac.compare_digest(k.encode(), api_key.encode()) for k in offered)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):

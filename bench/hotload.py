@@ -1,0 +1,266 @@
+"""Hot-load cost of a deployment replica vs the in-process floor, and the pause samplers see.
+
+    /tmp/venv/bin/python bench/hotload.py [--models small,75m] [--repeats 3]
+
+For each model, a base snapshot and a delta snapshot over it are written with workbench.checkpoints
+(the delta as after one small optimizer step: every weight nudged by ~0.1% noise). Then:
+
+  floor    in this process: read + decode the snapshot (load_base_weights / apply_delta) and copy it
+           into an fp32 model of the same architecture (load_state_dict): the least work any hot load
+           must do. Page cache warm, best of --repeats.
+  hotload  against a real replica process over HTTP: POST /hot_load (which answers once the snapshot is
+           served) then the status GET that confirms it (what DeploymentManager.hotload_and_wait does,
+           minus its poll interval). Median of --repeats. Target: <= 1.5x the floor.
+  pause    while hot loads run back to back, 4 streaming samplers decode continuously; the longest
+           gap between two consecutive SSE chunks any of them sees, against the longest gap in an
+           equally long window without hot loads. Target: <= 50 ms.
+
+"75m" is a ~75M-parameter Qwen3 built here from a config (random weights, registered through a
+temporary model catalog): with the 5M model a whole hot load is a few milliseconds and the HTTP round
+trip alone dominates the ratio. Timings on this shared 2-core machine vary 10-30% between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+KEY = "bench-key"
+MEDIUM = "accounts/bench/models/qwen3-75m"
+
+
+def make_medium(where: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from workbench import models
+
+    d = where / "qwen3-75m"
+    small = models.local_path(models.SMALL_MODEL)
+    cfg = Qwen3Config(vocab_size=512, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                      num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
+                      tie_word_embeddings=True, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(cfg).save_pretrained(str(d))
+    for f in small.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+def write_snapshots(model_name: str, root: Path) -> tuple[dict, dict]:
+    from workbench import checkpoints as ck
+    from workbench import models
+
+    model = models.load_model(model_name)
+    w1 = ck.bf16_state(model)
+    ck.save_sampler_base(root / "snap-base", w1, models.local_path(model_name), {"base_model": model_name})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3 * p.abs())
+    w2 = ck.bf16_state(model)
+    stats = ck.save_sampler_delta(root / "snap-delta", w2, w1, "snap-base", {"base_model": model_name})
+    return w1, stats
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+def floor(model_name: str, root: Path, base_w: dict, repeats: int) -> dict:
+    from workbench import checkpoints as ck
+    from workbench import models
+
+    model = models.load_model(model_name).eval()
+    out = {}
+    for kind in ("base", "delta"):
+        times = []
+        for _ in range(repeats + 1):            # first round warms the page cache
+            t0 = time.perf_counter()
+            if kind == "base":
+                w = ck.load_base_weights(root / "snap-base")
+            else:
+                w = ck.apply_delta(root / "snap-delta", base_w, "snap-base")
+            with torch.no_grad():
+                model.load_state_dict(w, strict=False)
+            times.append(time.perf_counter() - t0)
+        out[kind] = min(times[1:])
+    return out
+
+
+def start_replica(model_name: str, work: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    ddir = work / "dep"
+    ddir.mkdir(parents=True, exist_ok=True)
+    (ddir / "deployment.json").write_text(json.dumps(
+        {"deployment_id": "bench", "account": "bench", "base_model": model_name, "home": str(work)}))
+    port_file = ddir / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.backend.deployment", "--deployment-dir", str(ddir),
+                             "--port-file", str(port_file)], env=dict(env, WORKBENCH_API_KEY=KEY),
+                            stdout=subprocess.DEVNULL, stderr=open(work / "replica.log", "wb"))
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if port_file.exists():
+            port = int(port_file.read_text())
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", headers={"x-api-key": KEY}).status_code == 200:
+                return proc, port
+        if proc.poll() is not None:
+            raise RuntimeError((work / "replica.log").read_text())
+        time.sleep(0.1)
+    raise TimeoutError("replica did not start")
+
+
+class Hotloader:
+    def __init__(self, port: int, root: Path):
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                   headers={"x-api-key": KEY, "x-workbench-snapshot-root": str(root)})
+
+    def load(self, identity: str, previous: str | None = None) -> float:
+        self.last: dict = {}
+        body = {"identity": identity, "reset_prompt_cache": True}
+        if previous:
+            body["incremental_snapshot_metadata"] = {"previous_snapshot_identity": previous,
+                                                     "compression_format": "arc_v2", "checksum_format": "alder32"}
+        t0 = time.perf_counter()
+        r = self.client.post("/hot_load/v1/models/hot_load", json=body)
+        r.raise_for_status()
+        self.last = r.json()
+        while True:
+            rep = self.client.get("/hot_load/v1/models/hot_load").json()["replicas"][0]
+            if rep["current_snapshot_identity"] == identity and rep["readiness"]:
+                return time.perf_counter() - t0
+            assert rep["loading_state"]["stage"] != "error", rep
+            time.sleep(0.001)
+
+
+async def _sampler_child(port: int, seconds: float, n_streams: int) -> None:
+    """Runs in its own process (so the bench's own threads do not disturb the measurement): decodes
+    `n_streams` streams back to back for `seconds` and prints [[t, gap], ...] for every SSE chunk."""
+    import asyncio
+
+    gaps: list = []
+    end = time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=120, headers={"x-api-key": KEY}) as c:
+        async def run(seed):
+            while time.perf_counter() < end:
+                body = {"model": "accounts/bench/deployments/bench", "prompt": [1, 2, 3, 4 + seed],
+                        "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 1.0}
+                last = None
+                async with c.stream("POST", f"http://127.0.0.1:{port}/inference/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        now = time.perf_counter()   # CLOCK_MONOTONIC: comparable across processes
+                        if last is not None:
+                            gaps.append((now, now - last))
+                        last = now
+                        if now > end:
+                            break
+        await asyncio.gather(*(run(i) for i in range(n_streams)))
+    print(json.dumps(gaps))
+
+
+def start_samplers(port: int, seconds: float, n_streams: int = 4) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--sampler-child", str(port), str(seconds), str(n_streams)],
+                            stdout=subprocess.PIPE)
+
+
+def bench_model(model_name: str, repeats: int, env: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = work / "sampler"
+        root.mkdir()
+        base_w, dstats = write_snapshots(model_name, root)
+        fl = floor(model_name, root, base_w, repeats)
+        params = sum(t.numel() for t in base_w.values())
+        del base_w
+        proc, port = start_replica(model_name, work, env)
+        try:
+            hl = Hotloader(port, root)
+            times = {"base": [], "delta": []}
+            server = {"base": [], "delta": []}
+            for _ in range(repeats + 1):
+                times["base"].append(hl.load("snap-base"))
+                server["base"].append(hl.last)
+                times["delta"].append(hl.load("snap-delta", previous="snap-base"))
+                server["delta"].append(hl.last)
+            med = {k: statistics.median(v[1:]) for k, v in times.items()}
+            nbytes = {"base": dir_bytes(root / "snap-base"), "delta": dir_bytes(root / "snap-delta")}
+            print(f"\nmodel {model_name}: {params / 1e6:.1f}M parameters, delta {dstats['ratio']:.1f}x smaller "
+                  f"than raw bf16 ({dstats['changed_elements'] / dstats['total_elements']:.0%} of elements changed)")
+            print(f"  {'snapshot':<8} {'bytes read':>12} {'floor (read+decode+copy)':>26} {'hotload POST->ready':>21} {'ratio':>6}")
+            for k in ("base", "delta"):
+                parts = {p: statistics.median(x[p] for x in server[k][1:]) * 1000
+                         for p in ("read_decode_seconds", "copy_seconds", "swap_wait_seconds", "load_seconds")}
+                print(f"  {k:<8} {nbytes[k]:>12,} {fl[k] * 1000:>23.1f} ms {med[k] * 1000:>18.1f} ms "
+                      f"{med[k] / fl[k]:>5.2f}x   (in the replica: read+decode {parts['read_decode_seconds']:.1f}, "
+                      f"copy {parts['copy_seconds']:.1f}, swap wait {parts['swap_wait_seconds']:.1f}, "
+                      f"all {parts['load_seconds']:.1f} ms)")
+
+            # pauses seen by concurrent samplers: a quiet window, then the same length with hot loads
+            child = start_samplers(port, seconds=6.0)
+            time.sleep(1.5)                                      # let the streams get going
+            q0 = time.perf_counter()
+            time.sleep(2.0)
+            q1 = time.perf_counter()
+            n_loads = 0
+            while time.perf_counter() - q1 < 2.0 or n_loads < 4:
+                hl.load("snap-base")
+                hl.load("snap-delta", previous="snap-base")
+                n_loads += 2
+            h1 = time.perf_counter()
+            gaps = json.loads(child.communicate(timeout=120)[0])
+            quiet = sorted(g for t, g in gaps if q0 <= t < q1)
+            busy = sorted(g for t, g in gaps if q1 <= t < h1)
+            print(f"  concurrent samplers (4 streams, own process): median chunk gap {quiet[len(quiet) // 2] * 1000:.1f} ms; "
+                  f"longest gap without hot loads {quiet[-1] * 1000:.1f} ms, during {n_loads} hot loads "
+                  f"{busy[-1] * 1000:.1f} ms (p99 {quiet[int(len(quiet) * .99)] * 1000:.1f} / "
+                  f"{busy[int(len(busy) * .99)] * 1000:.1f} ms)")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--sampler-child":
+        import asyncio
+        asyncio.run(_sampler_child(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="small,75m")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)     # the replica computes single-threaded too (WORKBENCH_TORCH_THREADS)
+    from workbench import models
+
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as cat_dir:
+        names = []
+        for m in args.models.split(","):
+            if m == "small":
+                names.append(models.SMALL_MODEL)
+            elif m == "tiny":
+                names.append(models.DEFAULT_MODEL)
+            elif m == "75m":
+                d = make_medium(Path(cat_dir))
+                catalog = Path(cat_dir) / "models.json"
+                catalog.write_text(json.dumps({MEDIUM: str(d)}))
+                os.environ["WORKBENCH_MODEL_CATALOG"] = env["WORKBENCH_MODEL_CATALOG"] = str(catalog)
+                names.append(MEDIUM)
+            else:
+                names.append(m)
+        for name in names:
+            bench_model(name, args.repeats, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Preference pairs for DPO and ORPO: rendering, forward passes, held-out preference accuracy.
+
+    pairs = render_pairs(tokenizer, rows, max_len)         # Pair | None per row (None: dropped, too long)
+    stats = forward_pairs(client, [p for p in pairs if p])  # (sum_c, sum_r, mean_c, mean_r) per pair
+    metrics = preference_eval(client, eval_pairs, ref_sums=..., beta=0.1)
+
+A pair becomes two datums, chosen then rejected, each carrying its response mask as `weights` (1 on the
+assistant reply and its end-of-turn token), so the custom losses read the mask from the datum itself.
+
+`eval/pref_accuracy` is the fraction of held-out pairs whose chosen reply gets a higher total
+log-likelihood than the rejected one under the current policy: defined the same way for DPO and ORPO,
+and meaningful before training (the base model's own preference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import data as D
+from .losses import pair_stats, sigmoid_loss
+
+
+@dataclass
+class Pair:
+    chosen: object       # Datum
+    rejected: object     # Datum
+    mask_c: list[float]
+    mask_r: list[float]
+
+
+def render_pairs(tokenizer, rows: list[dict], max_len: int) -> list[Pair | None]:
+    out: list[Pair | None] = []
+    for row in rows:
+        chosen, rejected = D.preference_sides(row)
+        rc = D.render_chat(tokenizer, chosen, "last_assistant_message")
+        rr = D.render_chat(tokenizer, rejected, "last_assistant_message")
+        if max(len(rc.tokens), len(rr.tokens)) > max_len or not any(rc.weights[1:]) or not any(rr.weights[1:]):
+            out.append(None)
+            continue
+        out.append(Pair(D.to_datum(rc), D.to_datum(rr), D.target_weights(rc), D.target_weights(rr)))
+    return out
+
+
+def pair_datums(pairs: list[Pair]) -> list:
+    return [d for p in pairs for d in (p.chosen, p.rejected)]
+
+
+def forward_pairs(client, pairs: list[Pair], chunk: int = 64) -> list[tuple[float, float, float, float]]:
+    """(sum_c, sum_r, mean_c, mean_r) response logprobs of each pair under `client`'s current weights."""
+    out = []
+    for i in range(0, len(pairs), chunk):
+        part = pairs[i:i + chunk]
+        res = client.forward(pair_datums(part), "cross_entropy").result()
+        logprobs = [list(o["logprobs"].data) for o in res.loss_fn_outputs]
+        masks = [m for p in part for m in (p.mask_c, p.mask_r)]
+        out.extend(pair_stats(logprobs, masks))
+    return out
+
+
+def preference_eval(client, pairs: list[Pair], *, ref_sums: list[tuple[float, float]] | None = None,
+                    beta: float = 0.1) -> dict:
+    """Held-out metrics: pref_accuracy (sum log-likelihood), mean-logprob accuracy, and with reference
+    sums the DPO implicit-reward accuracy, margin and loss."""
+    if not pairs:
+        return {}
+    stats = forward_pairs(client, pairs)
+    n = len(stats)
+    out = {"eval/pref_accuracy": sum(sc > sr for sc, sr, _, _ in stats) / n,
+           "eval/pref_accuracy_mean": sum(mc > mr for _, _, mc, mr in stats) / n,
+           "eval/chosen_logprob": sum(s[0] for s in stats) / n,
+           "eval/rejected_logprob": sum(s[1] for s in stats) / n}
+    if ref_sums is not None:
+        margins = [beta * ((sc - rc) - (sr - rr)) for (sc, sr, _, _), (rc, rr) in zip(stats, ref_sums, strict=True)]
+        out.update({"eval/reward_accuracy": sum(m > 0 for m in margins) / n,
+                    "eval/margin": sum(margins) / n,
+                    "eval/dpo_loss": sum(sigmoid_loss(m) for m in margins) / n})
+    return out
