@@ -19,10 +19,12 @@ TINY = models.DEFAULT_MODEL
 META = {"previous_snapshot_identity": None, "compression_format": "arc_v2", "checksum_format": "alder32"}
 
 
-def started(ddir) -> WeightManager:
+def started(ddir, restoring: str | None = None) -> WeightManager:
     ddir.mkdir(exist_ok=True)
     wm = WeightManager(ddir, {"deployment_id": "d", "account": "x", "base_model": TINY})
     wm.start()
+    if restoring:   # while it rebuilds, a restarted replica reports the identity it is restoring
+        assert wm.status()["replicas"][0]["current_snapshot_identity"] == restoring
     deadline = time.time() + 60
     while not wm.ready:
         assert wm.startup_error is None and time.time() < deadline, wm.startup_error
@@ -131,7 +133,7 @@ def test_long_delta_chain_is_compacted_and_restores(tmp_path):
         if str(root / name) not in still_needed:
             for f in (root / name).iterdir():
                 f.unlink()
-    wm2 = started(tmp_path / "dep")
+    wm2 = started(tmp_path / "dep", restoring=names[-1])
     try:
         assert wm2.current_identity == names[-1] and wm2.status()["replicas"][0]["loading_state"]["stage"] == "done"
         assert generate(wm2, prompt).token_ids == expected
@@ -145,7 +147,7 @@ def test_restore_failure_falls_back_to_base(tmp_path):
     (ddir / "state.json").write_text(json.dumps({"version": 1, "identity": "gone", "kind": "base",
                                                  "chain": [{"identity": "gone", "kind": "base",
                                                             "dir": str(tmp_path / "nope")}]}))
-    wm = started(ddir)
+    wm = started(ddir, restoring="gone")
     try:
         replica = wm.status()["replicas"][0]
         assert replica["current_snapshot_identity"] is None and replica["readiness"] is True

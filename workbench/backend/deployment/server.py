@@ -31,6 +31,7 @@ import hmac
 import json
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -153,7 +154,6 @@ def create_app(wm: WeightManager, api_key: str | None) -> FastAPI:
         for i in range(req.n):
             params = req.params
             if req.n > 1 and params.seed is not None:   # n choices with one seed must still differ
-                from dataclasses import replace
                 params = replace(params, seed=params.seed + i * 1_000_003)
             s = Sequence(req.prompt_ids, params, arrival=arrival)
             s.index = i
@@ -168,15 +168,15 @@ def create_app(wm: WeightManager, api_key: str | None) -> FastAPI:
                    "fireworks-backend-host": f"{wm.deployment_id}-0",
                    "fireworks-prompt-tokens": str(len(req.prompt_ids)),
                    "fireworks-cached-prompt-tokens": "0"}
-        if wm.current_identity:
+        if wm.current_identity:   # informative: what was served when the request arrived
             headers["fireworks-snapshot-identity"] = wm.current_identity
         token_text = wm.engine.token_text
 
         def choice_final(s: Sequence) -> dict:
             c = {"index": s.index, "text": echo_text(s, wm.tokenizer) + s.text,
                  "finish_reason": s.finish_reason}
-            if s.params.logprobs:
-                c["logprobs"] = {"content": logprob_entries(s.echo + s.output, token_text)}
+            c["logprobs"] = ({"content": logprob_entries(s.echo + s.output, token_text)}
+                             if s.params.logprobs else None)
             if req.raw_output:
                 c["raw_output"] = raw_output(s)
             return c

@@ -124,6 +124,18 @@ class WeightManager:
     # ---- startup ----------------------------------------------------------------------------------
     def start(self) -> None:
         self._lock.acquire()                   # held until startup is done: hot loads queue behind it
+        # While a restarted replica rebuilds its last snapshot it reports that identity with readiness
+        # false (stage "loading"), not null: WeightSyncer.check_deployment_state reads the identity
+        # without looking at readiness, and null would make a client think the replica lost it. If
+        # the restore fails the identity becomes null (stage "error").
+        try:
+            restoring = json.loads((self.dir / STATE_FILE).read_text()).get("identity")
+        except (OSError, ValueError, AttributeError):
+            restoring = None
+        if isinstance(restoring, str):
+            self.current_identity = restoring
+            self.loading_state = {"stage": "loading", "target_snapshot_identity": restoring,
+                                  "message": "restoring the last hot-loaded snapshot"}
         self._thread = threading.Thread(target=self._startup, name="weights-startup", daemon=True)
         self._thread.start()
 
@@ -159,6 +171,7 @@ class WeightManager:
         except Exception as e:  # the process stays up to report it; inference answers 503
             traceback.print_exc()
             self.startup_error = f"{type(e).__name__}: {e}"
+            self.current_identity = None
             self.loading_state = {"stage": "error", "target_snapshot_identity": None,
                                   "message": f"replica failed to start: {self.startup_error}"}
         finally:
@@ -173,6 +186,7 @@ class WeightManager:
             state = json.loads(path.read_text())
             identity, chain = state["identity"], state["chain"]
         except (OSError, ValueError, KeyError, TypeError) as e:
+            self.current_identity = None
             self.loading_state = {"stage": "error", "target_snapshot_identity": None,
                                   "message": f"unreadable {path}: {e}; serving the base model"}
             return None
@@ -183,6 +197,7 @@ class WeightManager:
         except Exception as e:
             traceback.print_exc()
             self.spare = copy.deepcopy(self.model)              # a failed LoRA merge may leave it modified
+            self.current_identity = None
             self.loading_state = {"stage": "error", "target_snapshot_identity": identity,
                                   "message": f"could not restore snapshot {identity!r} after a restart "
                                              f"({type(e).__name__}: {e}); serving the base model, "
