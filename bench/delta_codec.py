@@ -11,7 +11,8 @@ deltas prints, measured side by side in one run on one thread (torch.set_num_thr
   (why differences); encode and decode MB/s of raw bf16 bytes for both (best of `repeats`, per
   CPU-second of the one thread: the machine is shared, so wall time would measure the neighbours).
 
-Both decoders return new bf16 tensors; workbench's also verifies every tensor's adler32, plain does not.
+Both decoders return new bf16 tensors; workbench's also verifies every tensor's adler32, plain does
+not, so a third decode column times plain plus that same check (the like-for-like cost).
 The output is the markdown table docs/delta-format.md quotes. Takes about a minute.
 """
 
@@ -69,6 +70,19 @@ def plain_decode(blob: bytes, old: dict) -> dict:
     return out
 
 
+def plain_decode_checked(blob: bytes, old: dict, checksums: dict) -> dict:
+    """plain_decode plus the per-tensor adler32 check workbench's decoder always does: the like-for-like cost."""
+    import zlib
+
+    from workbench.checkpoints.delta_codec import bf16_bits
+
+    out = plain_decode(blob, old)
+    for name, t in out.items():
+        if zlib.adler32(bf16_bits(t)) != checksums[name]:
+            raise ValueError(f"{name}: checksum mismatch")
+    return out
+
+
 def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
     """Run each function `repeats` times, alternating between them so machine noise hits all alike.
 
@@ -98,8 +112,10 @@ def measure(new: dict, old: dict, repeats: int) -> dict:
     raw = sum(t.numel() * 2 for t in new.values())
     blobs, enc = best_times({"wb": lambda: delta_codec.encode(new, old, "prev"),
                              "plain": lambda: plain_encode(new, old)}, repeats)
+    checksums = {rec["name"]: rec["adler32"] for rec in delta_codec.read_header(blobs["wb"])["tensors"]}
     outs, dec = best_times({"wb": lambda: delta_codec.decode(blobs["wb"], old, "prev"),
-                            "plain": lambda: plain_decode(blobs["plain"], old)}, repeats)
+                            "plain": lambda: plain_decode(blobs["plain"], old),
+                            "plain_checked": lambda: plain_decode_checked(blobs["plain"], old, checksums)}, repeats)
     assert same_bits(outs["wb"], new), "workbench delta did not reconstruct bit for bit"
     assert same_bits(outs["plain"], new), "plain XOR delta did not reconstruct bit for bit"
     blob = blobs["wb"]
@@ -113,6 +129,7 @@ def measure(new: dict, old: dict, repeats: int) -> dict:
         "wb": len(blob), "plain": len(blobs["plain"]), "wb_xor": len(xor_values),
         "wb_enc": raw / enc["wb"] / 1e6, "wb_dec": raw / dec["wb"] / 1e6,
         "plain_enc": raw / enc["plain"] / 1e6, "plain_dec": raw / dec["plain"] / 1e6,
+        "plain_checked_dec": raw / dec["plain_checked"] / 1e6,
         "layouts": layouts,
     }
 
@@ -144,13 +161,13 @@ def main() -> None:
           f"snapshots after step {args.warmup}; one thread, MB/s per CPU-second; best of {args.repeats}; "
           f"{time.perf_counter() - started:.0f} s in all\n")
     print("| lr | delta | changed | raw bf16 | workbench | ratio | plain XOR+zstd-1 | ratio | workbench vs plain "
-          "| XOR values instead | encode MB/s wb / plain | decode MB/s wb / plain |")
+          "| XOR values instead | encode MB/s wb / plain | decode MB/s wb / plain / plain+adler32 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lr, label, m in rows:
         print(f"| {lr:g} | {label} | {m['changed']:.1%} | {kb(m['raw'])} | {kb(m['wb'])} | {m['raw'] / m['wb']:.1f}x "
               f"| {kb(m['plain'])} | {m['raw'] / m['plain']:.1f}x | **{m['plain'] / m['wb']:.2f}x** "
               f"| {m['plain'] / m['wb_xor']:.2f}x | {m['wb_enc']:.0f} / {m['plain_enc']:.0f} "
-              f"| {m['wb_dec']:.0f} / {m['plain_dec']:.0f} |")
+              f"| {m['wb_dec']:.0f} / {m['plain_dec']:.0f} / {m['plain_checked_dec']:.0f} |")
     print("\nlayouts chosen (tensors per layout):")
     for lr, label, m in rows:
         print(f"  lr {lr:g}, {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(m["layouts"].items())))

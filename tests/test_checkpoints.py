@@ -394,14 +394,17 @@ def test_list_checkpoints_oldest_first_by_created_time(tmp_path, model, model_di
     ck.save_sampler_base(job / "sampler" / "c-middle", ck.bf16_state(model), model_dir,
                          {"created_time": now + 1, "expire_time": now + 3600})
     ck.save_train_state(job / "checkpoints" / "d-first", model, None, {"created_time": now})
+    # A whole second must still print six fractional digits, or string order breaks.
+    ck.save_train_state(job / "checkpoints" / "e-whole-second", model, None, {"created_time": float(int(now) - 5)})
     (job / "checkpoints" / "uncommitted").mkdir()  # no manifest: not a checkpoint
     rows = ck.list_checkpoints(job)
-    assert [row["id"] for row in rows] == ["d-first", "b-early", "c-middle", "a-late"]
+    assert [row["id"] for row in rows] == ["e-whole-second", "d-first", "b-early", "c-middle", "a-late"]
+    assert rows[0]["createTime"].endswith(".000000Z")
     stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
     assert all(stamp.match(row["createTime"]) and row["updateTime"] == row["createTime"] for row in rows)
     assert sorted(row["createTime"] for row in rows) == [row["createTime"] for row in rows]
-    assert rows[0]["createTime"] != rows[1]["createTime"]
-    middle = rows[2]
+    assert rows[1]["createTime"] != rows[2]["createTime"]
+    middle = rows[3]
     assert middle["path"] == str(job / "sampler" / "c-middle") and middle["expire_time"] == pytest.approx(now + 3600)
     assert middle["manifest"]["kind"] == "sampler" and middle["promotable"] and not middle["resumable"]
-    assert rows[0]["expire_time"] is None and rows[0]["created_time"] == now
+    assert rows[1]["expire_time"] is None and rows[1]["created_time"] == now

@@ -4,7 +4,6 @@ under concurrent sampling. (The HTTP/SDK side of hot loads is in test_deployment
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest

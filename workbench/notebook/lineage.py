@@ -152,6 +152,15 @@ class LineageStore:
             self._pending_steps.clear()
             self._pending_metrics.clear()
 
+    def truncate_after(self, job_id: str, step: int) -> int:
+        """Forget the steps of `job_id` after `step` (they were rolled back by loading earlier train state,
+        and will be logged again); returns how many steps were dropped. Checkpoints and evals stay."""
+        self.flush()
+        with self._lock:
+            n = self._db.execute("DELETE FROM steps WHERE job_id=? AND step>?", (job_id, int(step))).rowcount
+            self._db.execute("DELETE FROM metrics WHERE job_id=? AND step>?", (job_id, int(step)))
+        return n
+
     def record_checkpoint(self, job_id: str, checkpoint_id: str, *, kind: str, name: str | None = None,
                           requested_type: str | None = None, checkpoint_type: str | None = None,
                           promotable: bool | None = None, step: int | None = None,

@@ -318,10 +318,64 @@ class Run:
         self._state["backend"] = {"base_url": backend.base_url,
                                   "home": str(backend.home) if getattr(backend, "home", None) else None}
         self._state.setdefault("created", _now_iso())
+        if "recipe" in self._state:
+            self._adopt_recipe()
         self._save_state()
         job = self._state.get("trainer", {}).get("job_id")
         self.step: int = (self.store.last_step(job) or 0) if job else 0
         self.data_consumed: int | None = self.store.last_data_consumed(job) if job else None
+
+    # ---- a recipe's log_path ------------------------------------------------------------------------
+    def _adopt_recipe(self) -> None:
+        """This directory is a recipe's `log_path` (its run.json names the policy trainer): view that run.
+
+        The recipe's trainer becomes the run's trainer (`run.trainer()` reconnects to it), its
+        `metrics.jsonl` is imported into the lineage (steps, losses, data consumed) and its
+        `dataloader.json` gives each resumable checkpoint its data cursor. Re-opening re-imports."""
+        policy = (self._state.get("trainers") or {}).get("policy")
+        if not policy:
+            return
+        rec = self._state.get("trainer")
+        if not rec or rec.get("job_id") != policy:
+            if rec:
+                self._state.setdefault("past_trainers", []).append(rec)
+            self._state["trainer"] = {"job_id": policy, "job_name": None, "base_model": self._state.get("base_model"),
+                                      "lora_rank": self._state.get("lora_rank", 0), "learning_rate": None,
+                                      "training_shape": None, "created": "by the recipe", "owner": "recipe"}
+        self.import_recipe_metrics()
+
+    def import_recipe_metrics(self) -> int:
+        """(Re-)import a recipe's metrics.jsonl and dataloader.json into the lineage; returns the step count."""
+        job = self._state.get("trainer", {}).get("job_id")
+        if not job:
+            return 0
+        n = 0
+        metrics_file = self.path / "metrics.jsonl"
+        if metrics_file.exists():
+            for line in metrics_file.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                step = row.pop("step", None)
+                if step is None:
+                    continue
+                consumed = row.get("data_consumed")
+                values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                self.store.log_step(job, int(step), values, consumed if isinstance(consumed, int) else None)
+                n += 1
+            self.store.flush()
+        loader = self.path / "dataloader.json"
+        if loader.exists():
+            try:
+                cursors = json.loads(loader.read_text())
+            except json.JSONDecodeError:
+                cursors = {}
+            for name, consumed in cursors.items():
+                m = re.search(r"step-(\d+)$", name)
+                self.store.record_checkpoint(job, name, kind="state", requested_type="state",
+                                             step=int(m.group(1)) if m else None, data_consumed=consumed)
+        return n
 
     # ---- state ----------------------------------------------------------------------------------
     @property
@@ -466,6 +520,8 @@ class Run:
             self._save_state()
             created = True
             self.store.record_event("trainer_created", {"job_id": rec["job_id"]})
+        if not rec.get("job_name"):
+            rec["job_name"] = f"accounts/{self.account_id}/rlorTrainerJobs/{rec['job_id']}"
         t = Trainer(run=self, job_id=rec["job_id"], job_name=rec["job_name"], base_model=base_model,
                     lora_rank=lora_rank, learning_rate=rec.get("learning_rate", learning_rate),
                     training_shape=rec.get("training_shape"), created=created)
@@ -767,6 +823,9 @@ class Run:
         if ck and ck.get("step") is not None and source_job_id is None:
             self.step = int(ck["step"])
             self.data_consumed = ck.get("data_consumed")
+            dropped = self.store.truncate_after(t.job_id, self.step)  # those steps were rolled back
+            if dropped:
+                self.store.record_event("steps_rolled_back", {"after": self.step, "count": dropped})
         # the weights changed under the deployment's chain: the next sync must be a full base
         for d in self._deployments.values():
             if d._syncer is not None:

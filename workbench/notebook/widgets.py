@@ -60,6 +60,11 @@ def _img_html(png: bytes | None) -> str:
     return f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
 
 
+def _int(v):
+    v = _none(v)
+    return None if v is None else int(v)
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -134,6 +139,22 @@ class _View:
         data["text/html"] = self.html()
         return data
 
+    def _ipython_display_(self):
+        """Display with a display id, so `update_displays()` can refresh the saved text/html later (the live
+        widget updates itself; the static representations are what a saved notebook keeps)."""
+        from IPython.display import display
+
+        handle = display(self._repr_mimebundle_(), raw=True, display_id=True)
+        if handle is not None:
+            self.__dict__.setdefault("_handles", []).append(handle)
+
+    def update_displays(self) -> None:
+        handles = self.__dict__.get("_handles")
+        if handles:
+            bundle = self._repr_mimebundle_()
+            for h in handles:
+                h.update(bundle, raw=True)
+
     def __repr__(self) -> str:
         return self.text()
 
@@ -198,6 +219,7 @@ class CheckpointTable(_View):
         self.last_model = model
         self.status.value = (f"<div style='color:#1a7f37'>Promoted {html.escape(str(checkpoint))} to "
                              f"<code>{html.escape(model.get('name', output_model_id))}</code></div>")
+        self.update_displays()
         return model
 
     def html_table(self) -> str:
@@ -316,7 +338,7 @@ class LineageView(_View):
         for r in _records(self.frame):
             from .run import _short_type
 
-            out.append(f"step {_fmt(r['step'])} -> {r['checkpoint']} ({_short_type(r['checkpoint_type'])}) -> "
+            out.append(f"step {_fmt(_int(r['step']))} -> {r['checkpoint']} ({_short_type(r['checkpoint_type'])}) -> "
                        f"{r['deployment']} -> {r['eval']} = {_fmt(r['score'])} ({r['samples']} samples)")
         return out
 
@@ -346,7 +368,7 @@ class LineageView(_View):
     def _rows(self, df) -> list[list]:
         from .run import _short_type
 
-        return [[r["step"], r["data_consumed"], r["checkpoint"],
+        return [[_int(r["step"]), _int(r["data_consumed"]), r["checkpoint"],
                  _short_type(r["checkpoint_type"]) if r["checkpoint_type"] else "-",
                  {1: "yes", 0: "no"}.get(r["promotable"], "-"),
                  r["deployment"], r["eval"], r["score"], r["samples"]] for r in _records(df)]
@@ -357,6 +379,8 @@ class LineageView(_View):
         ax = fig.add_subplot(111)
         lanes = {"eval": 3, "deployment": 2, "checkpoint": 1, "training": 0}
         steps, losses = self.run.store.metric_series("loss", self.run.job_id)
+        if not steps:
+            steps, losses = self.run.store.metric_series("train/loss", self.run.job_id)
         if steps:
             lo, hi = min(losses), max(losses)
             span = (hi - lo) or 1.0
@@ -419,6 +443,8 @@ class TrainingMonitor(_View):
 
     def __init__(self, run: "Run", total: int | None = None, metric: str = "loss", redraw_s: float = 1.0,
                  max_draw_fraction: float = 0.05):
+        if metric == "loss" and not run.store.metric_series("loss")[0] and run.store.metric_series("train/loss")[0]:
+            metric = "train/loss"  # a recipe's run
         self.run, self.metric, self.total = run, metric, total
         self.redraw_s, self.max_draw_fraction = redraw_s, max_draw_fraction
         self.header = W.HTML()
@@ -494,6 +520,7 @@ class TrainingMonitor(_View):
                 signal.signal(signal.SIGINT, previous)
             self.run.store.flush()
             self.refresh()
+            self.update_displays()
 
     def _on_sigint(self, signum, frame):
         if self._stop_requested:

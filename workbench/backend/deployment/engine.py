@@ -560,6 +560,8 @@ class Engine:
         self.runner.model = model
 
     def _loop(self) -> None:
+        from .weights import set_torch_threads
+        set_torch_threads()                    # OpenMP thread counts are per OS thread
         while True:
             with self.cond:
                 if not (self._stop or self.waiting or self.active or self._swap):

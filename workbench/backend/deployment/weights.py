@@ -81,6 +81,17 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # atomic: a killed process leaves the old or the new file, never half of one
 
 
+def set_torch_threads() -> None:
+    """One intra-op thread by default (WORKBENCH_TORCH_THREADS): the replica shares two cores with its
+    own event loop, the trainer and the notebook, and OpenMP workers spin-waiting on busy cores made a
+    batch-16 linear 7x slower than single-threaded here (measured; see bench/sampling.py). OpenMP's
+    thread count is per OS thread, so every thread that runs torch work calls this."""
+    import torch
+    n = int(os.environ.get("WORKBENCH_TORCH_THREADS", "1"))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def bf16_round_(model) -> None:
     """Round every parameter to bf16 precision in place (kept in fp32)."""
     import torch
@@ -145,10 +156,7 @@ class WeightManager:
             from workbench import models
             from .engine import Engine
 
-            # One intra-op thread by default: the replica shares two cores with its own event loop,
-            # the trainer and the notebook, and OpenMP workers spin-waiting on busy cores made a
-            # batch-16 linear 7x slower than single-threaded here (measured; see bench/sampling.py).
-            torch.set_num_threads(int(os.environ.get("WORKBENCH_TORCH_THREADS", "1")))
+            set_torch_threads()
 
             self.tokenizer = models.load_tokenizer(self.base_model)
             model = models.load_model(self.base_model).eval()
@@ -251,6 +259,7 @@ class WeightManager:
         """Load snapshot `identity` and swap it in; blocks until done. Raises HotloadError."""
         identity = _check_identity(identity)
         meta = _check_metadata(metadata)
+        set_torch_threads()                    # runs in a server executor thread
         with self._state_lock:
             if self._lock.locked():
                 self.loading_state = {"stage": "pending", "target_snapshot_identity": identity}
