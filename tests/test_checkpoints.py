@@ -17,7 +17,7 @@ import torch
 
 from workbench import checkpoints as ck
 from workbench import models
-from workbench.checkpoints import delta_codec, sampler, staging, train_state
+from workbench.checkpoints import sampler, staging, train_state
 
 # Single-process DCP warns on every call by design (see train_state.py, which filters it outside pytest).
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -213,7 +213,8 @@ def test_scale_to_zero_and_back(backend, loop):
     assert deploy_mgr.hotload_check_status(DEPLOYMENT, TINY)["replicas"] == []
     dep = backend.get(f"/v1/accounts/workbench/deployments/{DEPLOYMENT}").json()
     assert dep["baseModel"] == TINY and dep["maxReplicaCount"] == 0  # record kept, fields merged
-    deploy_mgr.update(DEPLOYMENT, {"minReplicaCount": 1, "maxReplicaCount": 1})
+    deploy_mgr.update(DEPLOYMENT, {"minReplicaCount": 1, "maxReplicaCount": 1},
+                      update_mask=["min_replica_count", "max_replica_count"])
     deploy_mgr.wait_for_ready(DEPLOYMENT, poll_interval_s=1)
     assert tracker.check_deployment_state() == before
 

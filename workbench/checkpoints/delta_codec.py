@@ -26,7 +26,7 @@ Why packed codes rather than a changed-element bitmap + values: zstd's Huffman s
 (or 2) elements per byte symbol, and decoding is one table lookup per byte (8% smaller, ~2x faster).
 
 Why a hand-written container rather than safetensors: on the ~5M test model a sparse delta is
-~80 KB, and a safetensors header listing every section was ~25 KB; here the header is zstd'd (~3 KB).
+~80 KB, and a safetensors header listing every section was ~25 KB; here the header is zstd'd (~1.5 KB).
 
 Decoding is single-threaded numpy/torch, streamed in chunks through reused scratch buffers (big
 temporary allocations cost more than the arithmetic on this VM), and verifies each tensor's adler32

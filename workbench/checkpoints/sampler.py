@@ -46,7 +46,6 @@ from .staging import staged_checkpoint
 BASE_FILE = "model.safetensors"
 DELTA_FILE = "delta.wbd"
 ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 # Files copied from the base model's directory so a base/LoRA snapshot is a complete HF directory.
 _TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",

@@ -751,7 +751,14 @@ class Run:
         t = self._require_trainer()
         d = self._get_deployment(deployment)
         syncer = self.syncer(d)
-        name = name or f"step-{self.step:05d}"
+        used = d.__dict__.setdefault("_names", {}).setdefault(id(t.sdk_client), set())
+        if name is None:
+            name, n = f"step-{self.step:05d}", 2
+            while name in used:  # synced twice at the same step: keep snapshot names unique in this session
+                name, n = f"step-{self.step:05d}-{n}", n + 1
+        elif name in used:
+            raise ValueError(f"a snapshot named {name!r} was already saved in this session (as {name}-<session>); "
+                             "pick another name")
         if syncer.base_identity is not None:
             held = d.current_snapshot()
             if held != syncer.base_identity:
@@ -775,6 +782,7 @@ class Run:
             raise RuntimeError(f"sync of {name!r} to deployment {d.deployment_id} failed: {e}\n"
                                "The deployment keeps serving its previous snapshot; the next sync will be a "
                                "full base load.") from e
+        used.add(name)
         if not snapshot:
             raise RuntimeError(f"sync of {name!r} returned no snapshot")
         duration = time.time() - t0
