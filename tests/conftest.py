@@ -67,11 +67,12 @@ class Backend:
         return [int(p) for p in out.split()]
 
 
-def start_backend(home: Path) -> Backend:
+def start_backend(home: Path, env: dict | None = None) -> Backend:
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "serve.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--port", "0"],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, WORKBENCH_HOME=str(home)))
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, WORKBENCH_HOME=str(home), **(env or {})))
     deadline = time.time() + 60
     while time.time() < deadline:
         info_file = home / "server.json"

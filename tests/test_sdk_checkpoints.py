@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -290,3 +291,46 @@ def test_ttl_checkpoint_disappears(backend, full_job):
     assert not (backend.home / "jobs" / job_id / "sampler" / snap).exists()
     assert not (backend.home / "jobs" / job_id / "checkpoints" / "short-state").exists()
     assert "short-state" not in client.list_checkpoints()
+
+
+def test_trainer_killed_mid_save_leaves_no_listed_partial(tmp_path):
+    """SIGKILL the trainer while a save_state is written but not committed: nothing partial is listed."""
+    import subprocess
+    import signal as sig
+
+    from conftest import start_backend, stop_backend
+    from workbench.checkpoints.staging import FAULT_STALL_ENV
+
+    backend = start_backend(tmp_path / "home", env={FAULT_STALL_ENV: "30"})
+    try:
+        job_id, endpoint, service, client = start_job(backend)
+        future = client.save_state("interrupted")  # the POST returns at once; the save stalls before commit
+        ckpt_root = backend.home / "jobs" / job_id / "checkpoints"
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(ckpt_root.glob(".tmp-interrupted-*/*")):
+            time.sleep(0.1)
+        assert list(ckpt_root.glob(".tmp-interrupted-*/*")), "the save never started writing"
+        pid = int(subprocess.run(["pgrep", "-f", f"workbench.backend.trainer --job-dir {backend.home}/jobs/{job_id}"],
+                                 capture_output=True, text=True).stdout.split()[0])
+        os.kill(pid, sig.SIGKILL)
+        del future
+        ids = [r["name"].split("/")[-1] for r in rows(backend, job_id)]
+        assert "interrupted" not in ids
+        assert not (ckpt_root / "interrupted").exists()
+        mgr = backend.trainer_manager()
+        deadline = time.time() + 30
+        while mgr.get(job_id)["state"] != "JOB_STATE_FAILED" and time.time() < deadline:
+            time.sleep(0.2)
+        endpoint = mgr.reconnect_and_wait(job_id, timeout_s=300)
+        from fireworks.training.sdk import FiretitanServiceClient
+
+        service2 = FiretitanServiceClient(base_url=endpoint.base_url, api_key=backend.api_key)
+        client2 = service2.create_training_client(base_model=TINY, lora_rank=0)
+        assert "interrupted" not in client2.list_checkpoints()
+        with pytest.raises(Exception) as info:
+            client2.load_state("interrupted").result()
+        assert "interrupted" in str(info.value)
+        assert not list(ckpt_root.glob(".tmp-*"))  # the restarted trainer cleaned up the leftover
+        service2.close()
+    finally:
+        stop_backend(backend)

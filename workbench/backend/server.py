@@ -34,7 +34,9 @@ def serve_foreground(home: Path, host: str = "127.0.0.1", port: int = 0, log_lev
         raise SystemExit(f"a workbench backend already runs for {home} at {info['base_url']} (pid {info['pid']}); "
                          "use `workbench stop` first")
     api_key = ensure_api_key(home)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
+    # every keep-alive response waits ~40 ms for the client\'s delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]

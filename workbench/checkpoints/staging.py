@@ -27,6 +27,9 @@ from pathlib import Path
 from .manifest import write_manifest
 
 TMP_PREFIX = ".tmp-"
+# Test hook: seconds to stall between writing a checkpoint's data and committing it, so a crash test
+# can kill the writer inside that window. Unset (the default) costs nothing.
+FAULT_STALL_ENV = "WORKBENCH_FAULT_STALL_BEFORE_COMMIT_S"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,6 +65,9 @@ def staged_checkpoint(dest: Path, meta: dict):
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-", dir=dest.parent))
     try:
         yield tmp
+        stall = float(os.environ.get(FAULT_STALL_ENV) or 0)
+        if stall > 0:  # fault injection for crash tests: data written, not yet committed
+            time.sleep(stall)
         write_manifest(tmp, complete_meta(dest, meta))
         _fsync_dir(tmp)
         if dest.exists():  # created while we were writing; os.rename would replace an empty dir

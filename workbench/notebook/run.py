@@ -390,8 +390,18 @@ class Run:
             return state
         return {"format": RUN_FORMAT, "name": self.path.name, "deployments": {}, "past_trainers": []}
 
+    _OWN_KEYS = ("format", "name", "created", "backend", "trainer", "past_trainers", "deployments")
+
     def _save_state(self) -> None:
-        _write_json_atomic(self.state_file, self._state)
+        """Write this layer's keys into run.json, keeping any others (a recipe's, when run_dir is its log_path)."""
+        current = {}
+        if self.state_file.exists():
+            try:
+                current = json.loads(self.state_file.read_text())
+            except json.JSONDecodeError:
+                current = {}
+        current.update({k: self._state[k] for k in self._OWN_KEYS if k in self._state})
+        _write_json_atomic(self.state_file, current)
 
     @property
     def info(self) -> dict:
@@ -1328,12 +1338,15 @@ def open_run(run_dir: str | os.PathLike, base_url: str | None = None, api_key: s
     path = Path(run_dir).expanduser().resolve()
     with _OPEN_LOCK:
         existing = _OPEN_RUNS.get(path)
-    if existing is not None and not existing._closed and base_url is None and home is None:
-        return existing
-    recorded = {}
+    recorded, is_recipe = {}, False
     state_file = path / RUN_FILE
     if state_file.exists():
-        recorded = json.loads(state_file.read_text()).get("backend") or {}
+        data = json.loads(state_file.read_text())
+        recorded, is_recipe = data.get("backend") or {}, "recipe" in data
+    if existing is not None and not existing._closed and base_url is None and home is None:
+        if not is_recipe:
+            return existing
+        existing.close()  # a recipe's log_path changes under us: read it again
     if base_url:
         backend = connect(base_url=base_url, api_key=api_key or os.environ.get("FIREWORKS_API_KEY"))
     elif home is not None:

@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     api_key = os.environ.get("WORKBENCH_API_KEY") or None
     if api_key is None:
-        print("deployment replica: WORKBENCH_API_KEY is not set; requests are not authenticated",
-              file=sys.stderr)
+        # Never serve unauthenticated, even on loopback: any local user could hot-load or sample.
+        print("deployment replica: WORKBENCH_API_KEY is not set; refusing to start unauthenticated", file=sys.stderr)
+        return 2
     wm = WeightManager(ddir, config, deliver=make_deliver())
     app = create_app(wm, api_key)
 

@@ -66,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     job = JobConfig.load(args.job_dir / "job.json")
     api_key = os.environ.get("WORKBENCH_API_KEY") or None
     if api_key is None:
-        log.warning("WORKBENCH_API_KEY is not set: the trainer accepts unauthenticated requests")
+        # Never serve unauthenticated, even on loopback: any local user could drive the trainer.
+        log.error("WORKBENCH_API_KEY is not set; refusing to start an unauthenticated trainer")
+        return 2
+    # A crash mid-save (kill -9) can leave staging directories behind; they were never listed.
+    from workbench.checkpoints import cleanup_partial
+
+    for root in (args.job_dir / "checkpoints", args.job_dir / "sampler"):
+        cleanup_partial(root)
 
     log.info("job %s: loading %s (lora_rank=%d)", job.job_id, job.base_model, job.lora_rank)
     try:
@@ -81,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, api_key,
                      long_poll_s=float(os.environ.get("WORKBENCH_TRAINER_LONG_POLL_S") or 20.0))
 
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
+    # every keep-alive response waits ~40 ms for the client\'s delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, 0))
     port = sock.getsockname()[1]
