@@ -33,11 +33,13 @@ def make_datums(n: int = 8, length: int = 24, seed: int = 0) -> list[tinker.Datu
     return datums
 
 
-def local_logprobs(model, datum) -> torch.Tensor:
-    tokens = torch.tensor(datum.model_input.to_ints()).unsqueeze(0)
-    targets = torch.tensor(datum.loss_fn_inputs["target_tokens"].data)
-    logits = model(input_ids=tokens).logits[0].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def local_logprobs(model, datums) -> list[torch.Tensor]:
+    """Per-datum target logprobs from ONE batched forward of equal-length datums (what the trainer runs)."""
+    tokens = torch.tensor([d.model_input.to_ints() for d in datums])
+    targets = torch.tensor([d.loss_fn_inputs["target_tokens"].data for d in datums])
+    logits = model(input_ids=tokens).logits.float()
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return list(lp)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_custom_loss_gradients_and_adamw_match_in_process(backend, trainer):
         result = client.forward_backward_custom(data, custom_loss).result()
         client.optim_step(tinker.AdamParams(**params)).result()
         opt.zero_grad()
-        loss, _ = custom_loss(data, [local_logprobs(local, d) for d in data])
+        loss, _ = custom_loss(data, local_logprobs(local, data))
         loss.backward()
         opt.step()
         assert abs(result.metrics["custom"] - float(loss)) < 1e-4
@@ -146,7 +148,7 @@ def test_gradients_match_in_process_autograd(backend, trainer):
     client.forward_backward_custom(data, custom_loss).result()
     eps = 1e6
     client.optim_step(tinker.AdamParams(learning_rate=eps, beta1=0.0, beta2=0.0, eps=eps, weight_decay=0.0)).result()
-    loss, _ = custom_loss(data, [local_logprobs(local, d) for d in data])
+    loss, _ = custom_loss(data, local_logprobs(local, data))
     loss.backward()
     after = _server_weights(backend, created.job_id, client, "grad-after")
     worst = 0.0

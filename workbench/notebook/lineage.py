@@ -282,7 +282,7 @@ class LineageStore:
             return steps
         wide = long.pivot_table(index=["job_id", "step"], columns="name", values="value", aggfunc="last")
         wide.columns.name = None
-        wide = wide.reset_index()
+        wide = wide.drop(columns=[c for c in ("time", "data_consumed") if c in wide.columns]).reset_index()
         return pd.merge(steps, wide, on=["job_id", "step"], how="outer").sort_values("step").reset_index(drop=True)
 
     def checkpoints(self, job_id: str | None = None):

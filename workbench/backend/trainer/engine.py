@@ -43,12 +43,12 @@ from . import losses
 
 log = logging.getLogger("workbench.trainer.engine")
 
-# Requests of up to this many datums run datum by datum (one forward + backward each): the arithmetic
-# is then exactly that of a plain per-datum torch loop on the same model, so results and optimizer steps
-# match such a reference to float rounding. (Batching rows changes the matmul blocking, which shifts
-# gradients by ~1e-7 relative; Adam's normalization can amplify that into visible weight differences.)
-# Larger requests (RL batches, big SFT chunks) are micro-batched by length for throughput.
-DEFAULT_EXACT_MAX_DATUMS = 64
+# Datums of equal length run together in one micro-batch (no padding, so the result is that of a
+# plain batched torch step on the same rows). A positive WORKBENCH_TRAINER_EXACT_DATUMS makes requests
+# of up to that many datums run datum by datum instead, matching a per-datum reference loop to float
+# rounding (batching changes matmul blocking: ~1e-7 relative in gradients) at a large cost in speed:
+# a batch of 16 x 128 tokens takes ~2x longer one row at a time on these CPUs.
+DEFAULT_EXACT_MAX_DATUMS = 0
 # Upper bound on the logits a micro-batch may materialize (B * T * V fp32 values): keeps the peak
 # memory flat for large vocabularies.
 _MAX_LOGIT_BYTES = 256 * 1024 * 1024
