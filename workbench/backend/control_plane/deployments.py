@@ -12,7 +12,6 @@ and scaling up again restarts it on its last good snapshot.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 
 from fastapi import APIRouter, Request
@@ -21,7 +20,7 @@ from workbench.models import ModelNotFoundError, local_path
 
 from .app import ControlPlane, read_body_json, rfc3339
 from .errors import ApiError, require
-from .jobs import ID_RE, SETTLE_WAIT_S, check_account
+from .jobs import ID_RE, check_account, settled
 
 router = APIRouter()
 
@@ -126,13 +125,7 @@ async def list_deployments(request: Request, account: str) -> dict:
 async def get_deployment(request: Request, account: str, deployment_id: str) -> dict:
     cp = _cp(request)
     check_account(cp, account)
-    dep = _get(cp, deployment_id)
-    waited = 0.0
-    while dep["state"] == "CREATING" and waited < SETTLE_WAIT_S:
-        await asyncio.sleep(0.1)
-        waited += 0.1
-        dep = _get(cp, deployment_id)
-    return dep
+    return await settled(lambda: _get(cp, deployment_id), "CREATING")
 
 
 @router.patch("/v1/accounts/{account}/deployments/{deployment_id}")

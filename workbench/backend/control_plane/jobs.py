@@ -149,13 +149,22 @@ async def list_jobs(request: Request, account: str) -> dict:
 async def get_job(request: Request, account: str, job_id: str) -> dict:
     cp = _cp(request)
     check_account(cp, account)
-    job = _get_job(cp, job_id)
+    return await settled(lambda: _get_job(cp, job_id), "JOB_STATE_CREATING")
+
+
+async def settled(get, transitional_state: str) -> dict:
+    """`get()` once the resource leaves `transitional_state`, or after SETTLE_WAIT_S.
+
+    Holding the GET briefly lets the SDK's wait loops (5-15 s poll intervals) see READY/RUNNING on
+    their first poll instead of sleeping a whole interval; the client's GET timeout is 30 s.
+    """
+    resource = get()
     waited = 0.0
-    while job["state"] == "JOB_STATE_CREATING" and waited < SETTLE_WAIT_S:
+    while resource["state"] == transitional_state and waited < SETTLE_WAIT_S:
         await asyncio.sleep(0.1)
         waited += 0.1
-        job = _get_job(cp, job_id)
-    return job
+        resource = get()
+    return resource
 
 
 def _get_job(cp: ControlPlane, job_id: str) -> dict:
