@@ -47,6 +47,15 @@ print(json.dumps({{"snapshot": snap, "type": rows[snap]["type"], "held": deploym
                   "probe": client.forward(data, "cross_entropy").result().metrics["loss:sum"]}}))
 """
 
+SPY = """
+sent = []
+_hotload = run.deployment_manager.hotload
+def _spy(*args, **kwargs):
+    sent.append([kwargs.get("snapshot_identity"), kwargs.get("incremental_snapshot_metadata")])
+    return _hotload(*args, **kwargs)
+run.deployment_manager.hotload = _spy
+"""
+
 HISTORY = """
 print(json.dumps({"steps": run.store.metric_series("loss")[0], "evals": len(run.store.evaluations()),
                   "hotloads": list(run.store.hotloads()["checkpoint_type"]), "step": run.step,
@@ -143,14 +152,58 @@ def test_same_cell_after_kernel_restart_reconnects(backend, kernel, tmp_path):
     assert history["steps"] == [1, 2, 3, 4] and history["evals"] == 1 and history["hotloads"] == ["base"]
     assert history["probe"] == pytest.approx(trained["probe"], rel=1e-5)  # the trainer kept its weights
 
-    # 3. the delta chain: a new session's first sync is a full base load, the next one a delta on top of it
+    # 3. the delta chain: a new session's first sync is a full base load, the next one a delta on top of it.
+    # Record what the SDK's WeightSyncer actually sends to the deployment (DeploymentManager.hotload).
+    spy = _execute(kc, SPY)
+    assert spy["status"] == "ok", spy
     resumed = _json_line(_execute(kc, TRAIN.format(last=5, name="after-restart")))
     assert resumed["type"] == "base" and resumed["held"] == resumed["snapshot"] == resumed["eval_snapshot"]
     assert resumed["snapshot"].startswith("after-restart-") and resumed["step"] == 5
     delta = _json_line(_execute(kc, TRAIN.format(last=6, name="delta-after-restart")))
     assert delta["type"] == "delta" and delta["held"] == delta["snapshot"] == delta["eval_snapshot"]
+    sent = _json_line(_execute(kc, "print(json.dumps({'sent': sent}))"))["sent"]
+    assert sent[0] == [resumed["snapshot"], None]  # the first load after the restart is a full one
+    assert sent[1] == [delta["snapshot"], {"previous_snapshot_identity": resumed["snapshot"],
+                                           "compression_format": "arc_v2", "checksum_format": "alder32"}]
     final = _json_line(_execute(kc, HISTORY))
     assert final["steps"] == [1, 2, 3, 4, 5, 6] and final["evals"] == 3
     assert final["hotloads"] == ["base", "base", "delta"]
     assert _listing(backend) == ([before["job_id"]], [DEP])
     assert sorted(backend.children()) == processes
+
+
+def test_reopen_resumes_a_stopped_trainer(backend, tmp_path, capsys):
+    """The trainer process died (FAILED): opening the run again resumes the same job (reconnect_and_wait)."""
+    import os
+    import signal
+    import subprocess
+
+    import workbench as wb
+
+    run = wb.open(tmp_path / "run2", home=backend.home)
+    trainer = run.trainer(base_model=TINY, wait=True)
+    run.log(1, loss=1.0)
+    job_id = trainer.job_id
+    pids = subprocess.run(["pgrep", "-f", f"workbench.backend.trainer --job-dir {backend.home}/jobs/{job_id}"],
+                          capture_output=True, text=True).stdout.split()
+    assert pids
+    os.kill(int(pids[0]), signal.SIGKILL)
+    deadline = time.time() + 30
+    while run.trainer_manager.get(job_id)["state"] != "JOB_STATE_FAILED" and time.time() < deadline:
+        time.sleep(0.2)
+    assert run.trainer_manager.get(job_id)["state"] == "JOB_STATE_FAILED"
+    run.close()
+
+    run = wb.open(tmp_path / "run2")            # the recorded backend, no home= needed
+    trainer = run.trainer(base_model=TINY, wait=True)
+    assert trainer.job_id == job_id and not trainer.created and trainer.resumed_from == "JOB_STATE_FAILED"
+    assert run.trainer_manager.get(job_id)["state"] == "JOB_STATE_RUNNING"
+    assert "has been resumed" in capsys.readouterr().out
+    from workbench.notebook.data import COLORS, sft_datums
+
+    fwd = trainer.client.forward(sft_datums(run.tokenizer, COLORS[:2]), "cross_entropy").result()
+    assert fwd.metrics["loss:sum"] > 0  # the resumed trainer trains again
+    jobs, _ = _listing(backend)
+    assert jobs.count(job_id) == 1
+    assert list(run.store.events()["kind"]).count("trainer_resumed") == 1
+    run.close()

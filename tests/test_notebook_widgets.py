@@ -100,6 +100,8 @@ def test_checkpoint_table_rows_and_promote(trained, backend):
     assert "Promoted" in status.value
     assert backend.get("/v1/accounts/workbench/models/colors-v1").status_code == 200
     assert list(run.store.promotions()["checkpoint_id"]) == [base_snap]
+    assert next(r for r in table.rows if r["checkpoint_id"] == base_snap)["promoted_to"] == "colors-v1"
+    assert "colors-v1" in html_table.value
 
 
 def test_eval_chart_and_lineage(trained):

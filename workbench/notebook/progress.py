@@ -72,6 +72,12 @@ class ProgressLines:
             print(self._line(name), flush=True)
         self._refresh(force=True)
 
+    def interrupt(self, elapsed: float | None = None) -> None:
+        """Mark every line that is not done as interrupted (idempotent)."""
+        for n in self.names:
+            if not self.state[n]["done"]:
+                self.done(n, "interrupted", elapsed, ok=False)
+
     def _refresh(self, force: bool = False) -> None:
         now = time.monotonic()
         if self._handle is None or (not force and now - self._last < self.min_interval):
@@ -125,10 +131,10 @@ def wait_all(calls: dict[str, Callable[[], object]], lines: ProgressLines,
 
     threads = {n: threading.Thread(target=runner, args=(n, fn), name=f"workbench-wait-{n}", daemon=True)
                for n, fn in calls.items()}
-    for t in threads.values():
-        t.start()
     reported: set[str] = set()
     try:
+        for t in threads.values():
+            t.start()
         while True:
             for n in calls:
                 if n in finished and n not in reported:
@@ -147,11 +153,10 @@ def wait_all(calls: dict[str, Callable[[], object]], lines: ProgressLines,
             time.sleep(poll)
     except KeyboardInterrupt:
         cancel.set()
-        for n in calls:
-            if n not in reported:
-                lines.done(n, "interrupted", time.monotonic() - start, ok=False)
+        lines.interrupt(time.monotonic() - start)
         for t in threads.values():
-            t.join(timeout=2.0)
+            if t.is_alive():
+                t.join(timeout=2.0)
         raise
     real_errors = {n: e for n, e in errors.items() if not isinstance(e, WaitCancelled)}
     if real_errors:

@@ -128,7 +128,7 @@ def _short_state(state: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class Trainer:
     """The run's trainer job: the official SDK objects plus workbench's extensions.
 
@@ -189,7 +189,7 @@ class Trainer:
                 f"{ready}, {self._label()})")
 
 
-@dataclass
+@dataclass(eq=False)
 class Deployment:
     """One of the run's deployments: the SDK's `DeploymentManager` and `DeploymentInfo`, plus helpers."""
 
@@ -674,7 +674,28 @@ class Run:
             return
         cancel = threading.Event()
         status: dict[str, str] = {}
-        lines = ProgressLines([self._line_name(x) for x in pending])
+        lines = None
+        try:
+            lines = ProgressLines([self._line_name(x) for x in pending])
+            self._wait_lines(pending, lines, cancel, status)
+        except KeyboardInterrupt:
+            cancel.set()
+            if lines is not None:
+                lines.interrupt()
+            raise
+        for x in pending:
+            x._pending = None
+            if isinstance(x, Trainer) and x.resumed_from:
+                ck = self.store._rows("SELECT checkpoint_id, step FROM checkpoints WHERE job_id=? AND kind='state' "
+                                      "ORDER BY created DESC LIMIT 1", (x.job_id,))
+                hint = (f"run.load_state('{ck[0]['checkpoint_id']}') continues from step {ck[0]['step']}" if ck
+                        else "no train state was saved, so training starts over from the base weights")
+                print(f"note: trainer job {x.job_id} was {_short_state(x.resumed_from)} and has been resumed; its "
+                      f"process restarted, so it holds the weights it restarted with, not necessarily those of "
+                      f"step {self.step} (the run's last logged step): {hint}.")
+                self.store.record_event("trainer_resumed", {"job_id": x.job_id, "from": x.resumed_from})
+
+    def _wait_lines(self, pending: list, lines: ProgressLines, cancel: threading.Event, status: dict) -> None:
         calls = {self._line_name(x): (lambda fn=x._pending, key=self._line_name(x): fn(cancel, status, key))
                  for x in pending}
 
@@ -687,8 +708,6 @@ class Run:
 
         wait_all(calls, lines, status=lambda line: _short_state(status.get(line, "requested")), cancel=cancel,
                  describe=describe)
-        for x in pending:
-            x._pending = None
 
     @staticmethod
     def _line_name(x) -> str:
@@ -900,6 +919,13 @@ class Run:
             jobs.append(self.job_id)
         out = []
         sizes = self._bucket_sizes()
+        promoted: dict[str, list[str]] = {}
+        try:  # models promoted from these rows (by this run, a recipe, or anyone): their sourceCheckpoint
+            for m in self._http("GET", f"/v1/accounts/{self.account_id}/models?pageSize=200").get("models", []):
+                if m.get("sourceCheckpoint"):
+                    promoted.setdefault(m["sourceCheckpoint"], []).append(m["name"].split("/")[-1])
+        except Exception:  # noqa: BLE001 - a service without model listing: the column stays empty
+            pass
         for job in jobs:
             for r in self._refresh_rows(job):
                 cid = r["name"].split("/")[-1]
@@ -919,6 +945,7 @@ class Run:
                     "eval_name": None if scores.empty else scores["name"].iloc[-1],
                     "hotloaded_to": hl[0]["deployment_id"] if hl else None,
                     "size_bytes": r.get("sizeBytes") or sizes.get(cid) or ck.get("size_bytes"),
+                    "promoted_to": ", ".join(promoted.get(r["name"], [])) or None,
                 })
         out.sort(key=lambda r: (r["created_ts"] is None, r["created_ts"] or 0))
         return out
@@ -928,7 +955,7 @@ class Run:
         import pandas as pd
 
         cols = ["checkpoint_id", "type", "promotable", "step", "created", "eval_score", "eval_name", "data_consumed",
-                "hotloaded_to", "kind", "checkpoint_type", "logical_name", "name", "job_id", "size_bytes"]
+                "hotloaded_to", "promoted_to", "kind", "checkpoint_type", "logical_name", "name", "job_id", "size_bytes"]
         rows = self.checkpoint_rows()
         return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
 
@@ -1279,7 +1306,12 @@ async def _sample_all(sampler, messages, n, max_tokens, temperature, concurrency
             return await sampler.sample_with_tokens(messages=msgs, n=n, max_tokens=max_tokens,
                                                     temperature=temperature)
 
-    return await asyncio.gather(*[one(m) for m in messages])
+    try:
+        return await asyncio.gather(*[one(m) for m in messages])
+    finally:  # the sampler's async HTTP client belongs to this private loop: close it here
+        client = getattr(sampler, "_async_client", None)
+        if client is not None and not client.is_closed:
+            await client.aclose()
 
 
 def _run_async(make_coro):

@@ -163,7 +163,8 @@ class _View:
 class CheckpointTable(_View):
     """The control plane's checkpoint rows of the run, with step, data consumed and eval score; promote."""
 
-    COLUMNS = ["checkpoint", "type", "promotable", "step", "created", "size", "eval score", "hot-loaded to"]
+    COLUMNS = ["checkpoint", "type", "promotable", "step", "created", "size", "eval score", "hot-loaded to",
+               "promoted to"]
 
     def __init__(self, run: "Run"):
         self.run = run
@@ -197,7 +198,7 @@ class CheckpointTable(_View):
     def _table_rows(self) -> list[list]:
         return [[r["checkpoint_id"], r["type"], "yes" if r["promotable"] else "no", r["step"],
                  (r["created"] or "")[:19].replace("T", " "), _size(r.get("size_bytes")), r["eval_score"],
-                 r["hotloaded_to"] or ""]
+                 r["hotloaded_to"] or "", r.get("promoted_to") or ""]
                 for r in self.rows]
 
     def promote(self, checkpoint: str | None = None, output_model_id: str | None = None) -> dict | None:
@@ -217,6 +218,7 @@ class CheckpointTable(_View):
             self.last_model = None
             return None
         self.last_model = model
+        self.refresh()
         self.status.value = (f"<div style='color:#1a7f37'>Promoted {html.escape(str(checkpoint))} to "
                              f"<code>{html.escape(model.get('name', output_model_id))}</code></div>")
         self.update_displays()

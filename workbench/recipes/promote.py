@@ -45,12 +45,14 @@ def promote_from_job(job_id: str, output_model_id: str, base_model: str, checkpo
     rows = fw.list_checkpoints(job_id)
     promotable = [r for r in rows if r.get("promotable")]
     if checkpoint_name:
-        matching = [r for r in promotable if checkpoint_name in (short_name(r["name"]), logical_name(short_name(r["name"])))]
+        def named(r):
+            return checkpoint_name in (short_name(r["name"]), logical_name(short_name(r["name"])))
+
+        matching = [r for r in promotable if named(r)]
         if not matching:
-            named = [short_name(r["name"]) for r in rows
-                     if checkpoint_name in (short_name(r["name"]), logical_name(short_name(r["name"])))]
-            hint = (f"{named} exist but are not promotable (DCP train state or full-parameter deltas); "
-                    if named else "")
+            others = [short_name(r["name"]) for r in rows if named(r)]
+            hint = (f"{others} exist but are not promotable (DCP train state or full-parameter deltas); "
+                    if others else "")
             raise PromoteError(f"no promotable checkpoint named {checkpoint_name!r} on trainer job {job_id!r}: {hint}"
                                f"promotable rows: {[short_name(r['name']) for r in promotable]}")
         promotable = matching

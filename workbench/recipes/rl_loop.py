@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from workbench.recipes.utils import data as D
-from workbench.recipes.utils.config import (DEFAULT_BASE_MODEL, ConfigError, InfraConfig, WeightSyncConfig,
-                                            check_common, parse_checkpoint_ref, raise_if)
+from workbench.recipes.utils.config import (DEFAULT_BASE_MODEL, InfraConfig, WeightSyncConfig, check_common,
+                                            parse_checkpoint_ref, raise_if)
 from workbench.recipes.utils.infra import RecipeInfra, check_run_record, completed_summary
 from workbench.recipes.utils.logging import MetricsLog, read_metrics
 from workbench.recipes.utils.loop import (adam_params, check_output_model, finish_run, mark_training_started,
@@ -79,8 +79,9 @@ class Config:
     reward_fn: Callable[[str, dict], float] | None = None
     """(completion text, dataset row) -> reward. None: 1.0 when `<answer>N</answer>` has N == ground_truth."""
 
-    learning_rate: float = 1e-4
-    """Adam learning rate (after warmup)."""
+    learning_rate: float = 2e-3
+    """Adam learning rate (after warmup). The default suits the embedded 1M-parameter model; real models
+    want ~1e-6 to 1e-5."""
 
     warmup_steps: int = 0
     """Linear learning-rate warmup over this many optimizer steps."""
@@ -199,7 +200,7 @@ def _sample(sampler, requests: list[tuple[list[dict], int]], cfg: Config, max_le
             for messages, seed in requests], return_exceptions=True)
 
     out = []
-    for r in asyncio.run(run()):
+    for r in _run_async(run):
         if isinstance(r, BaseException):
             logger.warning("a rollout failed: %s", r)
             out.append(r)
@@ -208,6 +209,19 @@ def _sample(sampler, requests: list[tuple[list[dict], int]], cfg: Config, max_le
         else:
             out.append(r[0])
     return out
+
+
+def _run_async(make_coro):
+    """Run a coroutine to completion from sync code, also inside a notebook whose event loop is running
+    (there asyncio.run would refuse: the coroutine then runs on a fresh loop in a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coro())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make_coro())).result()
 
 
 def _text(tokenizer, completion) -> str:
@@ -396,19 +410,21 @@ def main(cfg: Config) -> dict:
                     dirty = False
                 metrics.update({"epoch": epoch, "data_consumed": consumed, "learning_rate": lr,
                                 "time/step_s": time.time() - t0})
+                if eval_rows and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == total):
+                    if dirty:   # evaluate what the policy is now, not the last synced snapshot
+                        last_snapshot = syncer.save_and_hotload(f"step-{step}")
+                        metrics["sync/snapshot"] = last_snapshot
+                        dirty = False
+                    metrics.update(evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
+                    last_eval = metrics
                 log.write(step, metrics)
                 bar.update(1)
-                if eval_rows and cfg.eval_interval and step % cfg.eval_interval == 0 and step < total:
-                    if dirty:
-                        last_snapshot = syncer.save_and_hotload(f"step-{step}")
-                        dirty = False
-                    log.write(step, evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
                 if ckpt.should_save(step) and step < total:
                     ckpt.save(f"step-{step}", resumable=True, promotable=False, data_consumed=consumed)
 
         if dirty:
             last_snapshot = syncer.save_and_hotload(f"step-{step}")
-        if eval_rows:
+        if eval_rows and last_eval is None:
             last_eval = log.write(step, evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
         if first_eval is None:
             first_eval = next((r for r in read_metrics(cfg.log_path) if r["step"] == 0 and "eval/reward" in r), None)

@@ -298,6 +298,8 @@ def completed_summary(log_path) -> dict | None:
     except json.JSONDecodeError:
         return None
     if data.get("status") == "completed":
+        logger.info("the run in %s already completed: returning its summary (to train further, start a new "
+                    "log_path with init_from_checkpoint='<job>:<checkpoint>')", log_path)
         return dict(data.get("summary") or {}, already_completed=True)
     return None
 

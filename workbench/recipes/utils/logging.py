@@ -6,8 +6,9 @@
         log.write(step, {"train/loss": 0.7, "data_consumed": 64})
         bar.update(1)
 
-Every line is `{"step": N, ...metrics}`; evaluation lines carry `eval/...` keys. `read_metrics(log_path)`
-returns the lines as dicts (what tests and notebooks plot).
+Every line is `{"step": N, ...metrics, "time": epoch seconds}`, one per optimizer step; when a step is
+evaluated its `eval/...` metrics are on the same line, and the evaluation before training is the line
+of step 0. `read_metrics(log_path)` returns the lines as dicts (what tests and notebooks plot).
 """
 
 from __future__ import annotations
