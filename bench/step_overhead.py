@@ -47,6 +47,13 @@ def main() -> None:
     from workbench.backend.server import start_detached, stop
     from workbench.models import load_model
 
+    # Same torch thread count on both sides: the trainer gets WORKBENCH_TRAINER_THREADS.
+    import os
+
+    from workbench.backend.supervisor import default_trainer_threads
+
+    threads = int(os.environ.setdefault("WORKBENCH_TRAINER_THREADS", str(default_trainer_threads())))
+    torch.set_num_threads(threads)
     home = resolve_home(tempfile.mkdtemp(prefix="wb-bench-"))
     info = start_detached(home)
     key = ensure_api_key(home)
@@ -101,7 +108,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         local_ms = statistics.median(local_times) * 1e3
         sdk_ms = statistics.median(sdk_times) * 1e3
-        print(f"model {args.model} ({params / 1e6:.2f}M params), batch 16 x 128 tokens, "
+        print(f"model {args.model} ({params / 1e6:.2f}M params), {threads} torch thread(s) each side, batch 16 x 128 tokens, "
               f"{args.blocks} x {args.steps} steps each, medians")
         print(f"{'path':28s} {'ms/step':>10s}")
         print(f"{'in-process torch':28s} {local_ms:10.1f}")

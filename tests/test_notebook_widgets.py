@@ -205,3 +205,27 @@ def test_dashboard_combines_everything(trained):
     for part in ("Run 'colors'", "Training monitor", "Checkpoints of colors", "Eval scores", "Lineage of colors"):
         assert part in text
     assert bundle["text/html"].count("<img") >= 2
+
+
+def test_another_run_takes_over_the_deployment(trained, backend, tmp_path):
+    """A second run opening the same deployment id re-attaches it to its own trainer; the first run then
+    sees, in plain words, that the deployment no longer holds its snapshot."""
+    import workbench as wb
+
+    run, items = trained["run"], trained["items"]
+    other = wb.open(tmp_path / "other", home=backend.home)
+    trainer = other.trainer(base_model=TINY)
+    dep = other.deployment(DEP)
+    assert not dep.created
+    assert other.deployment_manager.get(DEP).hot_load_trainer_job == trainer.job_name  # re-attached
+    snap = other.sync("other-first")
+    assert dep.current_snapshot() == snap
+    assert next(r for r in other.checkpoint_rows() if r["checkpoint_id"] == snap)["type"] == "base"
+    with pytest.raises(wb.StaleDeploymentError, match="something else hot-loaded it since"):
+        run.evaluate(items, wb.exact_match("answer"), name="colors", max_tokens=6)
+    other.close()
+    # syncing again takes it back (re-attach, then a full base load)
+    back = run.sync("taken-back")
+    assert run.deployment_manager.get(DEP).hot_load_trainer_job == trained["trainer"].job_name
+    assert run._get_deployment(DEP).current_snapshot() == back
+    assert run.evaluate(items, wb.exact_match("answer"), name="colors", max_tokens=6).snapshot == back

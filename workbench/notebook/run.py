@@ -788,6 +788,15 @@ class Run:
         elif name in used:
             raise ValueError(f"a snapshot named {name!r} was already saved in this session (as {name}-<session>); "
                              "pick another name")
+        info = self.deployment_manager.get(d.deployment_id)
+        if info is not None and info.hot_load_trainer_job and info.hot_load_trainer_job != t.job_name:
+            print(f"note: deployment {d.deployment_id} is attached to {info.hot_load_trainer_job.split('/')[-1]} "
+                  f"(another run); re-attaching it to this run's trainer {t.job_id}.")
+            d.info = self.deployment_manager.reattach_trainer(info, base_model=d.base_model,
+                                                              trainer_job_name=t.job_name, timeout_s=300,
+                                                              poll_interval_s=POLL_S)
+            syncer.reset_delta_chain()
+            self.store.record_event("deployment_reattached", {"deployment_id": d.deployment_id})
         if syncer.base_identity is not None:
             held = d.current_snapshot()
             if held != syncer.base_identity:
