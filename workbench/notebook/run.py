@@ -462,13 +462,15 @@ class Run:
         return list(self._state.get("deployments", {}))
 
     # ---- trainer ---------------------------------------------------------------------------------
-    def trainer(self, base_model: str | None = None, lora_rank: int = 0, learning_rate: float = 1e-4,
-                training_shape: str | None = None, wait: bool = False, **config) -> Trainer:
+    def trainer(self, base_model: str | None = None, lora_rank: int | None = None,
+                learning_rate: float | None = None, training_shape: str | None = None, wait: bool = False,
+                **config) -> Trainer:
         """Create this run's trainer job, or reconnect to the one it already has.
 
-        Returns at once after the request; the trainer is awaited by `run.deployment(...)` (in parallel with
-        the deployment), by `trainer.wait()`, or on first use of `trainer.client`. `wait=True` waits now.
-        Extra keyword arguments go to the SDK's `TrainerJobConfig` on creation.
+        Arguments left out take the recorded job's values (so `run.trainer()` reconnects), else lora_rank=0
+        and the SDK's default learning rate. Returns at once after the request; the trainer is awaited by
+        `run.deployment(...)` (in parallel with the deployment), by `trainer.wait()`, or on first use of
+        `trainer.client`; `wait=True` waits now. Extra keyword arguments go to the SDK's `TrainerJobConfig`.
         """
         self._check_open()
         rec = self._state.get("trainer")
@@ -477,6 +479,12 @@ class Run:
                 raise ValueError("base_model is required the first time, e.g. "
                                  "run.trainer(base_model='accounts/workbench/models/qwen3-tiny')")
             base_model = rec["base_model"]
+        if lora_rank is None:
+            lora_rank = rec.get("lora_rank", 0) if rec else 0
+        if learning_rate is None:
+            from fireworks.training.sdk import TrainerJobConfig
+
+            learning_rate = (rec or {}).get("learning_rate") or TrainerJobConfig.learning_rate
         if self._trainer is not None:
             t = self._trainer
             if (t.base_model, t.lora_rank) != (base_model, lora_rank):
@@ -625,8 +633,8 @@ class Run:
         info = mgr.create_or_get(cfg)
         d = Deployment(run=self, deployment_id=deployment_id, base_model=base, created=created, info=info)
         linked = info.hot_load_trainer_job
-        if trainer is not None and linked and linked != trainer.job_name:
-            d._needs_reattach = True
+        if trainer is not None and linked != trainer.job_name:
+            d._needs_reattach = True  # linked to another trainer (another run), or to none
         if existing is not None and not created:
             self._scale_up_if_needed(deployment_id)
         rec = deployments.setdefault(deployment_id, {})

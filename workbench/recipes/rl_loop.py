@@ -41,16 +41,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from workbench.recipes.utils import data as D
-from workbench.recipes.utils.config import (DEFAULT_BASE_MODEL, InfraConfig, WeightSyncConfig, check_common,
-                                            parse_checkpoint_ref, raise_if)
-from workbench.recipes.utils.infra import RecipeInfra, check_run_record, completed_summary
-from workbench.recipes.utils.logging import MetricsLog, read_metrics
-from workbench.recipes.utils.loop import (adam_params, check_output_model, finish_run, mark_training_started,
-                                          scheduled_lr, start_policy)
+from workbench.recipes.utils.config import (RecipeConfig, WeightSyncConfig, check_common, check_integer, check_number,
+                                            parse_checkpoint_ref)
+from workbench.recipes.utils.infra import RecipeInfra, completed_summary
+from workbench.recipes.utils.logging import read_metrics
+from workbench.recipes.utils.loop import TrainingRun, adam_params, provision, read_datasets, validate_or_raise
 from workbench.recipes.utils.losses import GrpoSample, arithmetic_reward, group_advantages, make_grpo_loss
 
 logger = logging.getLogger("workbench.recipes.rl")
@@ -60,37 +59,17 @@ _SEED_MOD = 2 ** 31 - 1
 
 
 @dataclass
-class Config:
-    log_path: str
-    """Directory of this run: run.json (trainer, deployment), dataloader.json, metrics.jsonl."""
-
-    base_model: str = DEFAULT_BASE_MODEL
-    """Model to train (the deployment serves the same base)."""
+class Config(RecipeConfig):
+    """GRPO settings; the fields every recipe shares (and their docs) are in `utils.config.RecipeConfig`."""
 
     dataset: str = str(D.ARITHMETIC_RL)
     """Prompt JSONL: `{"messages": [...], "ground_truth": ...}` per line."""
-
-    evaluation_dataset: str | None = None
-    """Held-out prompts in the same format. None: a seeded carve-out of min(10%, 100) prompts."""
-
-    tokenizer_model: str | None = None
-    """Tokenizer for the chat template (catalog name or local HF directory). None: base_model's."""
 
     reward_fn: Callable[[str, dict], float] | None = None
     """(completion text, dataset row) -> reward. None: 1.0 when `<answer>N</answer>` has N == ground_truth."""
 
     learning_rate: float = 2e-3
-    """Adam learning rate (after warmup). The default suits the embedded 1M-parameter model; real models
-    want ~1e-6 to 1e-5."""
-
-    warmup_steps: int = 0
-    """Linear learning-rate warmup over this many optimizer steps."""
-
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-
-    grad_clip_norm: float = 0.0
-    """Clip the (normalized) gradient to this global norm; 0 = no clipping."""
+    """Adam learning rate (after warmup); see RecipeConfig. Real models want ~1e-6 to 1e-5."""
 
     kl_beta: float = 0.001
     """Weight of the k3 KL penalty to the frozen reference; 0 = no reference at all."""
@@ -119,75 +98,33 @@ class Config:
     grad_accumulation_normalization: str | None = "num_loss_tokens"
     """optim_step normalization of the raw-sum GRPO loss: "num_loss_tokens", "num_sequences" or None."""
 
-    epochs: int = 1
-    """Passes over the prompts."""
-
-    max_steps: int | None = None
-    """Stop after this many optimizer steps in total."""
-
     eval_interval: int = 0
     """Evaluate every N steps (0: only before training and at the end)."""
 
-    lora_rank: int = 0
-    """0 = full-parameter training; > 0 = LoRA of that rank."""
-
-    seed: int = 0
-    """Seeds the prompt order, the rollout and evaluation sampling, the eval carve-out and LoRA init."""
-
-    output_model_id: str | None = None
-    """Promote the final checkpoint to this model id at the end."""
-
-    init_from_checkpoint: str | None = None
-    """"job-id:checkpoint-name" to start from (e.g. an SFT checkpoint); also becomes the KL reference."""
-
-    warm_start_from_adapter: str | None = None
-    """LoRA only: a PEFT adapter to start from (weights only); also becomes the KL reference."""
-
-    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
-    """Weight-sync interval, DCP save cadence, timeouts."""
-
-    infra: InfraConfig = field(default_factory=InfraConfig)
-    """Training shapes, deployment, timeouts, cleanup."""
-
 
 def validate(cfg: Config) -> None:
-    errors = check_common(cfg, datasets=("dataset", "evaluation_dataset"))
-
-    def num(name, low, *, low_open=False, high=None):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= low if low_open else v < low) \
-                or (high is not None and v > high):
-            bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-            errors.append(f"{name} must be a number {bound} (got {v!r})")
-
-    def integer(name, low):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            errors.append(f"{name} must be an integer >= {low} (got {v!r})")
-
-    integer("completions_per_prompt", 2)
+    """Every config problem at once, as a ConfigError, before any backend call."""
+    errors = check_common(cfg)
+    check_integer(errors, "completions_per_prompt", cfg.completions_per_prompt, 2)
     if isinstance(cfg.completions_per_prompt, int) and cfg.completions_per_prompt < 2:
         errors[-1] += ": GRPO advantages are relative within a group, a group of one has no signal"
-    integer("prompt_groups_per_step", 1)
-    integer("max_completion_tokens", 1)
-    integer("eval_interval", 0)
-    integer("warmup_steps", 0)
-    num("kl_beta", 0)
-    num("temperature", 0, low_open=True)
-    num("eps_clip", 0, low_open=True, high=1)
+    check_integer(errors, "prompt_groups_per_step", cfg.prompt_groups_per_step)
+    check_integer(errors, "max_completion_tokens", cfg.max_completion_tokens)
+    check_integer(errors, "eval_interval", cfg.eval_interval, 0)
+    check_number(errors, "kl_beta", cfg.kl_beta, low=0)
+    check_number(errors, "temperature", cfg.temperature, low=0, low_open=True)
+    check_number(errors, "eps_clip", cfg.eps_clip, low=0, low_open=True, high=1)
     if cfg.eps_clip_high is not None:
-        num("eps_clip_high", 0, low_open=True)
-    num("tis_cap", 0, low_open=True)
-    num("weight_decay", 0)
-    num("grad_clip_norm", 0)
+        check_number(errors, "eps_clip_high", cfg.eps_clip_high, low=0, low_open=True)
+    check_number(errors, "tis_cap", cfg.tis_cap, low=0, low_open=True)
+    check_number(errors, "weight_decay", cfg.weight_decay, low=0)
+    check_number(errors, "grad_clip_norm", cfg.grad_clip_norm, low=0)
     if cfg.grad_accumulation_normalization not in (None, "none", "num_loss_tokens", "num_sequences"):
         errors.append("grad_accumulation_normalization must be None, 'none', 'num_loss_tokens' or 'num_sequences' "
                       f"(got {cfg.grad_accumulation_normalization!r})")
     if cfg.reward_fn is not None and not callable(cfg.reward_fn):
         errors.append("reward_fn must be callable (completion_text, row) -> float")
-    if cfg.log_path:
-        errors += check_run_record(cfg, RECIPE)
-    raise_if(errors, RECIPE)
+    validate_or_raise(cfg, RECIPE, errors)
 
 
 # ---- rollouts ------------------------------------------------------------------------------------------
@@ -303,23 +240,14 @@ def main(cfg: Config) -> dict:
     if done is not None:
         return done
     reward_fn = cfg.reward_fn or arithmetic_reward
-    tokenizer = D.load_recipe_tokenizer(cfg.tokenizer_model, cfg.base_model)
-    rows = D.read_jsonl(cfg.dataset)
-    D.check_rows(rows, "rl", cfg.dataset)
-    eval_given = None
-    if cfg.evaluation_dataset:
-        eval_given = D.read_jsonl(cfg.evaluation_dataset)
-        D.check_rows(eval_given, "rl", cfg.evaluation_dataset)
-    train_rows, eval_rows = D.split_eval(rows, cfg.seed, eval_given)
+    tokenizer, train_rows, eval_rows = read_datasets(cfg, "rl")
 
-    infra = RecipeInfra(cfg, RECIPE)
-    try:
-        check_output_model(infra, cfg)
+    with provision(cfg, RECIPE) as infra:
         max_len = infra.max_context_length()
-        policy, ckpt, info = start_policy(infra, cfg)
-        client = policy.client
-        deployment_id = infra.deployment(policy)
-        reference, reference_desc = _reference(infra, cfg, policy)
+        run = TrainingRun(infra, cfg, RECIPE, n_items=len(train_rows), batch_size=cfg.prompt_groups_per_step)
+        client = run.client
+        deployment_id = infra.deployment(run.policy)
+        reference, reference_desc = _reference(infra, cfg, run.policy)
         infra.run.update(reference=reference_desc)
         ws = cfg.weight_sync
         syncer = WeightSyncer(policy_client=client, deploy_mgr=infra.deploy_mgr, deployment_id=deployment_id,
@@ -329,123 +257,100 @@ def main(cfg: Config) -> dict:
                                     api_key=infra.api_key, tokenizer=tokenizer,
                                     concurrency_controller=AdaptiveConcurrencyController(initial_window=16))
 
-        step, consumed = (info.step, info.data_consumed) if info else (0, 0)
-        schedule = D.EpochSchedule(len(train_rows), cfg.prompt_groups_per_step, cfg.epochs, cfg.seed)
-        total = schedule.total_steps if cfg.max_steps is None else min(schedule.total_steps, cfg.max_steps)
-        log = MetricsLog(cfg.log_path)
-        log.truncate_after(step)
-
         last_snapshot = None
-        if info is not None or ws.weight_sync_before_training or cfg.infra.deployment_id:
-            last_snapshot = syncer.save_and_hotload(f"step-{step}")
-            logger.info("synced the policy at step %d into %s (%s)", step, deployment_id, last_snapshot)
-        first_eval = last_eval = None
-        if step == 0 and eval_rows:
-            first_eval = log.write(0, evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
-        mark_training_started(infra)
-
+        if run.info is not None or ws.weight_sync_before_training or cfg.infra.deployment_id:
+            last_snapshot = syncer.save_and_hotload(f"step-{run.step}")
+            logger.info("synced the policy at step %d into %s (%s)", run.step, deployment_id, last_snapshot)
         normalization = cfg.grad_accumulation_normalization
         normalization = None if normalization in (None, "none") else normalization
-        dirty = False
-        t_start, start_step = time.time(), step
-        with log.progress(total=total, initial=min(step, total), desc="grpo",
-                          postfix_keys=("rollout/reward", "eval/reward")) as bar:
-            while step < total:
-                epoch, idx = schedule.next_batch(consumed)
-                if not idx:
-                    break
-                t0 = time.time()
-                n = cfg.completions_per_prompt
-                requests = [(train_rows[i]["messages"], _seed(cfg.seed, consumed + j, k))
-                            for j, i in enumerate(idx) for k in range(n)]
-                results = _sample(sampler, requests, cfg, max_len)
-                t_sample = time.time() - t0
+        dirty = False   # the trainer holds weights the deployment has not hot-loaded yet
 
-                samples, datums, all_rewards, lengths, truncated, failed, dropped = [], [], [], [], 0, 0, 0
-                for i, group in zip(idx, _chunks(results, n)):
-                    if any(isinstance(c, BaseException) for c in group):
-                        failed += sum(isinstance(c, BaseException) for c in group)
-                        dropped += 1
-                        continue
-                    rewards = [float(reward_fn(_text(tokenizer, c), train_rows[i])) for c in group]
-                    all_rewards += rewards
-                    lengths += [len(c.full_tokens) - c.prompt_len for c in group]
-                    truncated += sum(c.finish_reason == "length" for c in group)
-                    advantages = group_advantages(rewards)
-                    if advantages is None:
-                        dropped += 1
-                        continue
-                    for c, a in zip(group, advantages):
-                        samples.append(GrpoSample(a, c.prompt_len - 1, _behaviour_logprobs(c)))
-                        datums.append(_datum(list(c.full_tokens)))
-
-                metrics: dict = {"rollout/reward": sum(all_rewards) / max(len(all_rewards), 1),
-                                 "rollout/groups": len(idx), "rollout/groups_dropped": dropped,
-                                 "rollout/samples_failed": failed,
-                                 "rollout/response_len": sum(lengths) / max(len(lengths), 1),
-                                 "rollout/truncated_frac": truncated / max(len(lengths), 1),
-                                 "time/sample_s": t_sample}
-                lr = scheduled_lr(cfg.learning_rate, step + 1, cfg.warmup_steps)
-                if datums:
-                    if reference is not None:
-                        out = reference.forward(datums, "cross_entropy").result()
-                        for s, o in zip(samples, out.loss_fn_outputs):
-                            s.ref_logprobs = list(o["logprobs"].data)[s.response_start:]
-                    loss_fn = make_grpo_loss(samples, kl_beta=cfg.kl_beta, eps_clip=cfg.eps_clip,
-                                             eps_clip_high=cfg.eps_clip_high, tis_cap=cfg.tis_cap)
-                    fb = client.forward_backward_custom(datums, loss_fn).result()
-                    opt = client.optim_step(adam_params(lr, weight_decay=cfg.weight_decay,
-                                                        grad_clip_norm=cfg.grad_clip_norm),
-                                            grad_accumulation_normalization=normalization).result()
-                    metrics.update({k: v for k, v in fb.metrics.items() if k.startswith("grpo/")})
-                    if opt.metrics and "grad_norm:mean" in opt.metrics:
-                        metrics["train/grad_norm"] = opt.metrics["grad_norm:mean"]
-                    dirty = True
-                step += 1
-                consumed += len(idx)
-                if dirty and (step % ws.weight_sync_interval == 0 or step == total):
-                    t1 = time.time()
-                    last_snapshot = syncer.save_and_hotload(f"step-{step}")
-                    metrics.update({"sync/snapshot": last_snapshot, "time/sync_s": time.time() - t1})
-                    dirty = False
-                metrics.update({"epoch": epoch, "data_consumed": consumed, "learning_rate": lr,
-                                "time/step_s": time.time() - t0})
-                if eval_rows and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == total):
-                    if dirty:   # evaluate what the policy is now, not the last synced snapshot
-                        last_snapshot = syncer.save_and_hotload(f"step-{step}")
-                        metrics["sync/snapshot"] = last_snapshot
-                        dirty = False
-                    metrics.update(evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
-                    last_eval = metrics
-                log.write(step, metrics)
-                bar.update(1)
-                if ckpt.should_save(step) and step < total:
-                    ckpt.save(f"step-{step}", resumable=True, promotable=False, data_consumed=consumed)
-
-        if dirty:
+        def sync(step: int) -> dict:
+            nonlocal last_snapshot, dirty
             last_snapshot = syncer.save_and_hotload(f"step-{step}")
-        if eval_rows and last_eval is None:
-            last_eval = log.write(step, evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
-        if first_eval is None:
-            first_eval = next((r for r in read_metrics(cfg.log_path) if r["step"] == 0 and "eval/reward" in r), None)
+            dirty = False
+            return {"sync/snapshot": last_snapshot}
+
+        def run_eval() -> dict:
+            # evaluate what the policy is now, not the last synced snapshot
+            metrics = sync(run.step) if dirty else {}
+            metrics.update(evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
+            return metrics
+
+        def train_step(idx: list[int], lr: float, step: int) -> dict:
+            """Sample and score the groups of `idx`, one GRPO update, and a weight sync when one is due."""
+            nonlocal dirty
+            t0 = time.time()
+            n = cfg.completions_per_prompt
+            consumed = run.consumed
+            requests = [(train_rows[i]["messages"], _seed(cfg.seed, consumed + j, k))
+                        for j, i in enumerate(idx) for k in range(n)]
+            results = _sample(sampler, requests, cfg, max_len)
+            t_sample = time.time() - t0
+
+            samples, datums, all_rewards, lengths, truncated, failed, dropped = [], [], [], [], 0, 0, 0
+            for i, group in zip(idx, _chunks(results, n)):
+                if any(isinstance(c, BaseException) for c in group):
+                    failed += sum(isinstance(c, BaseException) for c in group)
+                    dropped += 1
+                    continue
+                rewards = [float(reward_fn(_text(tokenizer, c), train_rows[i])) for c in group]
+                all_rewards += rewards
+                lengths += [len(c.full_tokens) - c.prompt_len for c in group]
+                truncated += sum(c.finish_reason == "length" for c in group)
+                advantages = group_advantages(rewards)
+                if advantages is None:
+                    dropped += 1
+                    continue
+                for c, a in zip(group, advantages):
+                    samples.append(GrpoSample(a, c.prompt_len - 1, _behaviour_logprobs(c)))
+                    datums.append(_datum(list(c.full_tokens)))
+
+            metrics: dict = {"rollout/reward": sum(all_rewards) / max(len(all_rewards), 1),
+                             "rollout/groups": len(idx), "rollout/groups_dropped": dropped,
+                             "rollout/samples_failed": failed,
+                             "rollout/response_len": sum(lengths) / max(len(lengths), 1),
+                             "rollout/truncated_frac": truncated / max(len(lengths), 1),
+                             "time/sample_s": t_sample}
+            if datums:
+                if reference is not None:
+                    out = reference.forward(datums, "cross_entropy").result()
+                    for s, o in zip(samples, out.loss_fn_outputs):
+                        s.ref_logprobs = list(o["logprobs"].data)[s.response_start:]
+                loss_fn = make_grpo_loss(samples, kl_beta=cfg.kl_beta, eps_clip=cfg.eps_clip,
+                                         eps_clip_high=cfg.eps_clip_high, tis_cap=cfg.tis_cap)
+                fb = client.forward_backward_custom(datums, loss_fn).result()
+                opt = client.optim_step(adam_params(lr, weight_decay=cfg.weight_decay,
+                                                    grad_clip_norm=cfg.grad_clip_norm),
+                                        grad_accumulation_normalization=normalization).result()
+                metrics.update({k: v for k, v in fb.metrics.items() if k.startswith("grpo/")})
+                if opt.metrics and "grad_norm:mean" in opt.metrics:
+                    metrics["train/grad_norm"] = opt.metrics["grad_norm:mean"]
+                dirty = True
+            if dirty and (step % ws.weight_sync_interval == 0 or step == run.total):
+                t1 = time.time()
+                metrics.update(sync(step))
+                metrics["time/sync_s"] = time.time() - t1
+            return metrics
+
+        evaluate_fn = run_eval if eval_rows else None
+        run.begin(evaluate_fn)
+        run.train(train_step, desc="grpo", postfix_keys=("rollout/reward", "eval/reward"), evaluate=evaluate_fn,
+                  eval_due=lambda step, consumed: bool(cfg.eval_interval) and step % cfg.eval_interval == 0)
+        if dirty:
+            sync(run.step)
+        run.final_eval(evaluate_fn, "eval/reward")
+        first, last = run.first_eval, run.last_eval
         train_rewards = [r["rollout/reward"] for r in read_metrics(cfg.log_path) if "rollout/reward" in r]
         k = max(1, len(train_rewards) // 4)
-        summary = {
-            "recipe": RECIPE, "log_path": str(cfg.log_path), "trainer_job_id": policy.job_id,
+        return run.finish({
             "deployment_id": deployment_id, "reference": reference_desc, "last_snapshot": last_snapshot,
-            "resumed_from": info.checkpoint if info else None, "resume_source": info.source if info else None,
-            "start_step": start_step, "steps": step, "data_consumed": consumed,
             "train_prompts": len(train_rows), "eval_prompts": len(eval_rows),
-            "eval_reward_before": first_eval.get("eval/reward") if first_eval else None,
-            "eval_reward_after": last_eval.get("eval/reward") if last_eval else None,
+            "eval_reward_before": first.get("eval/reward") if first else None,
+            "eval_reward_after": last.get("eval/reward") if last else None,
             "train_reward_first_quarter": sum(train_rewards[:k]) / k if train_rewards else None,
             "train_reward_last_quarter": sum(train_rewards[-k:]) / k if train_rewards else None,
-            "train_seconds": time.time() - t_start,
-        }
-        return finish_run(infra, ckpt, cfg, step=step, data_consumed=consumed, summary=summary)
-    finally:
-        infra.close()
-
+        })
 
 if __name__ == "__main__":
     import argparse

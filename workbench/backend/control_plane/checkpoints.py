@@ -59,6 +59,7 @@ def job_rows(cp: ControlPlane, job_id: str) -> list[dict]:
             "promotable": bool(row["promotable"]),
         }
         manifest = row.get("manifest") or {}
+        wire["sizeBytes"] = sum(f.stat().st_size for f in Path(row["path"]).rglob("*") if f.is_file())
         if manifest.get("step") is not None:
             wire["step"] = manifest["step"]
         if row.get("expire_time"):

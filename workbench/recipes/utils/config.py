@@ -1,19 +1,24 @@
-"""Configuration shared by every recipe: infrastructure, weight sync and checkpoint cadence, validation.
+"""Configuration shared by every recipe: the common fields, infrastructure, weight sync, validation.
 
     from workbench.recipes.utils import InfraConfig, WeightSyncConfig
     cfg = Config(log_path="./run", weight_sync=WeightSyncConfig(dcp_save_interval=10),
                  infra=InfraConfig(training_shape_id="accounts/workbench/trainingShapes/qwen3-tiny-cpu"))
 
-Every recipe validates its whole config with `check_common` (plus its own checks) BEFORE it connects
-to a backend, creates a trainer or reads a checkpoint, and raises `ConfigError` naming the offending
-fields, so a bad config never leaves half-provisioned jobs behind.
+`RecipeConfig` holds the fields every recipe has (run directory, model, optimizer, schedule, checkpoints,
+promotion, infrastructure); each recipe's `Config` subclasses it, adds its own fields and overrides only
+the defaults that differ (e.g. SFT's `epochs=3`).
+
+Every recipe validates its whole config with `check_common` (plus its own checks, written with
+`check_integer` / `check_number`) BEFORE it connects to a backend, creates a trainer or reads a
+checkpoint, and raises `ConfigError` naming every offending field at once, so a bad config never leaves
+half-provisioned jobs behind.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_BASE_MODEL = "accounts/workbench/models/qwen3-tiny"
@@ -86,6 +91,70 @@ class WeightSyncConfig:
     """Seconds to wait for one hot-load."""
 
 
+@dataclass
+class RecipeConfig:
+    """The fields every recipe's `Config` shares. A recipe subclasses it, adds its own fields (its
+    `dataset` first) and redeclares a field here only to change its default."""
+
+    log_path: str
+    """Directory of this run: run.json (trainer jobs), dataloader.json (data cursors), metrics.jsonl and any
+    file of the recipe's own (DPO: reference_logprobs.json). Rerunning with the same log_path resumes the run."""
+
+    base_model: str = DEFAULT_BASE_MODEL
+    """Model to train (a name the backend knows; RL's deployment serves the same base)."""
+
+    evaluation_dataset: str | None = None
+    """Held-out JSONL in the same format as `dataset`. None: a seeded carve-out of min(10%, 100) training rows."""
+
+    tokenizer_model: str | None = None
+    """Tokenizer for the chat template: a catalog model name or a local HF directory. None: base_model's."""
+
+    learning_rate: float = 3e-3
+    """Adam learning rate (after warmup). The default suits the embedded 1M-parameter model; real models
+    want ~1e-6 to 1e-5 (SFT: ~1e-5 to 1e-4)."""
+
+    warmup_steps: int = 0
+    """Linear learning-rate warmup over this many optimizer steps."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    grad_clip_norm: float = 0.0
+    """Clip the (normalized) gradient to this global norm; 0 = no clipping."""
+
+    epochs: int = 1
+    """Passes over the training data."""
+
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (None: epochs x steps per epoch)."""
+
+    lora_rank: int = 0
+    """0 = full-parameter training; > 0 = LoRA of that rank."""
+
+    seed: int = 0
+    """Seeds the data order (epoch e shuffles with seed + e), the eval carve-out and LoRA init (RL: also
+    the rollout and evaluation sampling)."""
+
+    output_model_id: str | None = None
+    """Promote the final checkpoint to `accounts/<account>/models/<output_model_id>` at the end."""
+
+    init_from_checkpoint: str | None = None
+    """"job-id:checkpoint-name": start from another job's DCP checkpoint (weights + optimizer); step and
+    data cursor start at 0. Only for the run's first start: a rerun resumes its own progress. For DPO and
+    RL these weights are also the reference."""
+
+    warm_start_from_adapter: str | None = None
+    """LoRA only: a PEFT adapter (`accounts/<a>/models/<id>` or a local directory) to start from (weights
+    only). For DPO and RL it is also the reference."""
+
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """Checkpoint cadence: `dcp_save_interval` > 0 saves a resumable `step-N` every N steps (RL: also the
+    weight-sync interval and hot-load timeouts)."""
+
+    infra: InfraConfig = field(default_factory=InfraConfig)
+    """Training shape(s), the RL deployment, timeouts, cleanup."""
+
+
 def default_training_shape(base_model: str, lora_rank: int) -> str | None:
     """The local shape of an embedded workbench model, or None (manual path) for any other model."""
     prefix = "accounts/workbench/models/"
@@ -104,23 +173,38 @@ def parse_checkpoint_ref(ref: str, field: str = "init_from_checkpoint") -> tuple
     return job_id, name
 
 
-def _positive_int(errors: list[str], name: str, value, *, zero_ok: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
-        errors.append(f"{name} must be an integer >= {0 if zero_ok else 1} (got {value!r})")
+def check_integer(errors: list[str], name: str, value, low: int = 1) -> None:
+    """Appends a problem unless `value` is an int (not a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        errors.append(f"{name} must be an integer >= {low} (got {value!r})")
 
 
-def _number(errors: list[str], name: str, value, *, low: float | None = None, low_open: bool = False,
-            high: float | None = None) -> None:
+def check_number(errors: list[str], name: str, value, *, low: float, low_open: bool = False,
+                 high: float | None = None) -> None:
+    """Appends a problem unless `value` is a number (not a bool) >= low (> low when low_open), <= high.
+    Written as `not (value >= low)` so that NaN fails too."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        errors.append(f"{name} must be a number {bound} (got {value!r})")
+
+
+def _finite_number(errors: list[str], name: str, value, *, low: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         errors.append(f"{name} must be a finite number (got {value!r})")
-        return
-    if low is not None and (value <= low if low_open else value < low):
-        errors.append(f"{name} must be {'>' if low_open else '>='} {low} (got {value!r})")
-    if high is not None and value > high:
-        errors.append(f"{name} must be <= {high} (got {value!r})")
+    elif value < low:
+        errors.append(f"{name} must be >= {low} (got {value!r})")
 
 
-def check_common(cfg, *, datasets: tuple[str, ...] = ("dataset",)) -> list[str]:
+def check_batching(errors: list[str], cfg) -> None:
+    """`batch_size` and `max_seq_len`, for the recipes that train on fixed-size batches of rendered rows."""
+    check_integer(errors, "batch_size", cfg.batch_size)
+    if cfg.max_seq_len is not None:
+        check_integer(errors, "max_seq_len", cfg.max_seq_len, 2)
+
+
+def check_common(cfg, *, datasets: tuple[str, ...] = ("dataset", "evaluation_dataset")) -> list[str]:
     """Checks every recipe shares; returns the problems found (the recipe adds its own, then raises)."""
     from fireworks.training.sdk import validate_output_model_id
 
@@ -137,12 +221,13 @@ def check_common(cfg, *, datasets: tuple[str, ...] = ("dataset",)) -> list[str]:
             errors.append(f"{field} is required (a JSONL file)")
         elif not Path(path).expanduser().is_file():
             errors.append(f"{field}={str(path)!r}: file not found")
-    _number(errors, "learning_rate", cfg.learning_rate, low=0)
-    _positive_int(errors, "lora_rank", cfg.lora_rank, zero_ok=True)
-    _positive_int(errors, "epochs", cfg.epochs)
-    _positive_int(errors, "seed", cfg.seed, zero_ok=True)
+    _finite_number(errors, "learning_rate", cfg.learning_rate, low=0)
+    check_integer(errors, "lora_rank", cfg.lora_rank, 0)
+    check_integer(errors, "epochs", cfg.epochs)
+    check_integer(errors, "seed", cfg.seed, 0)
     if cfg.max_steps is not None:
-        _positive_int(errors, "max_steps", cfg.max_steps, zero_ok=True)
+        check_integer(errors, "max_steps", cfg.max_steps, 0)
+    check_integer(errors, "warmup_steps", cfg.warmup_steps, 0)
     if cfg.output_model_id is not None:
         problems = validate_output_model_id(cfg.output_model_id)
         errors.extend(f"output_model_id: {p}" for p in problems)
@@ -163,10 +248,10 @@ def check_common(cfg, *, datasets: tuple[str, ...] = ("dataset",)) -> list[str]:
     if not isinstance(ws, WeightSyncConfig):
         errors.append(f"weight_sync must be a WeightSyncConfig (got {type(ws).__name__})")
     else:
-        _positive_int(errors, "weight_sync.weight_sync_interval", ws.weight_sync_interval)
-        _positive_int(errors, "weight_sync.dcp_save_interval", ws.dcp_save_interval, zero_ok=True)
-        _positive_int(errors, "weight_sync.dcp_timeout", ws.dcp_timeout)
-        _positive_int(errors, "weight_sync.weight_sync_timeout", ws.weight_sync_timeout)
+        check_integer(errors, "weight_sync.weight_sync_interval", ws.weight_sync_interval)
+        check_integer(errors, "weight_sync.dcp_save_interval", ws.dcp_save_interval, 0)
+        check_integer(errors, "weight_sync.dcp_timeout", ws.dcp_timeout)
+        check_integer(errors, "weight_sync.weight_sync_timeout", ws.weight_sync_timeout)
         if ws.first_checkpoint_type not in ("base", "delta"):
             errors.append(f"weight_sync.first_checkpoint_type must be 'base' or 'delta' "
                           f"(got {ws.first_checkpoint_type!r})")

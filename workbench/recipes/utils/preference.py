@@ -1,5 +1,7 @@
-"""Preference pairs for DPO and ORPO: rendering, forward passes, held-out preference accuracy.
+"""Preference pairs for DPO and ORPO: their shared config, rendering, forward passes, held-out accuracy.
 
+    class Config(PreferenceConfig): ...                    # dataset, batch_size, max_seq_len of a pair recipe
+    train, evals, max_len = render_train_eval(tokenizer, cfg, infra, train_rows, eval_rows)
     pairs = render_pairs(tokenizer, rows, max_len)         # Pair | None per row (None: dropped, too long)
     stats = forward_pairs(client, [p for p in pairs if p])  # (sum_c, sum_r, mean_c, mean_r) per pair
     metrics = preference_eval(client, eval_pairs, ref_sums=..., beta=0.1)
@@ -17,7 +19,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import data as D
+from .config import ConfigError, RecipeConfig
 from .losses import pair_stats, sigmoid_loss
+
+
+@dataclass
+class PreferenceConfig(RecipeConfig):
+    """The fields DPO and ORPO share beyond `RecipeConfig`: the pair data and its batching."""
+
+    dataset: str = str(D.ARITHMETIC_PREFERENCES)
+    """Preference JSONL: `{"chosen": {"messages": [...]}, "rejected": {"messages": [...]}}` per line."""
+
+    batch_size: int = 16
+    """Pairs per optimizer step."""
+
+    max_seq_len: int | None = None
+    """Drop pairs with a side longer than this. None: the training shape's max context length."""
 
 
 @dataclass
@@ -39,6 +56,17 @@ def render_pairs(tokenizer, rows: list[dict], max_len: int) -> list[Pair | None]
             continue
         out.append(Pair(D.to_datum(rc), D.to_datum(rr), D.target_weights(rc), D.target_weights(rr)))
     return out
+
+
+def render_train_eval(tokenizer, cfg: PreferenceConfig, infra, train_rows: list[dict], eval_rows: list[dict]):
+    """(train pairs, None where dropped; eval pairs, dropped ones left out; max_len), or ConfigError when no
+    training pair fits. Dropped training pairs keep their slot so row indices match the data cursor."""
+    max_len = cfg.max_seq_len or infra.max_context_length() or 2048
+    train = render_pairs(tokenizer, train_rows, max_len)
+    evals = [p for p in render_pairs(tokenizer, eval_rows, max_len) if p is not None]
+    if all(p is None for p in train):
+        raise ConfigError(f"dataset {cfg.dataset!r}: no pair fits max_seq_len={max_len}")
+    return train, evals, max_len
 
 
 def pair_datums(pairs: list[Pair]) -> list:
