@@ -98,14 +98,15 @@ def test_configs_document_every_field():
     import inspect
 
     for module in (sft_loop, rl_loop, dpo_loop, orpo_loop):
-        tree = ast.parse(inspect.getsource(module.Config))
-        body = tree.body[0].body
-        fields = [n.target.id for n in body if isinstance(n, ast.AnnAssign)]
-        for i, node in enumerate(body):
-            if isinstance(node, ast.AnnAssign):
-                nxt = body[i + 1] if i + 1 < len(body) else None
-                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), \
-                    f"{module.__name__}.Config.{node.target.id} has no docstring"
+        fields = []   # the Config class and its dataclass bases (the shared fields live in RecipeConfig)
+        for klass in module.Config.__mro__[:-1]:
+            body = ast.parse(inspect.getsource(klass)).body[0].body
+            fields += [n.target.id for n in body if isinstance(n, ast.AnnAssign)]
+            for i, node in enumerate(body):
+                if isinstance(node, ast.AnnAssign):
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), \
+                        f"{klass.__module__}.{klass.__name__}.{node.target.id} has no docstring"
         for common in ("log_path", "base_model", "dataset", "tokenizer_model", "learning_rate", "lora_rank",
                        "output_model_id", "init_from_checkpoint", "warm_start_from_adapter", "weight_sync",
                        "infra", "seed"):
