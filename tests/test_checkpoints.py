@@ -390,7 +390,7 @@ def test_list_checkpoints_oldest_first_by_created_time(tmp_path, model, model_di
     now = time.time()
     # Names and creation order disagree on purpose, and microseconds matter.
     ck.save_train_state(job / "checkpoints" / "a-late", model, None, {"created_time": now + 10.5})
-    ck.save_train_state(job / "checkpoints" / "b-early", model, None, {"created_time": now + 0.000001})
+    ck.save_train_state(job / "checkpoints" / "b-early", model, None, {"created_time": now + 0.00001})  # 10 us: float64 resolution at 1.8e9 s is ~0.24 us
     ck.save_sampler_base(job / "sampler" / "c-middle", ck.bf16_state(model), model_dir,
                          {"created_time": now + 1, "expire_time": now + 3600})
     ck.save_train_state(job / "checkpoints" / "d-first", model, None, {"created_time": now})
