@@ -118,5 +118,6 @@ def run_demo(home=None, steps: int = 30, sync_every: int = 10) -> dict:
     print(f"{len(rows) + 1} checkpoints; promoted {row['name'].split('/')[-1]} -> {model['name']} "
           f"({model.get('localPath')})")
     print(f"done in {time.time() - t0:.1f}s")
+    print(f"the backend keeps running at {backend.base_url} (`workbench status` shows it, `workbench stop` stops it)")
     service.close()
     return {"history": history, "model": model, "job_id": created.job_id, "deployment_id": deployment_id}

@@ -1259,7 +1259,8 @@ def _run_text(run: Run) -> str:
         lines.append(f"  deployment  {dep} {info['state']} holds {holds}{flag}")
     if not st["deployments"]:
         lines.append("  deployment  (none yet)")
-    lines.append(f"  last step   {run.step}   checkpoints recorded {s['n_checkpoints']}")
+    lines.append(f"  last step   {run.step}")
+    lines.append(f"  checkpoints {s['n_checkpoints']} recorded")
     if s["last_eval"]:
         e = s["last_eval"]
         lines.append(f"  last eval   {e['name']} = {e['score']:.3f} on {e['snapshot'] or 'base model'} (step {e['step']})")
