@@ -1,7 +1,11 @@
 """The notebook layer: a run session (`run.py`), its lineage store (`lineage.py`), widgets (`widgets.py`).
 
     import workbench as wb
-    run = wb.open("runs/colors-sft")       # run.py: Run, Trainer, Deployment, EvalResult
+    run = wb.open("runs/colors-sft")       # run.py: Run (and open_run, what wb.open calls)
+    run.trainer(...); run.deployment(...)  # provision.py: Trainer, Deployment (create / reconnect / await)
+    run.sync(); run.save_state()           # sync.py: weight sync + hot-load, resumable train state
+    run.evaluate(prompts, scorer)          # evaluation.py: EvalResult, the staleness check
+    run.checkpoint_rows(); run.promote()   # promotion.py: checkpoint rows, promotion
     run.store                              # lineage.py: LineageStore (SQLite in the run directory)
     run.checkpoints(); run.evals(); run.lineage(); run.monitor(); run.dashboard()   # widgets.py
 
@@ -9,6 +13,10 @@ It talks to the backend only through the official SDK and HTTP on the wire contr
 `workbench.connect`, `workbench.sdk` and `workbench.models.load_tokenizer`), so it works unchanged against
 any service that speaks the contract. Importing this package imports nothing heavy; `workbench.open`
 loads the pieces on first use (no torch in the notebook kernel unless you import it).
+
+`Run` is one class; its larger jobs live in the modules above and are mixed into it, and every name stays
+importable from `workbench.notebook.run`. `display.py` renders `repr(run)`; `common.py` holds the two
+errors (`StaleDeploymentError`, `PromotionError`) and small shared helpers.
 
 `data.py` holds the tiny chat dataset and the datum builder the tutorials use.
 

@@ -12,7 +12,7 @@ printed once when it finishes, never as a stream of updates.
 
 `wait_all` runs each blocking call (the official SDK's `wait_for_ready` / `reconnect_and_wait`) in its own
 daemon thread and waits for all of them in the foreground. Ctrl-C / the kernel's stop button sets a cancel
-event that the SDK managers handed to those threads check on every poll (see `run._cancellable`), so the
+event that the SDK managers handed to those threads check on every poll (see `provision._cancellable`), so the
 threads stop within one poll interval and the cell ends at once with a KeyboardInterrupt.
 """
 

@@ -205,7 +205,7 @@ class CheckpointTable(_View):
         """Promote (the selected) checkpoint; the outcome, or what to do instead, shows under the table."""
         checkpoint = checkpoint or self.choice.value
         output_model_id = output_model_id or self.model_id.value.strip()
-        from .run import PromotionError
+        from .common import PromotionError
 
         try:
             model = self.run.promote(checkpoint, output_model_id=output_model_id)
@@ -277,15 +277,27 @@ class EvalChart(_View):
         fig = _figure(6.4, 3.2)
         ax = fig.add_subplot(111)
         names = sorted({p["eval"] for p in pts})
+        steps = [p["step"] for p in pts if p["step"] is not None]
+        lo, hi = (min(steps), max(steps)) if steps else (0, 0)
+        labelled: set[tuple] = set()
         for name in names:
             mine = [p for p in pts if p["eval"] == name and p["step"] is not None]
             if not mine:
                 continue
             ax.plot([p["step"] for p in mine], [p["score"] for p in mine], marker="o", label=name)
-            for p in mine:
+            for i, p in enumerate(mine):
                 label = _short(p["snapshot"], 22)
-                ax.annotate(label, (p["step"], p["score"]), textcoords="offset points", xytext=(3, 6),
-                            fontsize=6.5, rotation=20, color="#444")
+                if (p["step"], p["score"], label) in labelled:
+                    continue  # the same snapshot scored the same by another eval: one label is enough
+                labelled.add((p["step"], p["score"], label))
+                # alternate above/below so neighbours do not overlap; anchor the outermost labels inwards so
+                # they stay inside the figure; the y margin keeps them clear of the title and the x axis
+                ha = "left" if p["step"] == lo and lo != hi else "right" if p["step"] == hi and lo != hi else "center"
+                ax.annotate(label, (p["step"], p["score"]), textcoords="offset points",
+                            xytext=(0, 7) if i % 2 == 0 else (0, -11), ha=ha,
+                            va="bottom" if i % 2 == 0 else "top", fontsize=6, color="#444",
+                            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
+        ax.margins(x=0.06, y=0.28)
         ax.set_xlabel("training step (of the snapshot evaluated)")
         ax.set_ylabel("score")
         ax.set_title(f"{self.run.name}: eval score by snapshot", fontsize=10)
@@ -338,7 +350,7 @@ class LineageView(_View):
         """One readable chain per evaluation."""
         out = []
         for r in _records(self.frame):
-            from .run import _short_type
+            from .promotion import _short_type
 
             out.append(f"step {_fmt(_int(r['step']))} -> {r['checkpoint']} ({_short_type(r['checkpoint_type'])}) -> "
                        f"{r['deployment']} -> {r['eval']} = {_fmt(r['score'])} ({r['samples']} samples)")
@@ -368,7 +380,7 @@ class LineageView(_View):
         return self
 
     def _rows(self, df) -> list[list]:
-        from .run import _short_type
+        from .promotion import _short_type
 
         return [[_int(r["step"]), _int(r["data_consumed"]), r["checkpoint"],
                  _short_type(r["checkpoint_type"]) if r["checkpoint_type"] else "-",
@@ -661,7 +673,7 @@ class Dashboard(_View):
         self._summary()
 
     def _summary(self) -> None:
-        from .run import _run_html
+        from .display import _run_html
 
         self.summary.value = _run_html(self.run)
 
@@ -672,13 +684,13 @@ class Dashboard(_View):
         return self
 
     def text(self) -> str:
-        from .run import _run_text
+        from .display import _run_text
 
         return "\n\n".join([_run_text(self.run), self.monitor.text(), self.checkpoints.text(), self.evals.text(),
                             self.lineage.text()])
 
     def html(self) -> str:
-        from .run import _run_html
+        from .display import _run_html
 
         return "<hr>".join([_run_html(self.run), self.monitor.html(), self.checkpoints.html(), self.evals.html(),
                             self.lineage.html()])
