@@ -101,3 +101,20 @@ def backend(tmp_path_factory):
     b = start_backend(tmp_path_factory.mktemp("wbhome"))
     yield b
     stop_backend(b)
+
+
+@pytest.fixture(scope="module")
+def recipe_backend(tmp_path_factory):
+    """A backend the recipes find through FIREWORKS_BASE_URL / FIREWORKS_API_KEY, as a user's would."""
+    saved = {k: os.environ.get(k) for k in ("FIREWORKS_BASE_URL", "FIREWORKS_API_KEY")}
+    b = start_backend(tmp_path_factory.mktemp("wbhome-recipes"))
+    os.environ["FIREWORKS_BASE_URL"], os.environ["FIREWORKS_API_KEY"] = b.base_url, b.api_key
+    try:
+        yield b
+    finally:
+        stop_backend(b)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -6,31 +6,13 @@ training on 2 cores; the printed numbers are what the report quotes.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from conftest import start_backend, stop_backend
 
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def recipe_backend(tmp_path_factory):
-    """A backend for the recipes (OMP_NUM_THREADS=1: see test_recipes_sft.py)."""
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "FIREWORKS_BASE_URL", "FIREWORKS_API_KEY")}
-    os.environ["OMP_NUM_THREADS"] = "1"
-    backend = start_backend(tmp_path_factory.mktemp("wbhome-recipes-learning"))
-    os.environ["FIREWORKS_BASE_URL"], os.environ["FIREWORKS_API_KEY"] = backend.base_url, backend.api_key
-    try:
-        yield backend
-    finally:
-        stop_backend(backend)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_grpo_from_sft_warm_start_raises_mean_reward(recipe_backend, tmp_path):

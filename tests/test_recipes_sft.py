@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, start_backend, stop_backend
+from conftest import TINY
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
@@ -29,23 +29,6 @@ SFT = dict(epochs=2, batch_size=16, learning_rate=3e-3, max_steps=12, seed=0)
 SAVE_EVERY = 4
 
 
-@pytest.fixture(scope="module")
-def recipe_backend(tmp_path_factory):
-    """A backend for the recipes; OMP_NUM_THREADS=1 keeps torch in the trainer and deployment processes
-    from spinning on this shared 2-core machine (see the report: 10x slower steps otherwise)."""
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "FIREWORKS_BASE_URL", "FIREWORKS_API_KEY")}
-    os.environ["OMP_NUM_THREADS"] = "1"
-    backend = start_backend(tmp_path_factory.mktemp("wbhome-recipes-sft"))
-    os.environ["FIREWORKS_BASE_URL"], os.environ["FIREWORKS_API_KEY"] = backend.base_url, backend.api_key
-    try:
-        yield backend
-    finally:
-        stop_backend(backend)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def sft_config(log_path, **overrides):

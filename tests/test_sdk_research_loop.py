@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
