@@ -86,3 +86,26 @@ def test_trainer_prefixed_control_plane_paths(backend):
     # R1.2: a service client built on a trainer endpoint calls /v1/... under the trainer prefix.
     r = backend.get("/training/v1/rlorTrainerJobs/workbench/anyjob/v1/accounts?pageSize=2")
     assert r.status_code == 200 and r.json()["accounts"][0]["name"] == "accounts/workbench"
+
+
+def test_idle_trainer_pauses_after_its_inactivity_timeout_and_resumes(backend):
+    import time
+
+    from fireworks.training.sdk import TrainerJobConfig
+
+    mgr = backend.trainer_manager()
+    created = mgr.create(TrainerJobConfig(base_model=TINY, lora_rank=0, learning_rate=1e-3, inactivity_timeout="3s"))
+    job = backend.get(f"/v1/accounts/workbench/rlorTrainerJobs/{created.job_id}").json()
+    assert job["state"] == "JOB_STATE_RUNNING" and job["inactivityTimeout"] == "3s"
+    deadline = time.time() + 30
+    while time.time() < deadline and mgr.get(created.job_id)["state"] == "JOB_STATE_RUNNING":
+        time.sleep(0.5)
+    job = mgr.get(created.job_id)
+    assert job["state"] == "JOB_STATE_PAUSED" and "inactivityTimeout" in job["status"]["message"]
+    assert backend.get(f"/training/v1/rlorTrainerJobs/workbench/{created.job_id}/api/v1/healthz").status_code == 503
+    mgr.reconnect_and_wait(created.job_id, timeout_s=120)
+    assert mgr.get(created.job_id)["state"] == "JOB_STATE_RUNNING"
+    r = backend.post("/v1/accounts/workbench/rlorTrainerJobs?rlorTrainerJobId=bad-idle",
+                     json={"trainingConfig": {"baseModel": TINY}, "inactivityTimeout": "soon"})
+    assert r.status_code == 400 and "inactivityTimeout" in r.json()["error"]["message"]
+    mgr.delete(created.job_id)

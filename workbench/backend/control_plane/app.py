@@ -55,6 +55,9 @@ class ControlPlane:
         self.supervisor = Supervisor(home, api_key, on_exit=self._on_child_exit)
         self._restarts: dict[str, list[float]] = {}
         self._closed = threading.Event()
+        # job id -> time of the last request through the gateway (SDK heartbeats count: a live client
+        # sends one every 10 s, so a job goes idle only once no client holds it).
+        self.last_activity: dict[str, float] = {}
 
     # ---- paths -------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
@@ -81,6 +84,7 @@ class ControlPlane:
             if dep["state"] in ("READY", "CREATING", "UPDATING") and desired_replicas(dep) > 0:
                 self.start_deployment(dep["name"].split("/")[-1])
         threading.Thread(target=self._sweep_expired_checkpoints, name="ttl-sweeper", daemon=True).start()
+        threading.Thread(target=self._pause_idle_trainers, name="idle-sweeper", daemon=True).start()
 
     def shutdown(self) -> None:
         self._closed.set()
@@ -190,6 +194,24 @@ class ControlPlane:
             # Restart on the last good snapshot (the replica reloads it from its state.json).
             self.start_deployment(key)
 
+    # ---- idle trainers -----------------------------------------------------------------------
+    def _pause_idle_trainers(self) -> None:
+        """Pause RUNNING jobs idle longer than their `inactivityTimeout` (only when the job set one:
+        locally a trainer's memory is cheap and its unsaved weights are not, so the default is never)."""
+        while not self._closed.wait(1.0):
+            now = time.time()
+            for job in self.store.list("jobs"):
+                timeout = job.get("inactivityTimeout")
+                if job["state"] != "JOB_STATE_RUNNING" or not timeout or job.get("disableInactivityCleanup"):
+                    continue
+                job_id = job_id_of(job)
+                idle = now - max(self.last_activity.get(job_id, 0.0), _epoch(job["updateTime"]))
+                if idle > float(str(timeout).rstrip("s")):
+                    self.stop_trainer(job_id)
+                    self.set_job_state(job_id, "JOB_STATE_PAUSED",
+                                       f"paused after {idle:.0f}s without requests (inactivityTimeout {timeout}); "
+                                       "resume the job to continue from its last saved state")
+
     # ---- checkpoint TTL ----------------------------------------------------------------------
     def _sweep_expired_checkpoints(self) -> None:
         from workbench.checkpoints.manifest import read_manifest
@@ -213,6 +235,10 @@ def delete_checkpoint_dir(path: Path) -> None:
     except OSError:
         return
     shutil.rmtree(graveyard, ignore_errors=True)
+
+
+def _epoch(rfc3339_time: str) -> float:
+    return datetime.strptime(rfc3339_time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
 def job_id_of(job: dict) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 from fastapi import APIRouter, Request
@@ -65,6 +66,7 @@ async def trainer_gateway(request: Request, account: str, job_id: str, rest: str
     job = cp.store.get("jobs", job_id)
     if job is None or account != cp.account:
         return error_response(404, f"rlorTrainerJob {account}/{job_id} not found")
+    cp.last_activity[job_id] = time.time()
     child = cp.supervisor.get("trainer", job_id)
     port = child.port() if child else None
     if port is None or job["state"] != "JOB_STATE_RUNNING":

@@ -131,6 +131,13 @@ async def create_job(request: Request, account: str) -> dict:
         job["trainingShape"] = shape_ref
     if body.get("hotLoadDeploymentId"):
         job["hotLoadDeploymentId"] = body["hotLoadDeploymentId"]
+    if body.get("inactivityTimeout") is not None:
+        timeout = body["inactivityTimeout"]
+        require(isinstance(timeout, str) and bool(re.fullmatch(r"\d+(\.\d+)?s", timeout)), 400,
+                f"inactivityTimeout must be a duration like '1800s' (got {timeout!r})")
+        job["inactivityTimeout"] = timeout
+    if body.get("disableInactivityCleanup"):
+        job["disableInactivityCleanup"] = True
     if not cp.store.insert("jobs", job_id, job):
         raise ApiError(409, f"rlorTrainerJob {job_id!r} already exists")
     cp.start_trainer(job_id)
