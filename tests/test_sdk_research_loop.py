@@ -150,7 +150,7 @@ def test_logprobs_match_transformers_and_trainer(backend, loop):
                               .loss_fn_outputs[0]["logprobs"].data)[len(prompt) - 1:]
     diff = (trainer_lp - served).abs()
     print(f"trainer fp32 vs deployment bf16 logprobs: mean {diff.mean():.2e} max {diff.max():.2e}")
-    assert diff.max().item() < 0.05
+    assert diff.max().item() < 1e-2  # bf16 keeps ~8 mantissa bits; measured max ~1.4e-4
 
 
 def _hotload_fails(loop, identity, metadata=None) -> str:
