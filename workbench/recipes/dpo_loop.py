@@ -31,10 +31,10 @@ from pathlib import Path
 
 from workbench.recipes.utils.config import check_batching, check_common, check_number
 from workbench.recipes.utils.infra import RecipeError, completed_summary
-from workbench.recipes.utils.loop import TrainingRun, adam_params, provision, read_datasets, validate_or_raise
+from workbench.recipes.utils.loop import TrainingRun, provision, read_datasets, validate_or_raise
 from workbench.recipes.utils.losses import make_dpo_loss
-from workbench.recipes.utils.preference import (PreferenceConfig, forward_pairs, pair_datums, preference_eval,
-                                                render_train_eval)
+from workbench.recipes.utils.preference import (PreferenceConfig, forward_pairs, preference_eval, preference_step,
+                                                render_train_eval, train_preference_run)
 
 logger = logging.getLogger("workbench.recipes.dpo")
 
@@ -110,29 +110,14 @@ def main(cfg: Config) -> dict:
         run_eval = (lambda: preference_eval(client, evals, ref_sums=ref_eval, beta=cfg.beta)) if evals else None
 
         def train_step(idx: list[int], lr: float, step: int) -> dict:
-            """One DPO step on the batch's kept pairs; the loss is already a mean, so no normalization."""
+            """One DPO step on the batch's kept pairs (rows too long for max_seq_len are None)."""
             kept = [i for i in idx if train[i] is not None]
-            metrics: dict = {}
-            if kept:
-                loss_fn = make_dpo_loss([ref_train[i] for i in kept], beta=cfg.beta)
-                fb = client.forward_backward_custom(pair_datums([train[i] for i in kept]), loss_fn).result()
-                client.optim_step(adam_params(lr, weight_decay=cfg.weight_decay,
-                                              grad_clip_norm=cfg.grad_clip_norm)).result()
-                metrics.update({k: v for k, v in fb.metrics.items() if k.startswith("dpo/")})
-            metrics["train/pairs"] = len(kept)
-            return metrics
+            loss_fn = make_dpo_loss([ref_train[i] for i in kept], beta=cfg.beta) if kept else None
+            return preference_step(client, cfg, [train[i] for i in kept], loss_fn, lr, RECIPE)
 
-        run.begin(run_eval)
-        run.train(train_step, desc=RECIPE, postfix_keys=("dpo/loss", "dpo/accuracy", "eval/pref_accuracy"),
-                  evaluate=run_eval, eval_due=lambda step, consumed: consumed % len(train) == 0)
-        run.final_eval(run_eval, "eval/pref_accuracy")
-        first, last = run.first_eval, run.last_eval
-        return run.finish({
-            "train_pairs": len(train), "eval_pairs": len(evals),
-            "pref_accuracy_before": first.get("eval/pref_accuracy") if first else None,
-            "pref_accuracy_after": last.get("eval/pref_accuracy") if last else None,
-            "reward_accuracy_after": last.get("eval/reward_accuracy") if last else None,
-        })
+        return train_preference_run(run, RECIPE, train, evals, train_step, run_eval,
+                                    {"reward_accuracy_after": "eval/reward_accuracy"})
+
 
 if __name__ == "__main__":
     import argparse

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 from workbench.recipes.utils.config import check_batching, check_common, check_number
 from workbench.recipes.utils.infra import completed_summary
-from workbench.recipes.utils.loop import TrainingRun, adam_params, provision, read_datasets, validate_or_raise
+from workbench.recipes.utils.loop import TrainingRun, provision, read_datasets, validate_or_raise
 from workbench.recipes.utils.losses import make_orpo_loss
-from workbench.recipes.utils.preference import PreferenceConfig, pair_datums, preference_eval, render_train_eval
+from workbench.recipes.utils.preference import (PreferenceConfig, preference_eval, preference_step, render_train_eval,
+                                                train_preference_run)
 
 logger = logging.getLogger("workbench.recipes.orpo")
 
@@ -67,28 +68,12 @@ def main(cfg: Config) -> dict:
         loss_fn = make_orpo_loss(orpo_lambda=cfg.orpo_lambda)
 
         def train_step(idx: list[int], lr: float, step: int) -> dict:
-            """One ORPO step on the batch's kept pairs; the loss is already a mean, so no normalization."""
-            kept = [train[i] for i in idx if train[i] is not None]
-            metrics: dict = {}
-            if kept:
-                fb = client.forward_backward_custom(pair_datums(kept), loss_fn).result()
-                client.optim_step(adam_params(lr, weight_decay=cfg.weight_decay,
-                                              grad_clip_norm=cfg.grad_clip_norm)).result()
-                metrics.update({k: v for k, v in fb.metrics.items() if k.startswith("orpo/")})
-            metrics["train/pairs"] = len(kept)
-            return metrics
+            """One ORPO step on the batch's kept pairs (rows too long for max_seq_len are None)."""
+            return preference_step(client, cfg, [train[i] for i in idx if train[i] is not None], loss_fn, lr, RECIPE)
 
-        run.begin(run_eval)
-        run.train(train_step, desc=RECIPE, postfix_keys=("orpo/loss", "orpo/accuracy", "eval/pref_accuracy"),
-                  evaluate=run_eval, eval_due=lambda step, consumed: consumed % len(train) == 0)
-        run.final_eval(run_eval, "eval/pref_accuracy")
-        first, last = run.first_eval, run.last_eval
-        return run.finish({
-            "train_pairs": len(train), "eval_pairs": len(evals),
-            "pref_accuracy_before": first.get("eval/pref_accuracy") if first else None,
-            "pref_accuracy_after": last.get("eval/pref_accuracy") if last else None,
-            "pref_accuracy_mean_after": last.get("eval/pref_accuracy_mean") if last else None,
-        })
+        return train_preference_run(run, RECIPE, train, evals, train_step, run_eval,
+                                    {"pref_accuracy_mean_after": "eval/pref_accuracy_mean"})
+
 
 if __name__ == "__main__":
     import argparse

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from . import data as D
 from .config import ConfigError, RecipeConfig
+from .loop import adam_params
 from .losses import pair_stats, sigmoid_loss
 
 
@@ -103,3 +104,33 @@ def preference_eval(client, pairs: list[Pair], *, ref_sums: list[tuple[float, fl
                     "eval/margin": sum(margins) / n,
                     "eval/dpo_loss": sum(sigmoid_loss(m) for m in margins) / n})
     return out
+
+
+def preference_step(client, cfg, pairs: list[Pair], loss_fn, lr: float, prefix: str) -> dict:
+    """One optimizer step of a pairwise loss (DPO, ORPO) on `pairs`; the loss is already a mean over
+    pairs, so optim_step needs no normalization. Returns the step's `<prefix>/...` metrics."""
+    metrics: dict = {}
+    if pairs:
+        fb = client.forward_backward_custom(pair_datums(pairs), loss_fn).result()
+        client.optim_step(adam_params(lr, weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)).result()
+        metrics.update({k: v for k, v in fb.metrics.items() if k.startswith(prefix + "/")})
+    metrics["train/pairs"] = len(pairs)
+    return metrics
+
+
+def train_preference_run(run, recipe: str, train: list, evals: list, train_step, run_eval,
+                         extra_after: dict[str, str]) -> dict:
+    """The DPO/ORPO loop around `train_step`: evaluate after every epoch and at the end, then the summary
+    (preference accuracy before/after, plus `extra_after`: summary key -> eval metric of the last eval)."""
+    run.begin(run_eval)
+    run.train(train_step, desc=recipe, postfix_keys=(f"{recipe}/loss", f"{recipe}/accuracy", "eval/pref_accuracy"),
+              evaluate=run_eval, eval_due=lambda step, consumed: consumed % len(train) == 0)
+    run.final_eval(run_eval, "eval/pref_accuracy")
+    first, last = run.first_eval, run.last_eval
+    summary = {
+        "train_pairs": len(train), "eval_pairs": len(evals),
+        "pref_accuracy_before": first.get("eval/pref_accuracy") if first else None,
+        "pref_accuracy_after": last.get("eval/pref_accuracy") if last else None,
+    }
+    summary.update({key: last.get(metric) if last else None for key, metric in extra_after.items()})
+    return run.finish(summary)
