@@ -249,7 +249,7 @@ def main() -> None:
     ap.add_argument("--models", default="small,75m")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    torch.set_num_threads(1)     # the replica computes single-threaded too (WORKBENCH_TORCH_THREADS)
+    torch.set_num_threads(1)     # the replica computes single-threaded too (WORKBENCH_DEPLOYMENT_THREADS)
     from workbench import models
 
     env = dict(os.environ)

@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # has 2 cores shared by several processes, where oversubscribed threads are ~20x slower, and exact
 # weight comparisons need the same thread count on both sides (reductions differ by thread count).
 os.environ.setdefault("WORKBENCH_TRAINER_THREADS", "1")
-os.environ.setdefault("WORKBENCH_DEPLOYMENT_THREADS", "1")
+os.environ.setdefault("WORKBENCH_DEPLOYMENT_THREADS", "1")  # the replica default too; explicit for symmetry
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 

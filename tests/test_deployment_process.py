@@ -47,7 +47,7 @@ class Replica:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workbench.backend.deployment", "--deployment-dir", str(self.dir),
              "--port-file", str(port_file)],
-            env=dict(os.environ, WORKBENCH_API_KEY=KEY, WORKBENCH_TORCH_THREADS="1"), stdout=log,
+            env=dict(os.environ, WORKBENCH_API_KEY=KEY, WORKBENCH_DEPLOYMENT_THREADS="1"), stdout=log,
             stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
