@@ -19,6 +19,32 @@ def wb(*args, home, check=True):
                           env=dict(os.environ, WORKBENCH_HOME=str(home)))
 
 
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pid: int, deadline_s: float = 120.0) -> bool:
+    deadline = time.monotonic() + deadline_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+def wait_for_state(base_url: str, key: str, job_id: str, state: str, deadline_s: float = 600.0) -> dict:
+    """The job once it reaches `state` (or whatever it is at the deadline): a loaded machine starts trainers slowly."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        job = httpx.get(f"{base_url}/v1/accounts/workbench/rlorTrainerJobs/{job_id}",
+                        headers={"X-Api-Key": key}, timeout=60).json()
+        if job["state"] == state or job["state"] == "JOB_STATE_FAILED" or time.monotonic() > deadline:
+            return job
+        time.sleep(0.2)
+
+
 def test_detach_status_stop_stops_every_process(tmp_path):
     home = tmp_path / "home"
     out = wb("serve", "--detach", home=home).stdout
@@ -34,8 +60,7 @@ def test_detach_status_stop_stops_every_process(tmp_path):
     r = httpx.post(f"{info['base_url']}/v1/accounts/workbench/rlorTrainerJobs?rlorTrainerJobId=cli-job",
                    headers={"X-Api-Key": key}, json={"trainingConfig": {"baseModel": TINY}}, timeout=30)
     assert r.status_code == 200
-    job = httpx.get(f"{info['base_url']}/v1/accounts/workbench/rlorTrainerJobs/cli-job",
-                    headers={"X-Api-Key": key}, timeout=60).json()
+    job = wait_for_state(info["base_url"], key, "cli-job", "JOB_STATE_RUNNING")
     assert job["state"] == "JOB_STATE_RUNNING"
     status = wb("status", home=home).stdout
     assert "cli-job" in status and "JOB_STATE_RUNNING" in status
@@ -43,9 +68,8 @@ def test_detach_status_stop_stops_every_process(tmp_path):
     assert children, "the trainer should be a child of the control plane"
 
     assert "stopped" in wb("stop", home=home).stdout
-    time.sleep(0.5)
     for pid in [info["pid"], *map(int, children)]:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+        assert wait_gone(pid), f"process {pid} outlived `workbench stop`"
     assert not (home / "server.json").exists()
     assert wb("status", home=home, check=False).returncode == 1
 

@@ -1,6 +1,7 @@
 """The workbench home directory: where a backend keeps its state, and how clients find it.
 
-Layout of `$WORKBENCH_HOME` (default `~/.workbench`):
+Layout of `$WORKBENCH_HOME` (default `~/.workbench`; every path is named by
+`workbench.checkpoints.layout.HomeLayout`):
 
     server.json          {"base_url", "pid", "host", "port", "home", "started_at"} while `workbench serve` runs
     api_key              the key every endpoint requires (generated once, file mode 0600)
@@ -19,7 +20,8 @@ import os
 import secrets
 from pathlib import Path
 
-ACCOUNT_ID = "workbench"  # the one local account
+from workbench.checkpoints.layout import HomeLayout
+from workbench.common import ACCOUNT_ID, write_json_atomic  # noqa: F401  (re-exported for callers of home)
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
@@ -30,7 +32,7 @@ def resolve_home(home: str | os.PathLike | None = None) -> Path:
 
 
 def api_key_file(home: Path) -> Path:
-    return home / "api_key"
+    return HomeLayout(home).api_key_file
 
 
 def ensure_api_key(home: Path) -> str:
@@ -56,15 +58,7 @@ def read_api_key(home: Path) -> str | None:
 
 
 def server_file(home: Path) -> Path:
-    return home / "server.json"
-
-
-def write_json_atomic(path: Path, data: dict, mode: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    return HomeLayout(home).server_file
 
 
 def read_server_info(home: Path) -> dict | None:

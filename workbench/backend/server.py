@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from workbench.checkpoints.layout import HomeLayout
+
 from .home import ensure_api_key, pid_alive, read_server_info, server_file, write_json_atomic
 
 
@@ -82,8 +84,9 @@ def start_detached(home: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
     if info:
         return info
     ensure_api_key(home)
-    (home / "logs").mkdir(exist_ok=True)
-    log = open(home / "logs" / "control-plane.log", "ab")
+    log_path = HomeLayout(home).control_plane_log
+    log_path.parent.mkdir(exist_ok=True)
+    log = open(log_path, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--host", host, "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -98,7 +101,7 @@ def start_detached(home: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
             info = running_server(home)
             if info:
                 return info
-            tail = (home / "logs" / "control-plane.log").read_text(errors="replace").splitlines()[-20:]
+            tail = log_path.read_text(errors="replace").splitlines()[-20:]
             raise RuntimeError("workbench serve exited before it was ready:\n" + "\n".join(tail))
         time.sleep(0.1)
     proc.terminate()

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from workbench.checkpoints.layout import HomeLayout
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -104,9 +106,8 @@ class Supervisor:
         self.stop(kind, key)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "port").unlink(missing_ok=True)
-        log_dir = self.home / "logs"
-        log_dir.mkdir(exist_ok=True)
-        log_path = log_dir / f"{kind}-{key}.log"
+        log_path = HomeLayout(self.home).log_file(kind, key)
+        log_path.parent.mkdir(exist_ok=True)
         env = dict(os.environ, WORKBENCH_API_KEY=self.api_key, WORKBENCH_HOME=str(self.home),
                    PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         # Every trainer, replica and the notebook kernel share the machine's cores. torch's default

@@ -23,6 +23,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .layout import SAMPLER_DIR, TRAIN_STATE_DIR  # one spelling of the directory names, in layout.py
 from .manifest import read_manifest
 from .sampler import ADAPTER_FILE, BASE_FILE, DELTA_FILE
 from .train_state import dcp_keys, is_lora_key
@@ -35,9 +36,6 @@ INFERENCE_BASE = "CHECKPOINT_TYPE_INFERENCE_BASE"
 INFERENCE_LORA = "CHECKPOINT_TYPE_INFERENCE_LORA"
 INFERENCE_ARC_V2 = "CHECKPOINT_TYPE_INFERENCE_ARC_V2"
 CHECKPOINT_TYPES = (TRAINING, TRAINING_LORA, INFERENCE_BASE, INFERENCE_LORA, INFERENCE_ARC_V2)
-
-TRAIN_STATE_DIR = "checkpoints"
-SAMPLER_DIR = "sampler"
 
 
 def detect_checkpoint_type(directory: Path) -> str:

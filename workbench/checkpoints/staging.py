@@ -24,9 +24,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .layout import STAGING_PREFIX
 from .manifest import write_manifest
 
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = STAGING_PREFIX
 # Test hook: seconds to stall between writing a checkpoint's data and committing it, so a crash test
 # can kill the writer inside that window. Unset (the default) costs nothing.
 FAULT_STALL_ENV = "WORKBENCH_FAULT_STALL_BEFORE_COMMIT_S"

@@ -26,14 +26,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
+from workbench.common import is_resource_id
 from workbench.models import registry_dir
 
-from .app import ControlPlane, delete_checkpoint_dir, read_body_json, rfc3339
+from .core import ControlPlane, check_account, delete_checkpoint_dir, read_body_json, rfc3339
 from .errors import ApiError, require
-from .jobs import check_account
 
 router = APIRouter()
-MODEL_ID_RE = re.compile(r"^[a-z0-9-]{1,63}$")
 MAX_PAGE_SIZE = 200
 PROMOTE_INLINE_WAIT_S = 25.0
 
@@ -152,7 +151,7 @@ async def promote_checkpoint(request: Request, account: str, checkpoint_action: 
             f"output_model must be accounts/{cp.account}/models/<id> (got {output_model!r})")
     require(parts[1] == cp.account, 400, f"output_model must be in account {cp.account!r} (got {parts[1]!r})")
     model_id = parts[3]
-    require(bool(MODEL_ID_RE.match(model_id)), 400,
+    require(is_resource_id(model_id), 400,
             f"output_model id {model_id!r} is invalid: 1-63 characters of a-z, 0-9 and '-'")
     trainer = body.get("trainer_job_id")
     require(isinstance(trainer, str) and bool(trainer), 400, "trainer_job_id is required")

@@ -16,11 +16,11 @@ import shutil
 
 from fastapi import APIRouter, Request
 
+from workbench.common import is_resource_id
 from workbench.models import ModelNotFoundError, local_path
 
-from .app import ControlPlane, read_body_json, rfc3339
+from .core import ControlPlane, check_account, read_body_json, rfc3339, settled
 from .errors import ApiError, require
-from .jobs import ID_RE, check_account, settled
 
 router = APIRouter()
 
@@ -67,7 +67,7 @@ async def create_deployment(request: Request, account: str) -> dict:
     body = read_body_json(await request.body())
     deployment_id = request.query_params.get("deploymentId")
     require(bool(deployment_id), 400, "deploymentId (query parameter) is required")
-    require(bool(ID_RE.match(deployment_id)), 400,
+    require(is_resource_id(deployment_id), 400,
             f"deploymentId {deployment_id!r} is invalid: use 1-63 lowercase letters, digits and hyphens")
     base_model = body.get("baseModel")
     require(isinstance(base_model, str) and bool(base_model), 400, "baseModel is required")
@@ -110,7 +110,7 @@ async def create_deployment(request: Request, account: str) -> dict:
 
 def _set_bucket_url(cp: ControlPlane, dep: dict) -> None:
     trainer = dep.get("hotLoadTrainerJob")
-    dep["hotLoadBucketUrl"] = (f"file://{cp.job_dir(trainer.split('/')[-1]) / 'sampler'}" if trainer else "")
+    dep["hotLoadBucketUrl"] = (f"file://{cp.job_layout(trainer.split('/')[-1]).samplers}" if trainer else "")
 
 
 @router.get("/v1/accounts/{account}/deployments")

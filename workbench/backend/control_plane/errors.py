@@ -12,20 +12,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-# HTTP status -> (gRPC code, gRPC status name)
-_GRPC = {
-    400: (3, "INVALID_ARGUMENT"),
-    401: (16, "UNAUTHENTICATED"),
-    403: (7, "PERMISSION_DENIED"),
-    404: (5, "NOT_FOUND"),
-    409: (6, "ALREADY_EXISTS"),
-    412: (9, "FAILED_PRECONDITION"),
-    425: (14, "UNAVAILABLE"),
-    500: (13, "INTERNAL"),
-    502: (14, "UNAVAILABLE"),
-    503: (14, "UNAVAILABLE"),
-    504: (4, "DEADLINE_EXCEEDED"),
-}
+from workbench.common import error_body
 
 
 class ApiError(Exception):
@@ -33,11 +20,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def error_body(status: int, message: str) -> dict:
-    code, name = _GRPC.get(status, (2, "UNKNOWN"))
-    return {"error": {"code": code, "message": message, "status": name, "details": []}}
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from .app import ControlPlane, desired_replicas
+from .core import ControlPlane, desired_replicas
 from .errors import error_response
 
 router = APIRouter()
@@ -103,7 +103,7 @@ async def hot_load(request: Request):
     extra = {}
     trainer = dep.get("hotLoadTrainerJob")
     if trainer:
-        extra["x-workbench-snapshot-root"] = str(cp.job_dir(trainer.split("/")[-1]) / "sampler")
+        extra["x-workbench-snapshot-root"] = str(cp.job_layout(trainer.split("/")[-1]).samplers)
     elif request.method == "POST":
         return error_response(400, f"deployment {deployment_id!r} has no hotLoadTrainerJob: link it to a trainer "
                                    "(create with hot_load_trainer_job, or reattach_trainer) before hot-loading")

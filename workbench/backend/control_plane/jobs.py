@@ -11,29 +11,23 @@ A GET of a job that is still CREATING waits (up to ~20 s) for it to settle, so t
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 
 from fastapi import APIRouter, Request
 
+from workbench.common import is_resource_id
 from workbench.models import ModelNotFoundError, local_path
 
-from .app import JOB_STOPPED_STATES, ControlPlane, read_body_json, rfc3339
+from .core import JOB_STOPPED_STATES, ControlPlane, check_account, read_body_json, rfc3339, settled
 from .errors import ApiError, require
 from .shapes import SHAPES, shape_for_ref, shape_version
 
 router = APIRouter()
-ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-SETTLE_WAIT_S = 20.0
 
 
 def _cp(request: Request) -> ControlPlane:
     return request.app.state.cp
-
-
-def check_account(cp: ControlPlane, account: str) -> None:
-    require(account == cp.account, 404, f"account {account!r} not found (the local account is {cp.account!r})")
 
 
 @router.get("/v1/accounts")
@@ -79,7 +73,7 @@ async def create_job(request: Request, account: str) -> dict:
     body = read_body_json(await request.body())
     q = request.query_params
     job_id = q.get("rlorTrainerJobId") or f"training-api-service-{secrets.token_hex(4)}"
-    require(bool(ID_RE.match(job_id)), 400,
+    require(is_resource_id(job_id), 400,
             f"rlorTrainerJobId {job_id!r} is invalid: use 1-63 lowercase letters, digits and hyphens")
     config = dict(body.get("trainingConfig") or {})
     require(isinstance(body.get("trainingConfig", {}), dict), 400, "trainingConfig must be an object")
@@ -157,21 +151,6 @@ async def get_job(request: Request, account: str, job_id: str) -> dict:
     cp = _cp(request)
     check_account(cp, account)
     return await settled(lambda: _get_job(cp, job_id), "JOB_STATE_CREATING")
-
-
-async def settled(get, transitional_state: str) -> dict:
-    """`get()` once the resource leaves `transitional_state`, or after SETTLE_WAIT_S.
-
-    Holding the GET briefly lets the SDK's wait loops (5-15 s poll intervals) see READY/RUNNING on
-    their first poll instead of sleeping a whole interval; the client's GET timeout is 30 s.
-    """
-    resource = get()
-    waited = 0.0
-    while resource["state"] == transitional_state and waited < SETTLE_WAIT_S:
-        await asyncio.sleep(0.1)
-        waited += 0.1
-        resource = get()
-    return resource
 
 
 def _get_job(cp: ControlPlane, job_id: str) -> dict:

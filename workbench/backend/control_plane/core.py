@@ -1,0 +1,283 @@
+"""The control plane's core: its state (`ControlPlane`), lifecycle rules and the helpers every route uses.
+
+    cp = ControlPlane(home, api_key)     # owns the Store, the Supervisor and the sweeper threads
+    cp.startup(); cp.start_trainer(job_id); cp.shutdown()
+
+The route modules (jobs.py, deployments.py, checkpoints.py, gateway.py) import only this module and
+errors.py; app.py assembles them into the FastAPI app. Nothing here imports a route module, so the
+control plane has no import circles.
+
+`ControlPlane` holds the state and the lifecycle rules (starting a trainer, restarting a crashed
+deployment replica, pausing jobs across a control-plane restart). Paths come from `HomeLayout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from workbench.checkpoints.layout import DELETING_PREFIX, HomeLayout, JobLayout
+from workbench.common import ACCOUNT_ID, parse_rfc3339, rfc3339, write_json_atomic
+
+from ..store import Store
+from ..supervisor import Supervisor
+from .errors import ApiError, require
+
+log = logging.getLogger("workbench.control_plane")
+
+__all__ = ["ControlPlane", "rfc3339", "read_body_json", "check_account", "settled", "delete_checkpoint_dir",
+           "desired_replicas", "job_id_of", "JOB_STOPPED_STATES"]
+
+TRAINER_START_TIMEOUT_S = 300
+DEPLOYMENT_START_TIMEOUT_S = 300
+# A replica that crashes this many times within the window is marked FAILED instead of restarted.
+MAX_REPLICA_RESTARTS, RESTART_WINDOW_S = 3, 120
+
+JOB_STOPPED_STATES = {"JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_PAUSED", "JOB_STATE_COMPLETED"}
+
+
+class ControlPlane:
+    def __init__(self, home: Path, api_key: str):
+        self.home = home
+        self.layout = HomeLayout(home)
+        self.api_key = api_key
+        self.account = ACCOUNT_ID
+        self.store = Store(self.layout.state_db)
+        self.supervisor = Supervisor(home, api_key, on_exit=self._on_child_exit)
+        self._restarts: dict[str, list[float]] = {}
+        self._closed = threading.Event()
+        # job id -> time of the last request through the gateway (SDK heartbeats count: a live client
+        # sends one every 10 s, so a job goes idle only once no client holds it).
+        self.last_activity: dict[str, float] = {}
+
+    # ---- paths -------------------------------------------------------------------------------
+    def job_layout(self, job_id: str) -> JobLayout:
+        return self.layout.job(job_id)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.layout.job(job_id).root
+
+    def deployment_dir(self, deployment_id: str) -> Path:
+        return self.layout.deployment(deployment_id).root
+
+    def job_name(self, job_id: str) -> str:
+        return f"accounts/{self.account}/rlorTrainerJobs/{job_id}"
+
+    def deployment_name(self, deployment_id: str) -> str:
+        return f"accounts/{self.account}/deployments/{deployment_id}"
+
+    # ---- startup / shutdown ------------------------------------------------------------------
+    def startup(self) -> None:
+        # Processes do not survive a control-plane restart. Jobs that were running become PAUSED
+        # (`reconnect_and_wait` resumes them); deployments come back on their last good snapshot.
+        for job in self.store.list("jobs"):
+            if job["state"] in ("JOB_STATE_RUNNING", "JOB_STATE_CREATING", "JOB_STATE_PENDING"):
+                self.set_job_state(job_id_of(job), "JOB_STATE_PAUSED",
+                                   "paused: the workbench backend restarted; resume to continue")
+        for dep in self.store.list("deployments"):
+            if dep["state"] in ("READY", "CREATING", "UPDATING") and desired_replicas(dep) > 0:
+                self.start_deployment(dep["name"].split("/")[-1])
+        threading.Thread(target=self._sweep_expired_checkpoints, name="ttl-sweeper", daemon=True).start()
+        threading.Thread(target=self._pause_idle_trainers, name="idle-sweeper", daemon=True).start()
+
+    def shutdown(self) -> None:
+        self._closed.set()
+        self.supervisor.stop_all()
+        self.store.close()
+
+    # ---- trainer jobs ------------------------------------------------------------------------
+    def set_job_state(self, job_id: str, state: str, message: str = "") -> dict | None:
+        return self.store.update("jobs", job_id, state=state, updateTime=rfc3339(),
+                                 status={"code": "OK" if state != "JOB_STATE_FAILED" else "INTERNAL",
+                                         "message": message})
+
+    def start_trainer(self, job_id: str) -> None:
+        """Spawn the job's trainer process; a background thread flips the state to RUNNING when it serves."""
+        job = self.store.get("jobs", job_id)
+        layout = self.job_layout(job_id)
+        job_dir = layout.root
+        job_dir.mkdir(parents=True, exist_ok=True)
+        config = job["trainingConfig"]
+        write_json_atomic(layout.config_file, {
+            "job_id": job_id, "account": self.account, "base_model": config["baseModel"],
+            "lora_rank": int(config.get("loraRank") or 0), "learning_rate": config.get("learningRate"),
+            "max_context_length": config.get("maxContextLength"), "home": str(self.home)})
+        self.set_job_state(job_id, "JOB_STATE_CREATING", "starting trainer process")
+        child = self.supervisor.start("trainer", job_id, ["-m", "workbench.backend.trainer", "--job-dir", str(job_dir)],
+                                      job_dir)
+
+        def wait() -> None:
+            try:
+                child.wait_ready(TRAINER_START_TIMEOUT_S)
+            except Exception as e:  # exited or timed out: the job failed to start
+                if self.supervisor.get("trainer", job_id) is child:
+                    self.supervisor.stop("trainer", job_id)
+                current = self.store.get("jobs", job_id)
+                if current and current["state"] == "JOB_STATE_CREATING":
+                    self.set_job_state(job_id, "JOB_STATE_FAILED", f"trainer failed to start: {e}")
+                return
+            current = self.store.get("jobs", job_id)
+            if current and current["state"] == "JOB_STATE_CREATING" and self.supervisor.get("trainer", job_id) is child:
+                self.set_job_state(job_id, "JOB_STATE_RUNNING", "")
+
+        threading.Thread(target=wait, name=f"start-trainer-{job_id}", daemon=True).start()
+
+    def stop_trainer(self, job_id: str) -> None:
+        self.supervisor.stop("trainer", job_id)
+
+    # ---- deployments -------------------------------------------------------------------------
+    def set_deployment_state(self, deployment_id: str, state: str, message: str = "") -> dict | None:
+        return self.store.update("deployments", deployment_id, state=state, updateTime=rfc3339(),
+                                 status={"code": "OK" if state != "FAILED" else "INTERNAL", "message": message})
+
+    def start_deployment(self, deployment_id: str) -> None:
+        dep = self.store.get("deployments", deployment_id)
+        layout = self.layout.deployment(deployment_id)
+        run_dir = layout.root
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(layout.config_file, {
+            "deployment_id": deployment_id, "account": self.account, "base_model": dep["baseModel"],
+            "home": str(self.home)})
+        if dep["state"] != "READY":
+            self.set_deployment_state(deployment_id, "CREATING", "starting replica")
+        child = self.supervisor.start("deployment", deployment_id,
+                                      ["-m", "workbench.backend.deployment", "--deployment-dir", str(run_dir)], run_dir)
+
+        def wait() -> None:
+            try:
+                child.wait_ready(DEPLOYMENT_START_TIMEOUT_S)
+            except Exception as e:
+                if self.supervisor.get("deployment", deployment_id) is child:
+                    self.supervisor.stop("deployment", deployment_id)
+                if self.store.get("deployments", deployment_id):
+                    self.set_deployment_state(deployment_id, "FAILED", f"replica failed to start: {e}")
+                return
+            if self.store.get("deployments", deployment_id) and self.supervisor.get("deployment", deployment_id) is child:
+                self.set_deployment_state(deployment_id, "READY", "")
+
+        threading.Thread(target=wait, name=f"start-deployment-{deployment_id}", daemon=True).start()
+
+    def reconcile_replicas(self, deployment_id: str) -> None:
+        """Start or stop the replica so it matches the deployment's replica counts."""
+        dep = self.store.get("deployments", deployment_id)
+        running = self.supervisor.get("deployment", deployment_id) is not None
+        if desired_replicas(dep) == 0 and running:
+            self.supervisor.stop("deployment", deployment_id)
+        elif desired_replicas(dep) > 0 and not running and dep["state"] != "FAILED":
+            self.start_deployment(deployment_id)
+
+    # ---- crashes -----------------------------------------------------------------------------
+    def _on_child_exit(self, kind: str, key: str, code: int, tail: str) -> None:
+        if self._closed.is_set():
+            return
+        if kind == "trainer":
+            job = self.store.get("jobs", key)
+            if job and job["state"] in ("JOB_STATE_RUNNING", "JOB_STATE_CREATING"):
+                self.set_job_state(key, "JOB_STATE_FAILED",
+                                   f"trainer process exited unexpectedly (code {code}); resume the job to "
+                                   f"restart it from its last saved state.\n{tail}")
+        elif kind == "deployment":
+            dep = self.store.get("deployments", key)
+            if not dep or desired_replicas(dep) == 0:
+                return
+            now = time.time()
+            recent = [t for t in self._restarts.get(key, []) if now - t < RESTART_WINDOW_S] + [now]
+            self._restarts[key] = recent
+            if len(recent) > MAX_REPLICA_RESTARTS:
+                self.set_deployment_state(key, "FAILED", f"replica crashed {len(recent)} times in "
+                                          f"{RESTART_WINDOW_S}s (last exit code {code}):\n{tail}")
+                return
+            # Restart on the last good snapshot (the replica reloads it from its state.json).
+            self.start_deployment(key)
+
+    # ---- idle trainers -----------------------------------------------------------------------
+    def _pause_idle_trainers(self) -> None:
+        """Pause RUNNING jobs idle longer than their `inactivityTimeout` (only when the job set one:
+        locally a trainer's memory is cheap and its unsaved weights are not, so the default is never)."""
+        while not self._closed.wait(1.0):
+            now = time.time()
+            for job in self.store.list("jobs"):
+                timeout = job.get("inactivityTimeout")
+                if job["state"] != "JOB_STATE_RUNNING" or not timeout or job.get("disableInactivityCleanup"):
+                    continue
+                job_id = job_id_of(job)
+                idle = now - max(self.last_activity.get(job_id, 0.0), parse_rfc3339(job["updateTime"]))
+                if idle > float(str(timeout).rstrip("s")):
+                    self.stop_trainer(job_id)
+                    self.set_job_state(job_id, "JOB_STATE_PAUSED",
+                                       f"paused after {idle:.0f}s without requests (inactivityTimeout {timeout}); "
+                                       "resume the job to continue from its last saved state")
+
+    # ---- checkpoint TTL ----------------------------------------------------------------------
+    def _sweep_expired_checkpoints(self) -> None:
+        from workbench.checkpoints.manifest import read_manifest
+
+        while not self._closed.wait(1.0):
+            now = time.time()
+            for job in self.layout.all_jobs():
+                for root in job.checkpoint_roots:
+                    for ckpt_dir in (root.iterdir() if root.is_dir() else ()):
+                        if ckpt_dir.name.startswith("."):
+                            continue  # staging or being deleted
+                        meta = read_manifest(ckpt_dir)
+                        expire = meta.get("expire_time") if meta else None
+                        if isinstance(expire, (int, float)) and expire <= now:
+                            delete_checkpoint_dir(ckpt_dir)
+
+
+def delete_checkpoint_dir(path: Path) -> None:
+    """Remove a checkpoint so it is never seen half-deleted: rename out of the listing first."""
+    graveyard = path.parent / f"{DELETING_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(path, graveyard)
+    except OSError:
+        return
+    shutil.rmtree(graveyard, ignore_errors=True)
+
+
+def job_id_of(job: dict) -> str:
+    return job["name"].split("/")[-1]
+
+
+def desired_replicas(dep: dict) -> int:
+    return 1 if int(dep.get("maxReplicaCount", 1) or 0) > 0 else 0
+
+
+def read_body_json(raw: bytes) -> dict:
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+SETTLE_WAIT_S = 20.0
+
+
+def check_account(cp: ControlPlane, account: str) -> None:
+    require(account == cp.account, 404, f"account {account!r} not found (the local account is {cp.account!r})")
+
+
+async def settled(get, transitional_state: str) -> dict:
+    """`get()` once the resource leaves `transitional_state`, or after SETTLE_WAIT_S.
+
+    Holding the GET briefly lets the SDK's wait loops (5-15 s poll intervals) see READY/RUNNING on
+    their first poll instead of sleeping a whole interval; the client's GET timeout is 30 s.
+    """
+    resource = get()
+    waited = 0.0
+    while resource["state"] == transitional_state and waited < SETTLE_WAIT_S:
+        await asyncio.sleep(0.1)
+        waited += 0.1
+        resource = get()
+    return resource
