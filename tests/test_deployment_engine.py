@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from workbench import models
+from workbench.backend.deployment.detokenize import Choice, ChoiceSink
 from workbench.backend.deployment.engine import Engine, SamplingParams, Sequence
 from workbench.backend.deployment.protocol import InvalidRequest, parse_completion_request
 from workbench.backend.deployment.weights import bf16_round_
@@ -55,6 +56,17 @@ def run(engine: Engine, seqs: list[Sequence], stagger: float = 0.0, submit: bool
     for s in seqs:
         assert s.done.wait(60), "sequence did not finish"
         assert s.error is None, s.error
+
+
+def run_text(engine: Engine, tok, prompt: list[int], params: SamplingParams) -> tuple[Sequence, Choice]:
+    """Generate one choice through the wire layer's sink (detokenization, stop strings)."""
+    choice = Choice(0, prompt, params, tok)
+    sink = ChoiceSink(engine, choice, tok, lambda item: None, stream_text=params.stream)
+    s = Sequence(prompt, params, sink=sink)
+    sink.bind(s)
+    run(engine, [s])
+    assert choice.done
+    return s, choice
 
 
 def make_prompts(n, seed=0, lo=1, hi=40):
@@ -138,17 +150,18 @@ def test_sampling_controls(tiny):
             assert abs(t.sampling_logprob - want) < 1e-4
 
         # stop strings: the text ends before the stop string, and generation stops there
-        ref = Sequence(p, SamplingParams(max_tokens=30, seed=7, ignore_eos=True))
-        run(engine, [ref])
+        _, ref = run_text(engine, tok, p, SamplingParams(max_tokens=30, seed=7, ignore_eos=True))
         text = ref.text
+        assert text == tok.decode(ref.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         cut = next(i for i in range(len(text) // 3, len(text)) if text[i:i + 2].strip() and
                    text.find(text[i:i + 2]) == i)
-        stopped = Sequence(p, SamplingParams(max_tokens=30, seed=7, ignore_eos=True, stop=[text[cut:cut + 2]],
-                                             stream=True))
-        run(engine, [stopped])
+        s, stopped = run_text(engine, tok, p, SamplingParams(max_tokens=30, seed=7, ignore_eos=True,
+                                                              stop=[text[cut:cut + 2]], stream=True))
         assert stopped.finish_reason == "stop"
         assert stopped.text == text[:cut]
-        assert len(stopped.output) < 30
+        assert len(stopped.output) < 30 and stopped.token_ids == ref.token_ids[:len(stopped.output)]
+        assert s.finish_reason == "cancelled"      # the wire layer cancelled it at the stop string
+        assert len(s.output) <= len(stopped.output) + 1
 
         # max_tokens=0 with echo scores the prompt only
         score = Sequence(p, SamplingParams(max_tokens=0, logprobs=True, echo_count=len(p)))
@@ -172,9 +185,20 @@ def test_request_validation(tiny):
     assert req.prompt_was_text and req.params.logprobs and req.params.top_logprobs == 3
     assert req.params.echo_count == len(req.prompt_ids) and req.params.stop == ["x"] and req.params.top_k == 0
     assert parse(logprobs=True, top_logprobs=2, echo_last=1, include_routing_matrix=False).params.echo_count == 1
+    # prompt + max_tokens over the context: max_tokens is lowered to fit (Fireworks' default "truncate")
+    assert parse(max_tokens=62).params.max_tokens == 64 - 3
+    assert parse(max_tokens=32768, context_length_exceeded_behavior="truncate").params.max_tokens == 61
+    assert parse(prompt=list(range(1, 65)), max_tokens=5).params.max_tokens == 0
+    assert parse(top_k=10 ** 6).params.top_k == 512     # above the vocabulary: no cut
     bad = [({"foo": 1}, "foo"), ({"model": "accounts/x/deployments/other"}, "model"), ({"model": ...}, "model"),
            ({"prompt": []}, "prompt"), ({"prompt": [1, 999]}, "prompt"), ({"prompt": [[1, 2]]}, "prompt"),
-           ({"n": 0}, "n"), ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 62}, "max_tokens"),
+           ({"n": 0}, "n"), ({"max_tokens": -1}, "max_tokens"),
+           ({"max_tokens": 62, "context_length_exceeded_behavior": "error"}, "max_tokens"),
+           ({"context_length_exceeded_behavior": "drop"}, "context_length_exceeded_behavior"),
+           ({"prompt": list(range(1, 66))}, "prompt"), ({"max_tokens": 2 ** 31}, "max_tokens"),
+           ({"top_k": 10 ** 30}, "top_k"), ({"top_k": -2}, "top_k"), ({"seed": 2 ** 64}, "seed"),
+           ({"echo_last": 10 ** 20}, "echo_last"), ({"temperature": 1e308}, "temperature"),
+           ({"prompt": "hi \udcff"}, "prompt"), ({"stop": ["\ud800"]}, "stop"),
            ({"temperature": -0.5}, "temperature"), ({"temperature": "hot"}, "temperature"),
            ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": 1.5}, "top_k"), ({"seed": "s"}, "seed"),
            ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"), ({"logprobs": 99}, "logprobs"),
@@ -189,14 +213,14 @@ def test_request_validation(tiny):
 
 def test_http_edges_before_weights_load(tmp_path):
     """Auth, the 425 branch before weights are loaded, and the hot-load GET schema, on the real app
-    with a WeightManager that has not started."""
+    with a BuiltinReplica that has not started."""
     from starlette.testclient import TestClient
 
+    from workbench.backend.deployment.builtin import BuiltinReplica
     from workbench.backend.deployment.server import create_app
-    from workbench.backend.deployment.weights import WeightManager
 
-    wm = WeightManager(tmp_path, {"deployment_id": "d", "account": "x", "base_model": TINY})
-    client = TestClient(create_app(wm, api_key="secret"))
+    replica = BuiltinReplica(tmp_path, {"deployment_id": "d", "account": "x", "base_model": TINY})
+    client = TestClient(create_app(replica, api_key="secret"))
     body = {"model": "accounts/x/deployments/d", "prompt": [1, 2], "max_tokens": 4, "temperature": 0.0}
     r = client.post("/inference/v1/completions", json=body)
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]

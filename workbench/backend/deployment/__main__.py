@@ -55,16 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(float(os.environ.get("WORKBENCH_SWITCH_INTERVAL", "0.0005")))
 
     import uvicorn
-    from .server import create_app, make_deliver
-    from .weights import WeightManager
+    from .builtin import BuiltinReplica
+    from .server import create_app
 
     api_key = os.environ.get("WORKBENCH_API_KEY") or None
     if api_key is None:
         # Never serve unauthenticated, even on loopback: any local user could hot-load or sample.
         print("deployment replica: WORKBENCH_API_KEY is not set; refusing to start unauthenticated", file=sys.stderr)
         return 2
-    wm = WeightManager(ddir, config, deliver=make_deliver())
-    app = create_app(wm, api_key)
+    replica = BuiltinReplica(ddir, config)
+    app = create_app(replica, api_key)
 
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto is
     # IPPROTO_TCP, and a socket made with proto 0 leaves Nagle on, so every keep-alive response
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deployment {config['deployment_id']} serving on {args.host}:{port}", flush=True)
 
     threading.Thread(target=announce, name="announce", daemon=True).start()
-    wm.start()
+    replica.start()
     try:
         server.run(sockets=[sock])
     finally:
-        wm.stop()
+        replica.stop()
     return 0
 
 

@@ -1,13 +1,19 @@
-"""Completions wire format (wire contract §6): request validation and response/chunk building.
+"""Completions wire format (wire contract §6): request validation and response building.
 
     req = parse_completion_request(body, tokenizer, vocab_size, max_context, served_models)  # or raises
-    chunk = stream_chunk(...); body = final_response(...)
+    entries = logprob_entries(tokens, token_text); metrics = perf_metrics(choices, tokenize_s)
 
-Pure functions, no I/O: `server.py` calls them, tests can call them directly. Every rejected request
-raises `InvalidRequest(field, message)`, which the server turns into HTTP 400 with a JSON body naming
-the field (a 400 is not retried by the SDK's sampler, so bad input fails fast instead of looping).
-Fields the SDK may send but that workbench does not implement (images, routing matrices, sampling
-masks...) are rejected when they ask for something (truthy), accepted when they are off.
+Pure functions, no I/O: `server.py` calls them (parsing off the event loop: it tokenizes), tests can
+call them directly. Every rejected request raises `InvalidRequest(field, message)`, which the server
+turns into HTTP 400 with a JSON body naming the field (a 400 is not retried by the SDK's sampler, so
+bad input fails fast instead of looping). Every number is range-checked here, so no value reaches a
+replica that could overflow there. Fields the SDK may send but that workbench does not implement
+(images, routing matrices, sampling masks...) are rejected when they ask for something (truthy),
+accepted when they are off.
+
+Context length (Fireworks' `context_length_exceeded_behavior`): a prompt longer than the context is
+always a 400; a prompt that fits but leaves less room than `max_tokens` has `max_tokens` lowered to
+fit by default ("truncate"), or answers 400 when the request says "error".
 """
 
 from __future__ import annotations
@@ -15,15 +21,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .engine import SamplingParams, Sequence, TokenInfo
+from .detokenize import Choice
+from .replica import SamplingParams, TokenInfo, snapshot_list
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
+MAX_INT = 2 ** 31 - 1        # bound of max_tokens, top_k, echo_last (a value above it is a typo or an attack)
+CONTEXT_BEHAVIORS = ("truncate", "error")
 
 # accepted and ignored: they change nothing here
-_IGNORED = {"prompt_cache_key", "user", "return_token_ids", "session_id", "stream_options",
-            "context_length_exceeded_behavior"}
+_IGNORED = {"prompt_cache_key", "user", "return_token_ids", "session_id", "stream_options"}
 # known features workbench does not implement: fine when off, 400 when asked for
 _UNSUPPORTED = {"images", "include_routing_matrix", "routing_matrix_format", "top_sampling_logprobs",
                 "top_sampling_format", "sampling_mask", "logit_bias", "suffix", "best_of",
@@ -31,7 +39,7 @@ _UNSUPPORTED = {"images", "include_routing_matrix", "routing_matrix_format", "to
 _KNOWN = {"model", "prompt", "n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
           "logprobs", "top_logprobs", "echo", "echo_last", "stream", "raw_output",
           "perf_metrics_in_response", "ignore_eos", "min_p", "frequency_penalty", "presence_penalty",
-          "repetition_penalty"} | _IGNORED | _UNSUPPORTED
+          "repetition_penalty", "context_length_exceeded_behavior"} | _IGNORED | _UNSUPPORTED
 
 
 class InvalidRequest(ValueError):
@@ -95,13 +103,22 @@ def _bool(body, key, default=False):
     return v
 
 
+def _text(v, key: str) -> str:
+    """A JSON string must be valid Unicode: a lone surrogate ("\\udcff") cannot be tokenized or echoed."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(key, f"{key} contains an unpaired surrogate (not valid Unicode text)") from None
+    return v
+
+
 def parse_completion_request(body, tokenizer, vocab_size: int, max_context: int,
                              served_models: set[str] | None = None) -> CompletionRequest:
     if not isinstance(body, dict):
         raise InvalidRequest(None, "request body must be a JSON object")
     for key in body:
         if key not in _KNOWN:
-            raise InvalidRequest(key, f"unknown field {key!r}: workbench deployments do not support it")
+            raise InvalidRequest(_safe(key), f"unknown field {key!r}: workbench deployments do not support it")
     for key in _UNSUPPORTED:
         if body.get(key) not in (None, False, [], {}, "", 0):
             raise InvalidRequest(key, f"field {key!r} is not supported by workbench deployments")
@@ -116,41 +133,30 @@ def parse_completion_request(body, tokenizer, vocab_size: int, max_context: int,
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model", "model is required: accounts/<account>/deployments/<id>")
+    _text(model, "model")
     if served_models is not None and model.split("#")[0] not in served_models:
         raise InvalidRequest("model", f"model {model!r} is not served by this replica "
                                       f"(it serves {sorted(served_models)})")
 
-    prompt = body.get("prompt")
-    was_text = False
-    if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidRequest("prompt", "prompt must not be empty")
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        was_text = True
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        ids = list(prompt)
-        bad = [t for t in ids if t < 0 or t >= vocab_size]
-        if bad:
-            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {vocab_size}); got {bad[:5]}")
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (list, str)) for p in prompt):
-        raise InvalidRequest("prompt", "batched prompts are not supported: send one request per prompt")
-    else:
-        raise InvalidRequest("prompt", "prompt must be a non-empty string or a non-empty list of token ids")
-    if not ids:
-        raise InvalidRequest("prompt", "prompt tokenizes to no tokens")
-
+    behavior = body.get("context_length_exceeded_behavior")
+    if behavior is None:
+        behavior = "truncate"
+    if behavior not in CONTEXT_BEHAVIORS:
+        raise InvalidRequest("context_length_exceeded_behavior",
+                             f"context_length_exceeded_behavior must be one of {list(CONTEXT_BEHAVIORS)}, "
+                             f"got {behavior!r}")
     n = _int(body, "n", 1, 1, MAX_N)
-    max_tokens = _int(body, "max_tokens", 16, 0, None)
-    if len(ids) + max_tokens > max_context:
-        raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                           f"model's context length {max_context}")
+    max_tokens = _int(body, "max_tokens", 16, 0, MAX_INT)
     temperature = _num(body, "temperature", 1.0, 0.0, 100.0)
     top_p = _num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = _int(body, "top_k", 0, -1, None)
-    top_k = 0 if top_k < 0 else top_k
+    top_k = _int(body, "top_k", 0, -1, MAX_INT)
+    top_k = 0 if top_k < 0 else min(top_k, vocab_size)   # at or above the vocabulary: no cut
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise InvalidRequest("seed", f"seed must be an integer, got {seed!r}")
+    if seed is not None:
+        if not _is_int(seed):
+            raise InvalidRequest("seed", f"seed must be an integer, got {seed!r}")
+        if not -2 ** 63 <= seed < 2 ** 64:
+            raise InvalidRequest("seed", f"seed must be in [-2**63, 2**64), got {seed}")
 
     stop = body.get("stop")
     if stop is None:
@@ -160,6 +166,7 @@ def parse_completion_request(body, tokenizer, vocab_size: int, max_context: int,
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
         raise InvalidRequest("stop", f"stop must be a non-empty string or a list of at most {MAX_STOP} "
                                      "non-empty strings")
+    stop = [_text(s, "stop") for s in stop]
 
     lp = body.get("logprobs")
     top_n = 0
@@ -178,64 +185,120 @@ def parse_completion_request(body, tokenizer, vocab_size: int, max_context: int,
     top_n = min(top_n, vocab_size)
 
     echo = _bool(body, "echo")
-    echo_last = body.get("echo_last")
-    if echo_last is not None and (not _is_int(echo_last) or echo_last < 0):
-        raise InvalidRequest("echo_last", "echo_last must be a non-negative integer")
+    echo_last = _int(body, "echo_last", None, 0, MAX_INT)
+    stream = _bool(body, "stream")
+    raw = _bool(body, "raw_output")
+    perf = _bool(body, "perf_metrics_in_response")
+    ignore_eos = _bool(body, "ignore_eos")
+
+    # the prompt last: everything cheap is checked before the (possibly long) tokenization
+    prompt = body.get("prompt")
+    was_text = False
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt", "prompt must not be empty")
+        ids = tokenizer.encode(_text(prompt, "prompt"), add_special_tokens=False)
+        was_text = True
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        ids = list(prompt)
+        bad = [t for t in ids if t < 0 or t >= vocab_size]
+        if bad:
+            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {vocab_size}); got {bad[:5]}")
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (list, str)) for p in prompt):
+        raise InvalidRequest("prompt", "batched prompts are not supported: send one request per prompt")
+    else:
+        raise InvalidRequest("prompt", "prompt must be a non-empty string or a non-empty list of token ids")
+    if not ids:
+        raise InvalidRequest("prompt", "prompt tokenizes to no tokens")
+    if len(ids) > max_context:
+        raise InvalidRequest("prompt", f"prompt ({len(ids)} tokens) exceeds the model's context length "
+                                       f"{max_context}")
+    if len(ids) + max_tokens > max_context:
+        if behavior == "error":
+            raise InvalidRequest("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                                               f"the model's context length {max_context} "
+                                               "(context_length_exceeded_behavior is 'error')")
+        max_tokens = max_context - len(ids)
     echo_count = min(echo_last, len(ids)) if echo_last is not None else (len(ids) if echo else 0)
 
-    stream = _bool(body, "stream")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, stop=stop, ignore_eos=_bool(body, "ignore_eos"), logprobs=want_lp,
-                            top_logprobs=top_n, echo_count=echo_count, stream=stream)
+                            seed=seed, stop=stop, ignore_eos=ignore_eos, logprobs=want_lp,
+                            top_logprobs=top_n, echo_count=echo_count,
+                            stream=stream or bool(stop))     # stop strings need the tokens as they come
     return CompletionRequest(model=model, prompt_ids=ids, prompt_was_text=was_text, n=n, params=params,
-                             stream=stream, raw_output=_bool(body, "raw_output"),
-                             perf_metrics=_bool(body, "perf_metrics_in_response"))
+                             stream=stream, raw_output=raw, perf_metrics=perf)
+
+
+def _safe(v) -> str:
+    """A client-supplied name made safe to put in a JSON error body (lone surrogates escaped)."""
+    return str(v).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---- responses -----------------------------------------------------------------------------------
+
+_LOWEST = -3.4028234663852886e38   # float32's lowest: what -inf becomes, JSON having no infinities
+
+
+def _finite(x: float) -> float:
+    # the engine fails any row whose logits are not finite, so only a log-softmax underflow to -inf
+    # can get here; JSON has no -inf and the SDK drops a whole logprob array with a null in it
+    return x if math.isfinite(x) else _LOWEST
+
 
 def logprob_entries(tokens: list[TokenInfo], token_text) -> list[dict]:
     return [{
         "token": token_text(t.token_id),
         "token_id": t.token_id,
-        "logprob": t.logprob,
-        "sampling_logprob": t.sampling_logprob,
-        "top_logprobs": [{"token": token_text(i), "token_id": i, "logprob": v} for i, v in t.top],
+        "logprob": _finite(t.logprob),
+        "sampling_logprob": None if t.sampling_logprob is None else _finite(t.sampling_logprob),
+        "top_logprobs": [{"token": token_text(i), "token_id": i, "logprob": _finite(v)} for i, v in t.top],
     } for t in tokens]
 
 
-def echo_text(seq: Sequence, tokenizer) -> str:
-    k = seq.params.echo_count
+def echo_text(c: Choice, tokenizer) -> str:
+    k = c.params.echo_count
     if k <= 0:
         return ""
-    return tokenizer.decode(seq.prompt_ids[-k:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return tokenizer.decode(c.prompt_ids[-k:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def raw_output(seq: Sequence) -> dict:
-    k = seq.params.echo_count
-    echoed = seq.prompt_ids[len(seq.prompt_ids) - k:] if k else []
-    return {"prompt_token_ids": list(seq.prompt_ids),
-            "completion_token_ids": echoed + seq.token_ids,
-            "completion": seq.text}
+def raw_output(c: Choice) -> dict:
+    k = c.params.echo_count
+    echoed = c.prompt_ids[len(c.prompt_ids) - k:] if k else []
+    return {"prompt_token_ids": list(c.prompt_ids),
+            "completion_token_ids": echoed + c.token_ids,
+            "completion": c.text}
 
 
-def perf_metrics(seqs: list[Sequence], tokenize_s: float = 0.0) -> dict[str, str]:
+def snapshots_of(choices: list[Choice]) -> list[str | None]:
+    """Every snapshot identity the request's choices were computed with, in order of first use."""
+    out: list[str | None] = []
+    for c in choices:
+        for s in c.snapshots:
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def perf_metrics(choices: list[Choice], tokenize_s: float = 0.0) -> dict[str, str]:
     """§6.4 keys as strings: durations in seconds; counts as plain ints. With n > 1 the request's
-    figures are the worst over its choices (they are queued and prefilled together)."""
-    per = [s.metrics() for s in seqs]
+    figures are the worst over its choices (they are queued and prefilled together). Also
+    `snapshot-identity`: the snapshot(s) the completion was sampled from (replica.snapshot_list)."""
+    per = [c.timings for c in choices]
     out: dict[str, str] = {}
     for key in per[0]:
-        vals = [m[key] for m in per]
+        vals = [m.get(key, 0) for m in per]
         if key in ("num-concurrent-requests", "prompt-tokens", "cached-prompt-tokens"):
             out[key] = str(int(max(vals)))
         else:
             out[key] = f"{max(vals):.6f}"
     out["tokenizer-queue-duration"] = "0.000000"
     out["tokenizer-duration"] = f"{tokenize_s:.6f}"
+    out["snapshot-identity"] = snapshot_list(snapshots_of(choices))
     return out
 
 
-def usage(seqs: list[Sequence]) -> dict:
-    p = len(seqs[0].prompt_ids)
-    c = sum(len(s.output) for s in seqs)
+def usage(choices: list[Choice]) -> dict:
+    p = len(choices[0].prompt_ids)
+    c = sum(len(ch.output) for ch in choices)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

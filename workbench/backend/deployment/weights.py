@@ -49,17 +49,13 @@ import traceback
 import weakref
 from pathlib import Path
 
+from .replica import HotloadError
+from .threads import set_torch_threads
+
 STATE_FILE = "state.json"
 MAX_CHAIN_DELTAS = 4
 COMPRESSION_FORMATS = {"arc_v2"}
 CHECKSUM_FORMATS = {"alder32", "adler32"}   # "alder32" is the SDK's spelling
-
-
-class HotloadError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _ckpt():
@@ -81,17 +77,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # atomic: a killed process leaves the old or the new file, never half of one
 
 
-def set_torch_threads() -> None:
-    """One intra-op thread by default (WORKBENCH_DEPLOYMENT_THREADS): the replica shares two cores with its
-    own event loop, the trainer and the notebook, and OpenMP workers spin-waiting on busy cores made a
-    batch-16 linear 7x slower than single-threaded here (measured; see bench/sampling.py). OpenMP's
-    thread count is per OS thread, so every thread that runs torch work calls this."""
-    import torch
-    n = int(os.environ.get("WORKBENCH_DEPLOYMENT_THREADS", "1"))
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
 def bf16_round_(model) -> None:
     """Round every parameter to bf16 precision in place (kept in fp32)."""
     import torch
@@ -101,13 +86,14 @@ def bf16_round_(model) -> None:
 
 
 class WeightManager:
-    def __init__(self, deployment_dir: Path, config: dict, max_batch: int | None = None, deliver=None):
+    def __init__(self, deployment_dir: Path, config: dict, max_batch: int | None = None):
         self.dir = Path(deployment_dir)
         self.config = config
         self.deployment_id = config["deployment_id"]
+        # let in-flight requests finish on the old weights before a swap (deployment.json "hotload_drain")
+        self.drain_default = bool(config.get("hotload_drain", False))
         self.base_model = config["base_model"]
         self.max_batch = int(max_batch or config.get("max_batch") or os.environ.get("WORKBENCH_MAX_BATCH", 64))
-        self.deliver = deliver
         self.ready = False
         self.startup_error: str | None = None
         self.current_identity: str | None = None
@@ -169,7 +155,7 @@ class WeightManager:
             self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
             restored = self._restore()
             self.engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch,
-                                 deliver=self.deliver).start()
+                                 snapshot=restored).start()
             with self._state_lock:
                 self.ready = True
                 if restored is None:
@@ -255,7 +241,7 @@ class WeightManager:
 
     # ---- hot load ---------------------------------------------------------------------------------
     def hotload(self, identity, metadata=None, snapshot_root: str | None = None,
-                source_url: str | None = None, reset_prompt_cache: bool = False) -> dict:
+                source_url: str | None = None, reset_prompt_cache: bool = False, drain: bool | None = None) -> dict:
         """Load snapshot `identity` and swap it in; blocks until done. Raises HotloadError."""
         identity = _check_identity(identity)
         meta = _check_metadata(metadata)
@@ -271,7 +257,8 @@ class WeightManager:
                 self.loading_state = {"stage": "loading", "target_snapshot_identity": identity}
             t0 = time.perf_counter()
             try:
-                result = self._load(identity, meta, snapshot_root, source_url)
+                result = self._load(identity, meta, snapshot_root, source_url,
+                                    self.drain_default if drain is None else drain)
             except HotloadError as e:
                 raise self._fail(identity, e.status, e.message)
             except Exception as e:
@@ -291,7 +278,7 @@ class WeightManager:
         print(f"hotload {identity!r} failed ({status}): {message}", flush=True)
         return HotloadError(status, message)
 
-    def _load(self, identity: str, meta: dict | None, snapshot_root, source_url) -> dict:
+    def _load(self, identity: str, meta: dict | None, snapshot_root, source_url, drain: bool) -> dict:
         ck = _ckpt()
         src = self._resolve(identity, snapshot_root, source_url)
         try:
@@ -325,7 +312,7 @@ class WeightManager:
             self._load_into(self.spare, weights)
         t_copied = time.perf_counter()
         # the engine switches between two steps; wait for it so the identity is never ahead of the weights
-        if not self.engine.swap_model(self.spare).wait(60):
+        if not self.engine.swap_model(self.spare, identity, drain=drain).wait(60):
             raise HotloadError(422, "the engine did not take the new weights within 60 s")
         t_swapped = time.perf_counter()
         with self._state_lock:
