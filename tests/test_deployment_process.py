@@ -40,7 +40,7 @@ class Replica:
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
-    def start(self, timeout=90) -> "Replica":
+    def start(self, timeout=600) -> "Replica":    # generous: a replica starts in seconds, on a quiet machine
         port_file = self.dir / "port"
         port_file.unlink(missing_ok=True)
         log = open(self.dir / "replica.log", "ab")
@@ -57,6 +57,7 @@ class Replica:
                 self.port = int(port_file.read_text())
             assert self.proc.poll() is None, (self.dir / "replica.log").read_text()
             time.sleep(0.05)
+        self.kill()
         raise TimeoutError((self.dir / "replica.log").read_text())
 
     @property
@@ -235,9 +236,9 @@ def test_failed_hotloads_keep_serving(setup):
         ("snap-missing", None, 404, "not found"),
         ("snap-bad-crc", meta, 422, "rejected"),
         ("snap-other", meta, 422, "rejected"),                       # made against another base
-        ("snap-2", {**meta, "previous_snapshot_identity": "snap-0"}, 409, "holds 'snap-2'"),
-        ("snap-2", None, 400, "is a delta"),
-        ("snap-2", {**meta, "compression_format": "zip"}, 400, "compression_format"),
+        ("snap-bad-crc", {**meta, "previous_snapshot_identity": "snap-0"}, 409, "holds 'snap-2'"),
+        ("snap-bad-crc", None, 400, "is a delta"),
+        ("snap-bad-crc", {**meta, "compression_format": "zip"}, 400, "compression_format"),
     ]
     for identity, md, status, words in cases:
         with pytest.raises(httpx.HTTPStatusError) as e:
@@ -249,6 +250,10 @@ def test_failed_hotloads_keep_serving(setup):
         assert st["loading_state"]["stage"] == "error"
         assert st["loading_state"]["target_snapshot_identity"] == identity and st["loading_state"]["message"]
         assert replica.complete(**probe)["choices"][0]["raw_output"]["completion_token_ids"] == expected
+    assert (replica.dir / "state.json").read_text() == state_before
+    # loading the snapshot already held succeeds as a no-op (managed mode re-sends it)
+    assert mgr.hotload(DEP, TINY, current, incremental_snapshot_metadata=meta)["noop"] is True
+    assert replica.status()["loading_state"]["stage"] == "done"
     assert (replica.dir / "state.json").read_text() == state_before
 
     # WeightSyncer surfaces the failure at once (no polling until its timeout)
@@ -305,3 +310,192 @@ def test_wire_details(setup):
 
     r = httpx.post(url, headers=h, timeout=30, json={"model": MODEL, "prompt": [1], "temprature": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temprature"
+
+
+def same_connection_requests(replica, bodies: list[bytes]) -> list[tuple[int, dict, bool]]:
+    """POST each raw body on ONE keep-alive connection: (status, json, connection still the same)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", replica.port, timeout=60)
+    out = []
+    try:
+        sock = None
+        for raw in bodies:
+            conn.request("POST", "/inference/v1/completions", body=raw,
+                         headers={"X-Api-Key": KEY, "Content-Type": "application/json"})
+            r = conn.getresponse()
+            data = json.loads(r.read())
+            same = sock is None or conn.sock is sock
+            sock = conn.sock
+            out.append((r.status, data, same and r.getheader("connection") != "close"))
+    finally:
+        conn.close()
+    return out
+
+
+def test_bad_input_never_fails_neighbours_connections_or_the_replica(setup):
+    """13.4 top_k overflow beside healthy requests; 13.10 lone surrogate / invalid UTF-8 / deep nesting
+    on one keep-alive connection; 13.3 body limit; 14.3 max_tokens lowered to fit the context."""
+    replica, _ = setup
+    url = replica.url + "/inference/v1/completions"
+    healthy = dict(model=MODEL, prompt=[1, 2, 3], max_tokens=6, temperature=1.0, ignore_eos=True, raw_output=True)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers={"X-Api-Key": KEY}) as c:
+            bodies = [healthy] * 4 + [dict(healthy, top_k=10 ** 30)] + [dict(healthy, stream=True)] * 4 + \
+                     [dict(healthy, top_p=2.0)]
+            return await asyncio.gather(*[c.post(url, json=b) for b in bodies])
+
+    rs = asyncio.run(burst())
+    assert [r.status_code for r in rs] == [200] * 4 + [400] + [200] * 4 + [400]
+    assert rs[4].json()["error"]["param"] == "top_k" and rs[9].json()["error"]["param"] == "top_p"
+    assert all(len(r.json()["choices"][0]["raw_output"]["completion_token_ids"]) == 6 for r in rs[:4])
+
+    ok = json.dumps({"model": MODEL, "prompt": [1, 2], "max_tokens": 2}).encode()
+    results = same_connection_requests(replica, [
+        json.dumps({"model": MODEL, "prompt": "hi \udcff"}).encode(),    # a lone surrogate, escaped in JSON
+        b'{"model": "' + MODEL.encode() + b'", "prompt": "\xff\xfe"}',   # invalid UTF-8
+        b"[" * 50_000 + b"]" * 50_000,                                  # deep nesting
+        b'{"model": 1',                                                 # truncated JSON
+        ok])
+    assert [s for s, _, _ in results] == [400, 400, 400, 400, 200], results
+    assert results[0][1]["error"]["param"] == "prompt"
+    assert all(same for _, _, same in results), "a bad request closed the keep-alive connection"
+
+    r = httpx.post(url, content=b"x" * ((4 << 20) + 1), headers={"X-Api-Key": KEY}, timeout=60)
+    assert r.status_code == 413 and str(4 << 20) in r.json()["error"]["message"]
+
+    # prompt + max_tokens over the context: lowered to fit by default, an error when asked
+    prompt = [(7 * i) % 500 + 3 for i in range(2040)]
+    r = replica.complete(prompt=prompt, max_tokens=32768, ignore_eos=True, raw_output=True, temperature=0.0)
+    assert r["choices"][0]["finish_reason"] == "length"
+    assert len(r["choices"][0]["raw_output"]["completion_token_ids"]) == 2048 - 2040
+    r = httpx.post(url, headers={"X-Api-Key": KEY}, timeout=60, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 32768, "context_length_exceeded_behavior": "error"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_healthz_answers_during_large_requests(setup):
+    """13.3: large bodies are decoded and tokenized off the event loop; healthz keeps answering."""
+    replica, _ = setup
+    url = replica.url + "/inference/v1/completions"
+    text = "the quick brown fox jumps over the lazy dog. " * 580          # ~26k chars: tokenized, then too long
+    ids = [5] * 600_000                                                    # ~1.8 MB of ids: decoded off the loop
+
+    async def run():
+        async with httpx.AsyncClient(timeout=300, headers={"X-Api-Key": KEY}) as c:
+            big = [asyncio.create_task(c.post(url, json={"model": MODEL, "prompt": p, "max_tokens": 1}))
+                   for p in [text, ids] * 4]
+            answered_during = 0
+            while not all(t.done() for t in big):
+                r = await c.get(replica.url + "/healthz")
+                assert r.status_code == 200 and r.json()["ready"] is True
+                answered_during += not all(t.done() for t in big)
+            return [t.result() for t in big], answered_during
+
+    results, answered_during = asyncio.run(run())
+    assert all(r.status_code == 400 and r.json()["error"]["param"] == "prompt" for r in results)
+    assert answered_during >= 1
+
+
+def test_hotload_guards_over_http(setup):
+    """13.2 a non-finite snapshot is refused (4xx) and the previous one keeps serving; 13.8 sources
+    outside the home are refused naming the header; 13.13 completions name their snapshot."""
+    replica, root = setup
+    current = replica.status()["current_snapshot_identity"]
+    w = ck.bf16_state(models.load_model(TINY))
+    w[next(iter(w))].view(-1)[3] = float("inf")
+    ck.save_sampler_base(root / "snap-inf", w, models.local_path(TINY), {"base_model": TINY})
+    h = {"X-Api-Key": KEY, "x-workbench-snapshot-root": str(root)}
+    r = httpx.post(replica.url + "/hot_load/v1/models/hot_load", json={"identity": "snap-inf"}, headers=h, timeout=60)
+    assert r.status_code == 422 and "non-finite" in r.json()["error"]["message"]
+    assert replica.status()["current_snapshot_identity"] == current
+
+    outside = root.parent.parent / f"{root.parent.name}-elsewhere"
+    outside.mkdir(exist_ok=True)
+    r = httpx.post(replica.url + "/hot_load/v1/models/hot_load", json={"identity": "snap-1"}, timeout=60,
+                   headers={"X-Api-Key": KEY, "x-fireworks-hot-load-source-url": str(outside)})
+    assert r.status_code == 403 and r.json()["error"]["param"] == "x-fireworks-hot-load-source-url"
+    assert "x-fireworks-hot-load-source-url" in r.json()["error"]["message"]
+
+    for stream in (False, True):
+        r = httpx.post(replica.url + "/inference/v1/completions", headers={"X-Api-Key": KEY}, timeout=60, json={
+            "model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4, "stream": stream, "perf_metrics_in_response": True,
+            "logprobs": True})
+        assert r.status_code == 200 and r.headers["fireworks-snapshot-identity"] == current
+        pm = sse_last(r.text)["perf_metrics"] if stream else r.json()["perf_metrics"]
+        assert pm["snapshot-identity"] == current
+        assert "NaN" not in r.text and "Infinity" not in r.text
+    last = replica.status()["last_load"]
+    assert last["identity"] == current and {"load_seconds", "max_sampler_pause_seconds", "bytes_read"} <= set(last)
+
+
+def sse_last(text: str) -> dict:
+    return [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")][-1]
+
+
+def test_replica_exits_on_sigterm_and_when_its_parent_dies(tmp_path):
+    """13.7: SIGTERM with a request in flight, and SIGKILL of the parent, both end the replica."""
+    ddir = tmp_path / "dep"
+    ddir.mkdir()
+    (ddir / "deployment.json").write_text(json.dumps(
+        {"deployment_id": DEP, "account": ACCOUNT, "base_model": TINY, "home": str(tmp_path)}))
+    # a parent process that starts the replica and then just waits (as the control plane would)
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-m', 'workbench.backend.deployment', '--deployment-dir', {str(ddir)!r},"
+        f" '--port-file', {str(ddir / 'port')!r}], stdout=open({str(ddir / 'replica.log')!r}, 'ab'), stderr=subprocess.STDOUT)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(3600)\n")], env=dict(os.environ, WORKBENCH_API_KEY=KEY), stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        r = Replica(ddir)
+        deadline = time.time() + 600
+        while not ((ddir / "port").exists() and r.get("/readyz").status_code == 200):
+            assert time.time() < deadline, (ddir / "replica.log").read_text()
+            time.sleep(0.1)
+        parent.kill()
+        parent.wait(30)
+        t0 = time.time()
+        while pid_alive(child):
+            assert time.time() - t0 < 120, "replica outlived its parent"
+            time.sleep(0.1)
+        print(f"replica exited {time.time() - t0:.2f} s after its parent died")
+    finally:
+        parent.kill()
+
+    replica = Replica(ddir).start()
+    try:
+        async def long_stream():
+            async with httpx.AsyncClient(timeout=300, headers={"X-Api-Key": KEY}) as c:
+                try:
+                    await c.post(replica.url + "/inference/v1/completions", json={
+                        "model": MODEL, "prompt": [1, 2], "max_tokens": 2000, "ignore_eos": True, "stream": True})
+                except httpx.HTTPError:
+                    pass
+
+        import threading
+        t = threading.Thread(target=lambda: asyncio.run(long_stream()), daemon=True)
+        t.start()
+        deadline = time.time() + 120
+        while replica.get("/healthz").json().get("active", 0) == 0:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        t0 = time.time()
+        replica.proc.send_signal(signal.SIGTERM)
+        replica.proc.wait(120)
+        print(f"replica exited {time.time() - t0:.2f} s after SIGTERM with a request in flight")
+        assert time.time() - t0 < 60
+    finally:
+        replica.kill()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie (exited, not yet reaped by init) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

@@ -20,7 +20,8 @@ META = {"previous_snapshot_identity": None, "compression_format": "arc_v2", "che
 
 def started(ddir, restoring: str | None = None) -> WeightManager:
     ddir.mkdir(exist_ok=True)
-    wm = WeightManager(ddir, {"deployment_id": "d", "account": "x", "base_model": TINY})
+    # the snapshots of these tests live under tmp_path: that is the replica's workbench home
+    wm = WeightManager(ddir, {"deployment_id": "d", "account": "x", "base_model": TINY, "home": str(ddir.parent)})
     wm.start()
     if restoring:   # while it rebuilds, a restarted replica reports the identity it is restoring
         assert wm.status()["replicas"][0]["current_snapshot_identity"] == restoring
@@ -168,11 +169,26 @@ def test_snapshot_location_resolution(tmp_path):
         assert wm.hotload("snap-a", source_url="file://" + str(root / "snap-a"))["identity"] == "snap-a"
         # a remote URL cannot be fetched here: the control plane's snapshot root is used instead
         assert wm.hotload("snap-a", snapshot_root=str(root), source_url="gs://bucket/prefix/")["kind"] == "base"
-        for kwargs, status in [({"source_url": "gs://bucket/prefix/"}, 400), ({}, 400),
-                               ({"snapshot_root": str(tmp_path)}, 404)]:
+        for identity, kwargs, status in [("snap-a", {"source_url": "gs://bucket/prefix/"}, 400), ("snap-a", {}, 400),
+                                         ("snap-b", {"snapshot_root": str(tmp_path)}, 404)]:
+            with pytest.raises(HotloadError) as e:
+                wm.hotload(identity, **kwargs)
+            assert e.value.status == status
+        # nothing is read from outside the home / configured snapshot roots, whichever header points there
+        outside = tmp_path.parent / f"{tmp_path.name}-outside"
+        ck.save_sampler_base(outside / "snap-a", ck.bf16_state(models.load_model(TINY)), models.local_path(TINY), {})
+        (root / "link").symlink_to(outside / "snap-a")
+        for kwargs, header in [({"source_url": str(outside)}, "x-fireworks-hot-load-source-url"),
+                               ({"source_url": "file://" + str(outside / "snap-a")}, "x-fireworks-hot-load-source-url"),
+                               ({"snapshot_root": str(outside)}, "x-workbench-snapshot-root")]:
             with pytest.raises(HotloadError) as e:
                 wm.hotload("snap-a", **kwargs)
-            assert e.value.status == status
+            assert e.value.status == 403 and e.value.field == header and header in e.value.message
+        with pytest.raises(HotloadError) as e:
+            wm.hotload("link", snapshot_root=str(root))     # a symlink out of the home is outside too
+        assert e.value.status == 403
+        wm.config["snapshot_roots"] = [str(outside)]        # a configured snapshot root is allowed
+        assert wm.hotload("snap-a", source_url=str(outside))["identity"] == "snap-a"
         for bad in ("../snap-a", "", None, "a/b"):
             with pytest.raises(HotloadError) as e:
                 wm.hotload(bad, snapshot_root=str(root))
@@ -180,3 +196,99 @@ def test_snapshot_location_resolution(tmp_path):
         assert wm.current_identity == "snap-a"
     finally:
         wm.stop()
+
+
+def test_hotload_guards_nonfinite_noop_fault_rollback_and_drain(tmp_path):
+    """One replica through: a non-finite snapshot refused; loading what is held is a no-op; a disk
+    full while recording state.json (fault hook) and a failed swap leave answer, live weights and
+    restart state agreeing on the previous snapshot; drain keeps in-flight requests on the old
+    weights; last_load reports the figures the notebook shows."""
+    import errno
+
+    from workbench.backend.deployment.weights import HotloadError
+
+    root = tmp_path / "sampler"
+    model = models.load_model(TINY)
+    g = torch.Generator().manual_seed(5)
+    snaps = {}
+    prev_w, prev_id = None, None
+    for name in ("s1", "s2", "s3"):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 2e-2)
+        w = ck.bf16_state(model)
+        if prev_w is None:
+            ck.save_sampler_base(root / name, w, models.local_path(TINY), {})
+        else:
+            ck.save_sampler_delta(root / name, w, prev_w, prev_id, {})
+        snaps[name], prev_w, prev_id = w, w, name
+    bad = {k: v.clone() for k, v in snaps["s1"].items()}
+    next(iter(bad.values())).view(-1)[0] = float("nan")
+    ck.save_sampler_base(root / "nan", bad, models.local_path(TINY), {})
+    prompt = [3, 14, 15, 92, 65]
+
+    wm = started(tmp_path / "dep")
+    try:
+        r = wm.hotload("s1", None, snapshot_root=str(root))
+        assert r["kind"] == "base" and r["deltas_since_base"] == 0 and r["bytes_read"] > 0
+        on_s1 = generate(wm, prompt).token_ids
+        with pytest.raises(HotloadError) as e:
+            wm.hotload("nan", None, snapshot_root=str(root))
+        assert e.value.status == 422 and "non-finite" in e.value.message
+        assert wm.current_identity == "s1" and generate(wm, prompt).token_ids == on_s1
+
+        # loading what is held: success, nothing read
+        r = wm.hotload("s1", {**META, "previous_snapshot_identity": "s0"}, snapshot_root=str(root))
+        assert r["noop"] is True and wm.current_identity == "s1"
+
+        # disk full while recording the new state: refused, nothing changed anywhere
+        state_before = (tmp_path / "dep" / "state.json").read_bytes()
+
+        def disk_full(stage):
+            if stage == "persist":
+                raise OSError(errno.ENOSPC, "No space left on device")
+        wm.fault_hook = disk_full
+        with pytest.raises(HotloadError) as e:
+            wm.hotload("s2", {**META, "previous_snapshot_identity": "s1"}, snapshot_root=str(root))
+        assert e.value.status == 507
+        assert wm.current_identity == "s1" and generate(wm, prompt).token_ids == on_s1
+        assert (tmp_path / "dep" / "state.json").read_bytes() == state_before
+        assert wm.status()["replicas"][0]["loading_state"]["stage"] == "error"
+
+        # the swap fails after state.json was written: state.json is put back
+        def swap_fails(stage):
+            if stage == "swap":
+                raise RuntimeError("engine refused")
+        wm.fault_hook = swap_fails
+        with pytest.raises(HotloadError):
+            wm.hotload("s2", {**META, "previous_snapshot_identity": "s1"}, snapshot_root=str(root))
+        assert wm.current_identity == "s1" and (tmp_path / "dep" / "state.json").read_bytes() == state_before
+        wm.fault_hook = None
+
+        # default: an in-flight request continues on the new weights and says so; drain: it finishes on the old
+        long = Sequence(prompt, SamplingParams(max_tokens=300, ignore_eos=True))
+        wm.engine.submit(long)
+        while not long.output:
+            time.sleep(0.005)
+        r = wm.hotload("s2", {**META, "previous_snapshot_identity": "s1"}, snapshot_root=str(root))
+        assert r["deltas_since_base"] == 1 and r["max_sampler_pause_seconds"] >= 0 and not r["drained"]
+        assert long.done.wait(120) and long.snapshots == ["s1", "s2"]
+        long = Sequence(prompt, SamplingParams(max_tokens=300, ignore_eos=True))
+        wm.engine.submit(long)
+        while not long.output:
+            time.sleep(0.005)
+        r = wm.hotload("s3", {**META, "previous_snapshot_identity": "s2"}, snapshot_root=str(root), drain=True)
+        assert r["drained"] and long.done.is_set() and long.snapshots == ["s2"] and len(long.output) == 300
+        last = wm.status()["replicas"][0]["last_load"]
+        assert last["identity"] == "s3" and last["kind"] == "delta" and last["deltas_since_base"] == 2
+        assert set(last) >= {"load_seconds", "max_sampler_pause_seconds", "bytes_read"}
+        for k, v in wm.current_bf16.items():
+            assert torch.equal(v, snaps["s3"][k]), k
+    finally:
+        wm.stop()
+    # the restart state agrees with what was served last
+    wm2 = started(tmp_path / "dep", restoring="s3")
+    try:
+        assert wm2.current_identity == "s3" and wm2.deltas_since_base == 2
+    finally:
+        wm2.stop()

@@ -95,6 +95,10 @@ def test_research_loop_syncs_and_evaluates(backend, loop):
         if step % 10 == 0:
             snapshot = tracker.save_and_hotload(f"step-{step:05d}")
             assert tracker.check_deployment_state() == snapshot
+            # what the notebook shows per sync comes from the backend's hot-load status
+            last = loop["deploy_mgr"].hotload_check_status(DEPLOYMENT, TINY)["replicas"][0]["last_load"]
+            assert last["identity"] == snapshot and last["kind"] == ("base" if step == 10 else "delta")
+            assert last["deltas_since_base"] == step // 10 - 1 and last["bytes_read"] > 0
             score, completions = evaluate(sampler)
             assert len(completions) == 4 * len(QA)
             for c in completions:

@@ -7,7 +7,11 @@ plane), binds HOST on a free port, and writes that port to FILE (temp file + os.
 never sees a partial number) as soon as the HTTP server accepts connections. The base model (and the
 snapshot recorded in DIR/state.json, if any) loads in the background meanwhile: /healthz answers at
 once, the hot-load GET reports readiness false, and completions answer 425 until the weights are in.
-SIGTERM/SIGINT stop uvicorn gracefully; the engine thread is a daemon and dies with the process.
+
+Lifetime: on SIGTERM/SIGINT uvicorn stops accepting, gives requests in flight GRACEFUL_S to finish,
+then re-raises the signal, which ends the process at once (nothing waits for a hot load or a
+tokenization still running in a worker thread; the OS reclaims everything). The replica also stops by itself when its parent process (the control
+plane) dies, however it died: nothing could reach or stop it any more.
 """
 
 from __future__ import annotations
@@ -15,17 +19,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from workbench.checkpoints.layout import DeploymentLayout
+from workbench.common import atomic_write_text
 
-def write_port_file(path: Path, port: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
+
+GRACEFUL_S = 3
+
+
+def watch_parent(parent_pid: int) -> None:
+    """SIGTERM ourselves once the parent is gone (we are re-parented: getppid() changes). Polled,
+    not PR_SET_PDEATHSIG: that fires when the parent *thread* that spawned us exits, and the control
+    plane starts replicas from worker threads."""
+    def run():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        print(f"deployment replica: parent process {parent_pid} is gone; shutting down", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if parent_pid > 1:
+        threading.Thread(target=run, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,15 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 = any free port (the default)")
     args = ap.parse_args(argv)
+    watch_parent(os.getppid())
 
-    ddir = args.deployment_dir.resolve()
+    layout = DeploymentLayout(args.deployment_dir.resolve())
     try:
-        config = json.loads((ddir / "deployment.json").read_text())
+        config = json.loads(layout.config_file.read_text())
         for key in ("deployment_id", "base_model"):
             if not config.get(key):
                 raise ValueError(f"deployment.json has no {key!r}")
     except (OSError, ValueError) as e:
-        print(f"deployment replica: cannot read {ddir / 'deployment.json'}: {e}", file=sys.stderr)
+        print(f"deployment replica: cannot read {layout.config_file}: {e}", file=sys.stderr)
         return 2
     if config.get("home"):
         os.environ.setdefault("WORKBENCH_HOME", str(config["home"]))
@@ -63,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         # Never serve unauthenticated, even on loopback: any local user could hot-load or sample.
         print("deployment replica: WORKBENCH_API_KEY is not set; refusing to start unauthenticated", file=sys.stderr)
         return 2
-    replica = BuiltinReplica(ddir, config)
+    replica = BuiltinReplica(layout.root, config)
     app = create_app(replica, api_key)
 
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto is
@@ -74,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                           timeout_keep_alive=75))
+                                           timeout_keep_alive=75, timeout_graceful_shutdown=GRACEFUL_S))
 
     def announce():
         # the port file is the control plane's "ready to serve HTTP" signal: write it only once
@@ -83,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             if server.should_exit:
                 return
             time.sleep(0.01)
-        write_port_file(args.port_file, port)
+        atomic_write_text(args.port_file, f"{port}\n")
         print(f"deployment {config['deployment_id']} serving on {args.host}:{port}", flush=True)
 
     threading.Thread(target=announce, name="announce", daemon=True).start()
@@ -96,4 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # not sys.exit: interpreter shutdown joins the server's worker threads, and a hot load or a long
+    # tokenization there would keep a stopped replica alive for its whole duration
+    os._exit(code)

@@ -239,6 +239,14 @@ class Engine:
                 self.cond.notify_all()
         return done
 
+    def retract_swap(self, done: threading.Event) -> bool:
+        """Withdraw a swap that has not happened yet; False if it already happened (or is not pending)."""
+        with self.cond:
+            if self._swap is not None and self._swap["done"] is done:
+                self._swap = None
+                return True
+            return False
+
     def watch_pauses(self) -> None:
         """Start recording the longest gap between two steps that had work (see pauses_seen)."""
         with self.cond:

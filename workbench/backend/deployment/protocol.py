@@ -112,8 +112,20 @@ def _text(v, key: str) -> str:
     return v
 
 
+def max_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token covers (its vocabulary spelling is at least as long:
+    byte-level BPE spells each byte as one character); 0 if the tokenizer cannot say."""
+    try:
+        return max((len(k) for k in tokenizer.get_vocab()), default=0)
+    except Exception:
+        return 0
+
+
 def parse_completion_request(body, tokenizer, vocab_size: int, max_context: int,
-                             served_models: set[str] | None = None) -> CompletionRequest:
+                             served_models: set[str] | None = None, max_prompt_chars: int = 0) -> CompletionRequest:
+    """Validate a completions body and tokenize its prompt. `max_prompt_chars` (when > 0): a text
+    prompt longer than this cannot fit the context (max_context x max_token_chars) and is refused
+    before it is tokenized, so a huge prompt costs nothing."""
     if not isinstance(body, dict):
         raise InvalidRequest(None, "request body must be a JSON object")
     for key in body:
@@ -197,8 +209,14 @@ def parse_completion_request(body, tokenizer, vocab_size: int, max_context: int,
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequest("prompt", "prompt must not be empty")
+        if max_prompt_chars and len(prompt) > max_prompt_chars:
+            raise InvalidRequest("prompt", f"prompt of {len(prompt)} characters cannot fit the model's context "
+                                           f"length {max_context} tokens")
         ids = tokenizer.encode(_text(prompt, "prompt"), add_special_tokens=False)
         was_text = True
+    elif isinstance(prompt, list) and len(prompt) > max_context:
+        raise InvalidRequest("prompt", f"prompt ({len(prompt)} tokens) exceeds the model's context length "
+                                       f"{max_context}")
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         ids = list(prompt)
         bad = [t for t in ids if t < 0 or t >= vocab_size]

@@ -34,7 +34,6 @@ with {"error": {"message": ...}} and the GET shows stage "error" for that target
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import threading
@@ -46,9 +45,11 @@ from dataclasses import replace
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from workbench.common import api_key_ok
+
 from .detokenize import Choice, ChoiceSink, TokenText
-from .protocol import (InvalidRequest, echo_text, logprob_entries, parse_completion_request, perf_metrics,
-                       raw_output, usage, _safe)
+from .protocol import (InvalidRequest, _safe, echo_text, logprob_entries, max_token_chars, parse_completion_request,
+                       perf_metrics, raw_output, usage)
 from .replica import GenerationRequest, HotloadError, HotloadRequest, Replica, snapshot_list
 
 HOTLOAD_WAIT_S = 50.0   # below the SDK's 60 s POST timeout
@@ -73,9 +74,9 @@ def error(status: int, message: str, field: str | None = None, headers: dict | N
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def read_json(request: Request, limit: int, pool: ThreadPoolExecutor):
-    """The body as JSON, at most `limit` bytes (BodyError 413), decoded off the loop when large;
-    BodyError 400 for anything that is not JSON (bad UTF-8, too deeply nested included)."""
+async def read_json(request: Request, limit: int, pool: ThreadPoolExecutor) -> tuple[object, int]:
+    """(the body as JSON, its size): at most `limit` bytes (BodyError 413), decoded off the loop when
+    large; BodyError 400 for anything that is not JSON (bad UTF-8, too deeply nested included)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes "
@@ -88,11 +89,11 @@ async def read_json(request: Request, limit: int, pool: ThreadPoolExecutor):
         chunks.append(chunk)
     raw = b"".join(chunks)
     if not raw:
-        return None
+        return None, 0
     try:
         if len(raw) > INLINE_PARSE_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(pool, json.loads, raw)
-        return json.loads(raw)
+            return await asyncio.get_running_loop().run_in_executor(pool, json.loads, raw), len(raw)
+        return json.loads(raw), len(raw)
     except RecursionError:
         raise BodyError(400, "request body is nested too deeply") from None
     except ValueError as e:   # JSONDecodeError and UnicodeDecodeError both
@@ -127,7 +128,7 @@ class LoopPoster:
             q.put_nowait(item)
 
 
-def create_app(replica: Replica, api_key: str | None, max_body_bytes: int | None = None) -> FastAPI:
+def create_app(replica: Replica, api_key: str, max_body_bytes: int | None = None) -> FastAPI:
     app = FastAPI(title="workbench deployment replica", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.replica = replica
     limit = int(max_body_bytes or os.environ.get("WORKBENCH_MAX_REQUEST_BYTES") or DEFAULT_MAX_BODY_BYTES)
@@ -138,6 +139,7 @@ def create_app(replica: Replica, api_key: str | None, max_body_bytes: int | None
     hotload_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hotload")
     posters: dict[int, LoopPoster] = {}
     token_texts: dict[int, TokenText] = {}
+    chars_per_token: dict[int, int] = {}
 
     def poster() -> LoopPoster:
         loop = asyncio.get_running_loop()
@@ -145,6 +147,11 @@ def create_app(replica: Replica, api_key: str | None, max_body_bytes: int | None
         if p is None or p.loop is not loop:
             p = posters[id(loop)] = LoopPoster(loop)
         return p
+
+    def token_chars(tokenizer) -> int:
+        if id(tokenizer) not in chars_per_token:
+            chars_per_token[id(tokenizer)] = max_token_chars(tokenizer)
+        return chars_per_token[id(tokenizer)]
 
     def token_text(tokenizer) -> TokenText:
         t = token_texts.get(id(tokenizer))
@@ -154,14 +161,8 @@ def create_app(replica: Replica, api_key: str | None, max_body_bytes: int | None
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if api_key:
-            given = request.headers.get("x-api-key") or ""
-            bearer = request.headers.get("authorization") or ""
-            if bearer.lower().startswith("bearer "):
-                bearer = bearer[7:].strip()
-            if not (hmac.compare_digest(given.encode(), api_key.encode())
-                    or hmac.compare_digest(bearer.encode(), api_key.encode())):
-                return error(401, "missing or invalid API key (send X-Api-Key or Authorization: Bearer)")
+        if not api_key_ok(request.headers, api_key or ""):
+            return error(401, "missing or invalid API key (send X-Api-Key or Authorization: Bearer)")
         return await call_next(request)
 
     @app.get("/healthz")
@@ -193,7 +194,7 @@ def create_app(replica: Replica, api_key: str | None, max_body_bytes: int | None
         if (bad := misrouted(request)) is not None:
             return bad
         try:
-            body = await read_json(request, limit, parse_pool)
+            body, _ = await read_json(request, limit, parse_pool)
         except BodyError as e:
             return error(e.status, e.message)
         if not isinstance(body, dict):
@@ -230,7 +231,7 @@ def create_app(replica: Replica, api_key: str | None, max_body_bytes: int | None
         arrival = time.perf_counter()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
-            body = await read_json(request, limit, parse_pool)
+            body, size = await read_json(request, limit, parse_pool)
         except BodyError as e:
             return error(e.status, e.message)
         info = replica.model_info() if replica.ready else None
@@ -240,9 +241,9 @@ def create_app(replica: Replica, api_key: str | None, max_body_bytes: int | None
             return error(425, "deployment weights are still loading; retry", headers={"Retry-After": "1"})
         t_tok = time.perf_counter()
         try:
-            args = (body, info.tokenizer, info.vocab_size, info.max_context, served)
-            if isinstance(body, dict) and isinstance(body.get("prompt"), str) and \
-                    len(body["prompt"]) > INLINE_PARSE_BYTES:
+            args = (body, info.tokenizer, info.vocab_size, info.max_context, served,
+                    info.max_context * token_chars(info.tokenizer))
+            if size > INLINE_PARSE_BYTES:     # tokenizing (and checking a long id list) is CPU work
                 req = await asyncio.get_running_loop().run_in_executor(parse_pool, parse_completion_request, *args)
             else:
                 req = parse_completion_request(*args)

@@ -11,25 +11,34 @@ snapshot holds, and the XOR base the next delta applies to), and as an fp32 mode
 with (this CPU has no fast bf16). At start the replica serves the base model rounded to bf16 (what a
 base snapshot of it would hold) with identity null.
 
-Hot load (§5). Runs under one lock, in the caller's thread (the server runs it off the event loop):
-resolve `<root>/<identity>` (or a local path from `x-fireworks-hot-load-source-url`), build the new
-bf16 dict (base: load whole; delta: check `previous_snapshot_identity` equals what we hold, then
-`apply_delta`, which verifies the base and the checksum; LoRA: merge the adapter with peft onto the
-base model's own fp32 weights, as the trainer's LoRA forward computes), copy it into the spare fp32
-model, then ask the engine to swap models between two steps. The
-previous model becomes the spare for the next load (double buffering: serving never waits on a load,
-and a swap is a pointer change). Only after the swap do the identity, the chain and state.json change.
-Any failure leaves all of them untouched, sets `loading_state` to stage "error" for that target with a
-message, and raises `HotloadError` with an HTTP status the server returns: 400 malformed request or
-metadata (or a delta sent without metadata), 404 snapshot not found, 409 the delta's
-previous_snapshot_identity is not what the replica holds, 422 a snapshot that cannot be used (corrupt,
-truncated, checksum mismatch, made against another base, or not fitting the base model). They are 4xx
-on purpose: the SDK's REST layer retries 5xx for minutes, which would turn a bad snapshot into a hang;
-a 4xx makes DeploymentManager.hotload raise httpx.HTTPStatusError at once (after logging our
-message), so WeightSyncer.save_and_hotload raises and WeightSyncer.hotload returns False.
+Hot load (§5). Runs under one lock, in the caller's thread (the server runs it off the event loop).
+Loading the identity already held is a no-op that succeeds. Otherwise: resolve `<root>/<identity>`
+(or a local path from `x-fireworks-hot-load-source-url`) — only inside the workbench home or a
+configured snapshot root (`allowed_roots`; else 403 naming the header) —, build the new bf16 dict
+(base: load whole; delta: check `previous_snapshot_identity` equals what we hold, then
+`decode_delta`, which verifies the base and the checksum; LoRA: merge the adapter with peft onto the
+base model's own fp32 weights, as the trainer's LoRA forward computes), refuse non-finite values,
+copy it into the spare fp32 model, record it in state.json, then ask the engine to swap models
+between two steps (with `drain`, once the requests in flight have finished). The previous model
+becomes the spare for the next load (double buffering: serving never waits on a load, and a swap is a
+pointer change). state.json is written before the swap and put back if the swap fails, so the
+answer, the live weights and the restart state always agree. Any failure leaves the served snapshot
+untouched, sets `loading_state` to stage "error" for that target with a message, and raises
+`HotloadError` with an HTTP status the server returns: 400 malformed request or metadata (or a delta
+sent without metadata), 403 a source outside the allowed roots, 404 snapshot not found, 409 the
+delta's previous_snapshot_identity is not what the replica holds, 422 a snapshot that cannot be used
+(corrupt, truncated, checksum mismatch, non-finite, made against another base, or not fitting the
+base model), 507 the disk is full. Bad snapshots are 4xx on purpose: the SDK's REST layer retries
+5xx for minutes, which would turn a bad snapshot into a hang; a 4xx makes DeploymentManager.hotload
+raise httpx.HTTPStatusError at once (after logging our message), so WeightSyncer.save_and_hotload
+raises and WeightSyncer.hotload returns False.
 
-state.json (in the deployment dir) is rewritten atomically after every successful load:
-`{"version": 1, "identity", "kind", "chain": [{"identity", "kind", "dir"}...]}`, the snapshot dirs
+Each load's figures (wall time, longest sampler pause, bytes read, kind, deltas since the last base)
+are reported in the hot-load answer and as `replicas[0].last_load` in the GET (workbench's own field,
+which the SDK ignores).
+
+state.json (in the deployment dir) is rewritten atomically with every load:
+`{"version": 1, "identity", "kind", "chain": [{"identity", "kind", "dir"}...], "deltas_since_base"}`, the snapshot dirs
 to replay (a base or LoRA snapshot, then deltas) to rebuild the current weights. A restarted process
 replays it; if replay fails (a snapshot was deleted, say) it serves the base model with identity null
 and reports the failure as stage "error", so WeightSyncer starts a fresh chain with a full load. When
@@ -41,6 +50,7 @@ restart never replays hundreds of deltas and does not depend on old snapshots be
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import threading
@@ -49,11 +59,20 @@ import traceback
 import weakref
 from pathlib import Path
 
+from workbench.checkpoints.layout import DeploymentLayout
+from workbench.common import atomic_write_bytes, write_json_atomic
+
 from .replica import HotloadError
 from .threads import set_torch_threads
 
-STATE_FILE = "state.json"
 MAX_CHAIN_DELTAS = 4
+SWAP_WAIT_S = 60.0            # the engine swaps between two steps: one step, unless it is wedged
+SWAP_WAIT_DRAIN_S = 600.0     # a draining swap waits for the requests in flight to finish
+SOURCE_HEADER = "x-fireworks-hot-load-source-url"
+ROOT_HEADER = "x-workbench-snapshot-root"
+# what the hot-load GET reports about the last load (replicas[0].last_load; the notebook shows it)
+_LAST_LOAD_KEYS = ("identity", "kind", "noop", "load_seconds", "max_sampler_pause_seconds", "bytes_read",
+                   "deltas_since_base", "drained", "restored")
 COMPRESSION_FORMATS = {"arc_v2"}
 CHECKSUM_FORMATS = {"alder32", "adler32"}   # "alder32" is the SDK's spelling
 
@@ -71,12 +90,6 @@ def _delta_error_types() -> tuple:
         return ()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: a killed process leaves the old or the new file, never half of one
-
-
 def bf16_round_(model) -> None:
     """Round every parameter to bf16 precision in place (kept in fp32)."""
     import torch
@@ -88,6 +101,7 @@ def bf16_round_(model) -> None:
 class WeightManager:
     def __init__(self, deployment_dir: Path, config: dict, max_batch: int | None = None):
         self.dir = Path(deployment_dir)
+        self.layout = DeploymentLayout(self.dir)
         self.config = config
         self.deployment_id = config["deployment_id"]
         # let in-flight requests finish on the old weights before a swap (deployment.json "hotload_drain")
@@ -114,6 +128,8 @@ class WeightManager:
         self.max_context = 0
         self.prompt_cache_resets = 0
         self.last_load: dict = {}
+        self.deltas_since_base = 0             # deltas applied since the last full (base/LoRA) load
+        self.fault_hook = None                 # tests: called with "persist" / "swap"; may raise
         self._lock = threading.Lock()          # one load at a time (startup counts as one)
         self._state_lock = threading.Lock()    # guards the fields status() reads together
         self._thread: threading.Thread | None = None
@@ -126,7 +142,7 @@ class WeightManager:
         # without looking at readiness, and null would make a client think the replica lost it. If
         # the restore fails the identity becomes null (stage "error").
         try:
-            restoring = json.loads((self.dir / STATE_FILE).read_text()).get("identity")
+            restoring = json.loads((self.layout.state_file).read_text()).get("identity")
         except (OSError, ValueError, AttributeError):
             restoring = None
         if isinstance(restoring, str):
@@ -148,6 +164,7 @@ class WeightManager:
             model = models.load_model(self.base_model).eval()
             bf16_round_(model)
             self.base_bf16 = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+            check_finite(self.base_bf16, None)
             self.model = model
             self.spare = copy.deepcopy(model)
             cfg = model.config
@@ -173,7 +190,7 @@ class WeightManager:
 
     def _restore(self) -> str | None:
         """Rebuild the weights recorded in state.json; returns the identity, or None (base model)."""
-        path = self.dir / STATE_FILE
+        path = self.layout.state_file
         if not path.exists():
             return None
         try:
@@ -186,6 +203,7 @@ class WeightManager:
             return None
         self.loading_state = {"stage": "loading", "target_snapshot_identity": identity,
                               "message": "restoring the last hot-loaded snapshot"}
+        t0 = time.perf_counter()
         try:
             weights, kind = self._replay(chain, self.spare)     # built on the spare, swapped on success
         except Exception as e:
@@ -200,7 +218,13 @@ class WeightManager:
         self.model, self.spare = self.spare, self.model
         self.current_identity, self.current_kind = identity, kind
         self.current_bf16, self.chain = weights, chain
+        self.deltas_since_base = int(state.get("deltas_since_base") or 0)
         self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
+        self.last_load = {"identity": identity, "kind": kind, "restored": True,
+                          "max_sampler_pause_seconds": 0.0,         # nothing was served before it
+                          "load_seconds": round(time.perf_counter() - t0, 6),
+                          "bytes_read": sum(_dir_bytes(Path(e.get("dir") or e.get("path"))) for e in chain),
+                          "deltas_since_base": self.deltas_since_base}
         return identity
 
     def _replay(self, chain: list[dict], target):
@@ -218,10 +242,11 @@ class WeightManager:
             elif k == "delta":
                 if weights is None:
                     raise ValueError("state.json chain starts with a delta")
-                weights = _ckpt().apply_delta(entry["dir"], weights, prev)
+                weights = decode_delta(entry["dir"], weights, prev)
             else:
                 raise ValueError(f"unknown chain entry kind {k!r}")
             prev, kind = entry["identity"], entry.get("as_kind", k)
+        check_finite(weights, prev)
         if kind != "lora":
             self._load_into(target, weights)
         return weights, kind
@@ -237,6 +262,8 @@ class WeightManager:
             }
             if self.current_kind == "lora" and self.current_identity:
                 replica["loaded_adapters"] = [{"identity": self.current_identity, "status": "loaded"}]
+            if self.last_load:
+                replica["last_load"] = dict(self.last_load)   # workbench's own (additive): see _load
         return {"replicas": [replica]}
 
     # ---- hot load ---------------------------------------------------------------------------------
@@ -253,6 +280,13 @@ class WeightManager:
             if not self.ready:
                 raise self._fail(identity, 503 if self.startup_error is None else 422,
                                  f"replica is not serving: {self.startup_error or 'still starting'}")
+            if identity == self.current_identity:
+                self._candidates(identity, snapshot_root, source_url)    # bad headers are still 400/403
+                # what is held already (managed mode re-sends it): nothing to read, nothing to swap
+                with self._state_lock:
+                    self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
+                return {"status": "ok", "identity": identity, "kind": self.current_kind, "noop": True,
+                        "load_seconds": 0.0}
             with self._state_lock:
                 self.loading_state = {"stage": "loading", "target_snapshot_identity": identity}
             t0 = time.perf_counter()
@@ -260,7 +294,7 @@ class WeightManager:
                 result = self._load(identity, meta, snapshot_root, source_url,
                                     self.drain_default if drain is None else drain)
             except HotloadError as e:
-                raise self._fail(identity, e.status, e.message)
+                raise self._fail(identity, e.status, e.message, e.field)
             except Exception as e:
                 traceback.print_exc()
                 if isinstance(e, _delta_error_types()):
@@ -269,18 +303,31 @@ class WeightManager:
             if reset_prompt_cache:
                 self.prompt_cache_resets += 1   # no KV state outlives a request here: nothing to clear
             result["load_seconds"] = round(time.perf_counter() - t0, 6)
-            self.last_load = result
+            with self._state_lock:
+                self.last_load = {k: result[k] for k in _LAST_LOAD_KEYS if k in result}
             return result
 
-    def _fail(self, identity: str, status: int, message: str) -> HotloadError:
+    def _fail(self, identity: str, status: int, message: str, field: str | None = None) -> HotloadError:
         with self._state_lock:
             self.loading_state = {"stage": "error", "target_snapshot_identity": identity, "message": message}
         print(f"hotload {identity!r} failed ({status}): {message}", flush=True)
-        return HotloadError(status, message)
+        return HotloadError(status, message, field)
+
+    def _fault(self, stage: str) -> None:
+        """Test hook: `fault_hook(stage)` may raise to simulate a failure at "persist" or "swap"."""
+        if self.fault_hook is not None:
+            self.fault_hook(stage)
 
     def _load(self, identity: str, meta: dict | None, snapshot_root, source_url, drain: bool) -> dict:
+        """Build the snapshot's weights in the spare model, record them in state.json, then swap.
+
+        Order matters (so the answer, the live weights and the restart state always agree): nothing
+        visible changes until state.json names the new snapshot; if writing it fails, the previous
+        snapshot keeps serving and the answer is an error; if the swap then fails, state.json is put
+        back before the error is answered."""
         ck = _ckpt()
-        src = self._resolve(identity, snapshot_root, source_url)
+        src, via = self._resolve(identity, snapshot_root, source_url)
+        self.engine.watch_pauses()          # reading and decoding compete with sampling for the CPU too
         try:
             kind = ck.snapshot_kind(src)
         except Exception as e:
@@ -295,62 +342,106 @@ class WeightManager:
             if prev != self.current_identity:
                 raise HotloadError(409, f"delta {identity!r} applies to {prev!r}, but this replica holds "
                                         f"{self.current_identity!r}; hot-load a full (base) snapshot first")
-            weights = ck.apply_delta(src, self.current_bf16, self.current_identity)
+            weights = decode_delta(src, self.current_bf16, self.current_identity)
             chain = self.chain + [entry]
+            since_base = self.deltas_since_base + 1
         elif kind == "base":
             # a full snapshot is valid whatever metadata came with it (flow4c: a LoRA policy's syncer
             # may send delta metadata for what is really a full save)
             weights = ck.load_base_weights(src)
-            chain = [entry]
+            chain, since_base = [entry], 0
         elif kind == "lora":
             weights = self._merge_lora(src, self.spare)        # merges straight into the spare
-            chain = [entry]
+            chain, since_base = [entry], 0
         else:
             raise HotloadError(422, f"snapshot {identity!r} has unknown kind {kind!r}")
+        check_finite(weights, identity)
         t_decoded = time.perf_counter()
         if kind != "lora":
             self._load_into(self.spare, weights)
         t_copied = time.perf_counter()
-        # the engine switches between two steps; wait for it so the identity is never ahead of the weights
-        if not self.engine.swap_model(self.spare, identity, drain=drain).wait(60):
-            raise HotloadError(422, "the engine did not take the new weights within 60 s")
+
+        old_state = self._read_state()
+        chain = self._persist(identity, kind, chain, weights, since_base)      # 507 / 422 if it cannot
+        t_persisted = time.perf_counter()
+        try:
+            self._fault("swap")
+            done = self.engine.swap_model(self.spare, identity, drain=drain)
+            # the engine switches between two steps; wait for it so the identity is never ahead of the weights
+            if not done.wait(SWAP_WAIT_DRAIN_S if drain else SWAP_WAIT_S) and not self.engine.retract_swap(done):
+                raise TimeoutError("the engine did not take the new weights in time")
+        except BaseException as e:
+            self._restore_state_file(old_state)
+            self.engine.pauses_seen()
+            if isinstance(e, Exception):
+                raise HotloadError(503, f"snapshot {identity!r} was not swapped in ({type(e).__name__}: {e}); "
+                                        "the previous snapshot keeps serving") from None
+            raise
         t_swapped = time.perf_counter()
         with self._state_lock:
             self.model, self.spare = self.spare, self.model
             self.current_identity, self.current_kind = identity, kind
-            self.current_bf16, self.chain = weights, chain
+            self.current_bf16, self.chain, self.deltas_since_base = weights, chain, since_base
             self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
-        self._persist()
-        return {"status": "ok", "identity": identity, "kind": kind,
+        self._prune_materialized()
+        return {"status": "ok", "identity": identity, "kind": kind, "source": via,
+                "bytes_read": _dir_bytes(src), "deltas_since_base": since_base,
                 "read_decode_seconds": round(t_decoded - t_read, 6),
                 "copy_seconds": round(t_copied - t_decoded, 6),
-                "swap_wait_seconds": round(t_swapped - t_copied, 6)}
+                "persist_seconds": round(t_persisted - t_copied, 6),
+                "swap_wait_seconds": round(t_swapped - t_persisted, 6),
+                "max_sampler_pause_seconds": round(self.engine.pauses_seen(), 6),
+                "drained": bool(drain)}
 
-    def _resolve(self, identity: str, snapshot_root, source_url) -> Path:
-        candidates: list[Path] = []
+    def _resolve(self, identity: str, snapshot_root, source_url) -> tuple[Path, str]:
+        """The snapshot directory, and which header named it. Only directories inside the allowed
+        roots (the workbench home, configured snapshot roots) are ever read: anything else is a 403
+        naming the header that pointed there."""
+        candidates, src = self._candidates(identity, snapshot_root, source_url)
+        for path, header in candidates:
+            if path.is_dir():
+                return path, header
+        if src is not None and src.is_dir():
+            try:
+                _ckpt().snapshot_kind(src)
+                return src, SOURCE_HEADER   # the source URL names the snapshot directory itself
+            except Exception:
+                pass
+        raise HotloadError(404, f"snapshot {identity!r} not found (looked in "
+                                f"{', '.join(str(c) for c, _ in candidates)})")
+
+    def _candidates(self, identity: str, snapshot_root, source_url) -> tuple[list[tuple[Path, str]], Path | None]:
+        """Where the headers say the snapshot is (400 if nowhere, 403 if outside the allowed roots)."""
+        candidates: list[tuple[Path, str]] = []
         src = None
         if source_url:
             s = source_url[len("file://"):] if source_url.startswith("file://") else source_url
             if s.startswith("/"):          # gs://... cannot be fetched locally: fall back to the root
                 src = Path(s)
-                candidates.append(src / identity)
+                candidates.append((src / identity, SOURCE_HEADER))
         if snapshot_root:
-            candidates.append(Path(snapshot_root) / identity)
+            candidates.append((Path(snapshot_root) / identity, ROOT_HEADER))
         if src is None and not snapshot_root:
-            raise HotloadError(400, "no snapshot location: the request has neither an "
-                                    "x-workbench-snapshot-root header (set by the control plane for a "
-                                    "deployment linked to a trainer) nor a local x-fireworks-hot-load-source-url")
-        for c in candidates:
-            if c.is_dir():
-                return c
-        if src is not None and src.is_dir():
-            try:
-                _ckpt().snapshot_kind(src)
-                return src                  # the source URL names the snapshot directory itself
-            except Exception:
-                pass
-        raise HotloadError(404, f"snapshot {identity!r} not found (looked in "
-                                f"{', '.join(str(c) for c in candidates)})")
+            raise HotloadError(400, f"no snapshot location: the request has neither an {ROOT_HEADER} header "
+                                    "(set by the control plane for a deployment linked to a trainer) nor a "
+                                    f"local {SOURCE_HEADER}", SOURCE_HEADER)
+        roots = self.allowed_roots()
+        for path, header in candidates + ([(src, SOURCE_HEADER)] if src is not None else []):
+            real = path.resolve()
+            if not any(real == r or r in real.parents for r in roots):
+                raise HotloadError(403, f"{header} points outside the workbench home and the configured "
+                                        f"snapshot roots ({', '.join(map(str, roots)) or 'none configured'}): "
+                                        f"{path} is not read", header)
+        return candidates, src
+
+    def allowed_roots(self) -> list[Path]:
+        """Where snapshots may be read from: the workbench home (deployment.json "home", else
+        WORKBENCH_HOME) and every configured snapshot root (deployment.json "snapshot_roots",
+        env WORKBENCH_SNAPSHOT_ROOTS, os.pathsep-separated), symlinks resolved."""
+        roots = [self.config.get("home") or os.environ.get("WORKBENCH_HOME")]
+        roots += list(self.config.get("snapshot_roots") or [])
+        roots += [r for r in os.environ.get("WORKBENCH_SNAPSHOT_ROOTS", "").split(os.pathsep)]
+        return [Path(r).expanduser().resolve() for r in roots if r]
 
     def _merge_lora(self, adapter_dir: Path, target) -> dict:
         """Merge a PEFT adapter onto the base weights inside `target` (one of our fp32 models);
@@ -408,28 +499,59 @@ class WeightManager:
             for k, v in weights.items():
                 tensors[k].copy_(v)
 
-    def _persist(self) -> None:
-        deltas = sum(1 for e in self.chain if e["kind"] == "delta")
-        if deltas > MAX_CHAIN_DELTAS:
-            self._materialize()
-        write_json_atomic(self.dir / STATE_FILE, {
-            "version": 1, "identity": self.current_identity, "kind": self.current_kind,
-            "chain": self.chain, "updated_at": time.time()})
-        self._prune_materialized()
+    def _read_state(self) -> bytes | None:
+        try:
+            return self.layout.state_file.read_bytes()
+        except FileNotFoundError:
+            return None
 
-    def _materialize(self) -> None:
+    def _persist(self, identity: str, kind: str, chain: list[dict], weights: dict, since_base: int) -> list[dict]:
+        """Record the snapshot about to be served in state.json (atomically); returns the chain as
+        recorded (compacted into a materialized file past MAX_CHAIN_DELTAS deltas). Raises
+        HotloadError (507 when the disk is full) with nothing changed."""
+        written = None
+        try:
+            if sum(1 for e in chain if e["kind"] == "delta") > MAX_CHAIN_DELTAS:
+                chain, written = self._materialize(identity, kind, chain, weights)
+            self._fault("persist")
+            write_json_atomic(self.layout.state_file, {
+                "version": 1, "identity": identity, "kind": kind, "chain": chain,
+                "deltas_since_base": since_base, "updated_at": time.time()})
+        except OSError as e:
+            if written is not None:
+                written.unlink(missing_ok=True)
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise HotloadError(507 if full else 422,
+                               f"could not record snapshot {identity!r} in {self.layout.state_file} "
+                               f"({e.strerror or e}); it was not swapped in, the previous snapshot keeps serving")
+        return chain
+
+    def _restore_state_file(self, old: bytes | None) -> None:
+        """Put state.json back as it was before a load that then failed to swap."""
+        try:
+            if old is None:
+                self.layout.state_file.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(self.layout.state_file, old)
+        except OSError:
+            traceback.print_exc()
+
+    def _materialize(self, identity: str, kind: str, chain: list[dict], weights: dict) -> tuple[list[dict], Path]:
         from safetensors.torch import save_file
-        out = self.dir / "materialized"
+        out = self.layout.materialized
         out.mkdir(exist_ok=True)
-        path = out / f"{self.current_identity}.safetensors"
-        tmp = out / f".{self.current_identity}.{os.getpid()}.tmp"
-        save_file({k: v.contiguous() for k, v in _untie(self.current_bf16).items()}, str(tmp))
-        os.replace(tmp, path)
-        self.chain = [{"identity": self.current_identity, "kind": "materialized", "path": str(path),
-                       "as_kind": self.current_kind, "replaces": [e.get("dir") for e in self.chain]}]
+        path = out / f"{identity}.safetensors"
+        tmp = out / f".{identity}.{os.getpid()}.tmp"
+        try:
+            save_file({k: v.contiguous() for k, v in _untie(weights).items()}, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return [{"identity": identity, "kind": "materialized", "path": str(path), "as_kind": kind,
+                 "replaces": [e.get("dir") for e in chain]}], path
 
     def _prune_materialized(self) -> None:
-        out = self.dir / "materialized"
+        out = self.layout.materialized
         if not out.is_dir():
             return
         keep = {e.get("path") for e in self.chain}
@@ -440,6 +562,32 @@ class WeightManager:
     def stop(self) -> None:
         if self.engine is not None:
             self.engine.stop()
+
+
+def decode_delta(src: Path, held_bf16: dict, held_identity: str | None) -> dict:
+    """The one place a delta snapshot is decoded: the new bf16 weights from the weights held now.
+    Verifies the delta's base and checksum (raises checkpoints.DeltaError). A new delta format
+    changes this function only."""
+    return _ckpt().apply_delta(src, held_bf16, held_identity)
+
+
+def check_finite(weights: dict, identity: str | None) -> None:
+    """Refuse weights with NaN or infinity (422): served, they would poison every logprob."""
+    import torch
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise HotloadError(422, f"snapshot {identity!r} has non-finite values (NaN or inf) in {name}; "
+                                    "refused, the previous snapshot keeps serving")
+
+
+def _dir_bytes(path: Path) -> int:
+    """Bytes of the files of a snapshot directory (what a load reads)."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    except OSError:
+        return 0
 
 
 def _tied_names(model) -> dict[str, set[str]]:
