@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workbench.backend.trainer import losses
-from workbench.backend.trainer.engine import UserError, parse_tensor_data
+from workbench.backend.trainer.protocol import UserError, parse_tensor_data
 
 T, V = 6, 11
 
@@ -148,6 +148,9 @@ def test_parse_tensor_data_dense_sparse_and_errors():
         ({"data": [1, 2], "dtype": "float32", "shape": [3]}, "shape"),
         ({"data": [1.0], "dtype": "float32", "device": "cuda"}, "unknown TensorData keys"),
         ({"data": [float("nan")], "dtype": "float32"}, "NaN"),
+        ({"data": [1.0, 1e39], "dtype": "float32"}, "infinite values .*1e\\+39 at index 1"),   # overflows float32
+        ({"data": [1.0], "dtype": "float32", "shape": [2**32, 2**32], "sparse_crow_indices": [0],
+          "sparse_col_indices": []}, "more than this trainer's limit"),    # checked before densifying
         ({"data": [1.0], "dtype": "float32", "shape": [1, 1], "sparse_crow_indices": [0, 2],
           "sparse_col_indices": [0]}, "CSR"),
     ]

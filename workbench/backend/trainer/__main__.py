@@ -7,11 +7,12 @@ Reads `DIR/job.json` ({"job_id", "account", "base_model", "lora_rank", "learning
 uvicorn is serving writes that port to FILE atomically (temp file + os.replace): the control plane
 waits for the file, so its appearance means "ready". Logs go to stderr. SIGTERM/SIGINT exit cleanly.
 Every request must carry the key as `X-Api-Key` or `Authorization: Bearer`; if WORKBENCH_API_KEY is
-unset, authentication is disabled (and a warning logged) — only sensible for ad-hoc local debugging.
+unset the process refuses to start (exit status 2): a trainer is never served unauthenticated.
 
 Optional environment: WORKBENCH_TRAINER_THREADS (torch intra-op threads; default torch's own),
 WORKBENCH_TRAINER_LONG_POLL_S (retrieve_future hold, default 20), WORKBENCH_TRAINER_EXACT_DATUMS
-(requests up to this many datums run datum by datum, bit-compatible with a plain torch loop; default 64).
+(requests up to this many datums run datum by datum, bit-compatible with a plain torch loop; default 0,
+i.e. equal-length datums are batched).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from workbench import models
 
-    from .engine import DEFAULT_EXACT_MAX_DATUMS, Engine, JobConfig
+    from .local_torch import DEFAULT_EXACT_MAX_DATUMS, LocalTorchTrainer
+    from .protocol import JobConfig
     from .server import create_app
 
     # torch's default thread count is kept unless overridden: CPU kernels reduce in a thread-count-
@@ -83,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         # No port file is written: the control plane sees the process exit and fails the job.
         log.error("job %s: cannot load base model: %s", job.job_id, e)
         return 2
-    engine = Engine(args.job_dir, job, model, model_dir, base_loader=lambda: models.load_model(job.base_model),
-                    exact_max_datums=int(os.environ.get("WORKBENCH_TRAINER_EXACT_DATUMS") or DEFAULT_EXACT_MAX_DATUMS))
-    app = create_app(engine, api_key,
+    backend = LocalTorchTrainer(
+        args.job_dir, job, model, model_dir, base_loader=lambda: models.load_model(job.base_model),
+        exact_max_datums=int(os.environ.get("WORKBENCH_TRAINER_EXACT_DATUMS") or DEFAULT_EXACT_MAX_DATUMS))
+    app = create_app(backend, api_key,
                      long_poll_s=float(os.environ.get("WORKBENCH_TRAINER_LONG_POLL_S") or 20.0))
 
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it

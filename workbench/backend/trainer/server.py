@@ -1,10 +1,11 @@
 """HTTP surface of a trainer process: the Tinker trainer protocol (wire contract §7) at `/api/v1/*`.
 
-    app = create_app(engine, api_key="...")          # then served by uvicorn (see __main__.py)
+    app = create_app(backend, api_key="...")     # any protocol.TrainerBackend; served by uvicorn (__main__.py)
 
 The control plane reverse-proxies `/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/*` here verbatim.
-This module owns HTTP concerns only: authentication, request parsing, the two-phase futures and their
-ordering; all computation is in `engine.Engine`.
+This module owns HTTP concerns only: authentication, the two-phase futures and their ordering. Request
+bodies are validated by `protocol.py` (on the worker thread, so a malformed request is a `user` future
+error like any other) and executed by a `protocol.TrainerBackend`, the only thing this module calls.
 
 Futures (§7.3). Every training operation answers `{"request_id", "model_id"}` at once and queues its
 work. ONE worker thread runs the queue: operations of one `model_id` run in `seq_id` order (§7.4: the
@@ -40,7 +41,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, UserError
+from . import protocol
+from .protocol import TrainerBackend, UserError
 
 try:  # the SDK ships orjson; it is much faster for the large float arrays of forward results
     import orjson
@@ -224,10 +226,10 @@ class FutureStore:
 
 
 # ---- the app ------------------------------------------------------------------------------------------
-def create_app(engine: Engine, api_key: str | None, *, long_poll_s: float = 20.0,
+def create_app(backend: TrainerBackend, api_key: str | None, *, long_poll_s: float = 20.0,
                gap_timeout_s: float = 3.0) -> FastAPI:
     futures = FutureStore()
-    worker = OrderedWorker(lambda mid: engine.get_handle(mid) is not None, gap_timeout_s)
+    worker = OrderedWorker(backend.has_model, gap_timeout_s)
     sessions: dict[str, dict] = {}
     model_prefix = secrets.token_hex(4)     # model ids of this process: model-<prefix>-<n>
     model_counter = itertools.count()
@@ -246,7 +248,7 @@ def create_app(engine: Engine, api_key: str | None, *, long_poll_s: float = 20.0
         begin_shutdown()
 
     app = FastAPI(title="workbench trainer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine, app.state.worker, app.state.futures = engine, worker, futures
+    app.state.backend, app.state.worker, app.state.futures = backend, worker, futures
     app.state.begin_shutdown = begin_shutdown   # called by __main__ as soon as SIGTERM arrives
 
     # -- auth & errors --
@@ -365,70 +367,70 @@ def create_app(engine: Engine, api_key: str | None, *, long_poll_s: float = 20.0
         if existing is not None:
             return JSONBytes({"request_id": existing, "model_id": futures.records[existing].model_id})
         model_id = f"model-{model_prefix}-{next(model_counter)}"
-        return _submit(request, "create_model", model_id, None, lambda: engine.create_model(body, model_id))
+        return _submit(request, "create_model", model_id, None,
+                       lambda: backend.create_model(model_id, protocol.parse_create_model(body)))
 
     @app.post("/api/v1/unload_model")
     async def unload_model(request: Request):
         body = await _body(request)
         model_id = _model_id(body)
-        return _submit(request, "unload_model", model_id, None, lambda: engine.unload_model(model_id))
+        return _submit(request, "unload_model", model_id, None, lambda: backend.unload_model(model_id))
 
     @app.post("/api/v1/get_info")
     async def get_info(request: Request):
         body = await _body(request)
         try:
-            return JSONBytes(engine.get_info(_model_id(body)))
+            return JSONBytes(backend.get_info(_model_id(body)))
         except UserError as e:
             return error_response(404, str(e))
 
     @app.get("/api/v1/get_server_capabilities")
     async def get_server_capabilities():
-        return JSONBytes(engine.capabilities())
+        return JSONBytes(backend.capabilities())
 
     @app.get("/api/v1/list_checkpoints")
     async def list_checkpoints():
-        names = await asyncio.to_thread(engine.list_checkpoints)
+        names = await asyncio.to_thread(backend.list_checkpoints)
         return JSONBytes({"checkpoints": names})
 
-    # -- sequenced training operations --
+    # -- sequenced training operations (parsed on the worker: a bad body is a user future error) --
     @app.post("/api/v1/forward")
     async def forward(request: Request):
         body = await _body(request)
         model_id = _model_id(body)
-        fwd = body.get("forward_input")
-        return _submit(request, "forward", model_id, _seq_id(body), lambda: engine.forward(model_id, fwd))
+
+        def run():
+            fwd = protocol.parse_forward_input(body.get("forward_input"), "forward_input", backend.limits)
+            return backend.forward(model_id, fwd)
+        return _submit(request, "forward", model_id, _seq_id(body), run)
 
     @app.post("/api/v1/forward_backward")
     async def forward_backward(request: Request):
         body = await _body(request)
         model_id = _model_id(body)
-        fb = body.get("forward_backward_input")
-        return _submit(request, "forward_backward", model_id, _seq_id(body),
-                       lambda: engine.forward_backward(model_id, fb))
+
+        def run():
+            fb = protocol.parse_forward_input(body.get("forward_backward_input"), "forward_backward_input",
+                                              backend.limits)
+            return backend.forward_backward(model_id, fb)
+        return _submit(request, "forward_backward", model_id, _seq_id(body), run)
 
     @app.post("/api/v1/optim_step")
     async def optim_step(request: Request):
         body = await _body(request)
         model_id = _model_id(body)
-        adam, norm = body.get("adam_params"), body.get("grad_accumulation_normalization")
-        return _submit(request, "optim_step", model_id, _seq_id(body), lambda: engine.optim_step(model_id, adam, norm))
 
-    def _reject_unsupported(body: dict) -> None:
-        # The SDK refuses these client-side (NotImplementedError), so only a hand-made request has them.
-        if body.get("ttl_seconds") is not None:
-            raise UserError("ttl_seconds is not supported by this trainer (checkpoints never expire)")
-        if body.get("overwrite"):
-            raise UserError("overwrite=true is not supported: save under a new name")
+        def run():
+            step = protocol.parse_adam_step(body.get("adam_params"), body.get("grad_accumulation_normalization"))
+            return backend.optim_step(model_id, step)
+        return _submit(request, "optim_step", model_id, _seq_id(body), run)
 
     @app.post("/api/v1/save_weights")
     async def save_weights(request: Request):
         body = await _body(request)
         model_id = _model_id(body)
-
-        def run():
-            _reject_unsupported(body)
-            return engine.save_weights(model_id, body.get("path"))
-        return _submit(request, "save_weights", model_id, _seq_id(body), run)
+        return _submit(request, "save_weights", model_id, _seq_id(body),
+                       lambda: backend.save_state(model_id, protocol.parse_save_state(body)))
 
     @app.post("/api/v1/load_weights")
     async def load_weights(request: Request):
@@ -436,31 +438,23 @@ def create_app(engine: Engine, api_key: str | None, *, long_poll_s: float = 20.0
         model_id = _model_id(body)
 
         def run():
-            if body.get("weights_access_token") is not None:
-                raise UserError("weights_access_token is not supported by this trainer")
-            return engine.load_weights(model_id, body.get("path"), body.get("optimizer", False))
+            ref, with_optimizer = protocol.parse_load_state(body)
+            return backend.load_state(model_id, ref, with_optimizer)
         return _submit(request, "load_weights", model_id, _seq_id(body), run)
 
     @app.post("/api/v1/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request):
         body = await _body(request)
         model_id = _model_id(body)
-
-        def run():
-            _reject_unsupported(body)
-            precision = body.get("export_precision")
-            if precision not in (None, "source", "bf16"):
-                raise UserError(f"export_precision={precision!r} is not supported (snapshots are bf16: "
-                                "use 'source' or 'bf16')")
-            return engine.save_weights_for_sampler(model_id, body.get("path"), body.get("checkpoint_type"))
-        return _submit(request, "save_weights_for_sampler", model_id, _seq_id(body), run)
+        return _submit(request, "save_weights_for_sampler", model_id, _seq_id(body),
+                       lambda: backend.save_sampler(model_id, protocol.parse_save_sampler(body)))
 
     @app.post("/api/v1/load_adapter")
     async def load_adapter(request: Request):
         body = await _body(request)
         model_id = _model_id(body)
         return _submit(request, "load_adapter", model_id, _seq_id(body),
-                       lambda: engine.load_adapter(model_id, body.get("adapter_path")))
+                       lambda: backend.load_adapter(model_id, protocol.parse_adapter_path(body.get("adapter_path"))))
 
     # -- futures --
     @app.post("/api/v1/retrieve_future")

@@ -1,6 +1,6 @@
-"""In-process tests of the trainer's ordered worker and engine (no subprocess, no HTTP; a few seconds).
+"""In-process tests of the trainer's ordered worker and local torch backend (no subprocess, no HTTP).
 
-The worker tests use fake jobs; the engine tests use the embedded tiny model in-process, which is how
+The worker tests use fake jobs; the backend tests use the embedded tiny model in-process, which is how
 field-level validation, normalization and LoRA construction are checked cheaply. The end-to-end
 behaviour through the official SDK is in test_trainer_process.py.
 """
@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.backend.trainer.engine import Engine, JobConfig, UserError
+from workbench.backend.trainer import protocol as p
+from workbench.backend.trainer.local_torch import LocalTorchTrainer
+from workbench.backend.trainer.protocol import JobConfig, UserError
 from workbench.backend.trainer.server import FutureRecord, OrderedWorker, _Job
 from workbench.models import DEFAULT_MODEL, load_model
 
@@ -103,10 +105,27 @@ def test_worker_does_not_wait_for_unknown_models_and_reports_errors():
 
 
 # ---- engine ----------------------------------------------------------------------------------------
-def _engine(tmp_path: Path, lora_rank: int = 0) -> Engine:
+def _engine(tmp_path: Path, lora_rank: int = 0) -> LocalTorchTrainer:
     job = JobConfig("job-a", "acct", DEFAULT_MODEL, lora_rank, 1e-4, 64, tmp_path)
-    return Engine(tmp_path / "jobs" / "job-a", job, load_model(DEFAULT_MODEL), None,
-                  base_loader=lambda: load_model(DEFAULT_MODEL))
+    return LocalTorchTrainer(tmp_path / "jobs" / "job-a", job, load_model(DEFAULT_MODEL), None,
+                             base_loader=lambda: load_model(DEFAULT_MODEL))
+
+
+# The wire bodies go through protocol.py exactly as server.py sends them.
+def create(eng, body, model_id):
+    return eng.create_model(model_id, p.parse_create_model(body))
+
+
+def fwd(eng, model_id, body):
+    return eng.forward(model_id, p.parse_forward_input(body, "forward_input", eng.limits))
+
+
+def fwdbwd(eng, model_id, body):
+    return eng.forward_backward(model_id, p.parse_forward_input(body, "forward_backward_input", eng.limits))
+
+
+def step(eng, model_id, adam, normalization=None):
+    return eng.optim_step(model_id, p.parse_adam_step(adam, normalization))
 
 
 def _datum(tokens, targets, **extra):
@@ -119,7 +138,7 @@ def _datum(tokens, targets, **extra):
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     eng = _engine(tmp_path_factory.mktemp("home"))
-    eng.create_model({"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m0")
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m0")
     return eng
 
 
@@ -130,7 +149,7 @@ def engine(tmp_path_factory):
     (_datum([1, 2, 3], [2, 3, -1]), "data[1].loss_fn_inputs.target_tokens holds token -1"),
     ({"model_input": {"chunks": [{"type": "encoded_text", "tokens": [1]}]}, "loss_fn_inputs": {}},
      "data[1].loss_fn_inputs.target_tokens is missing"),
-    (_datum([1, 2, 3], [2, 3, 4], advantages=[1.0, 1.0, 1.0]), "data[1].loss_fn_inputs.advantages is not an input"),
+    (_datum([1, 2, 3], [2, 3, 4], weights=[1.0, float("inf"), 1.0]), "data[1].loss_fn_inputs.weights.data holds"),
     (_datum(list(range(1, 70)), list(range(2, 71))), "max_context_length=64"),
     ({"model_input": {"chunks": [{"type": "image", "data": "x", "format": "png"}]}, "loss_fn_inputs": {}},
      "data[1].model_input.chunks[0].type='image'"),
@@ -138,33 +157,33 @@ def engine(tmp_path_factory):
 def test_malformed_datums_name_field_and_index(engine, datum, needle):
     good = _datum([1, 2, 3], [2, 3, 4])
     with pytest.raises(UserError) as info:
-        engine.forward_backward("m0", {"data": [good, datum], "loss_fn": "cross_entropy"})
+        fwdbwd(engine, "m0", {"data": [good, datum], "loss_fn": "cross_entropy"})
     assert needle in str(info.value)
     assert engine.train_model.model.embed_tokens.weight.grad is None     # validation happens before compute
 
 
 def test_unknown_loss_and_handle_are_user_errors(engine):
     with pytest.raises(UserError, match="loss_fn='dpo'"):
-        engine.forward("m0", {"data": [_datum([1, 2], [2, 3])], "loss_fn": "dpo"})
+        fwd(engine, "m0", {"data": [_datum([1, 2], [2, 3])], "loss_fn": "dpo"})
     with pytest.raises(UserError, match="not loaded"):
-        engine.forward("nope", {"data": [_datum([1, 2], [2, 3])], "loss_fn": "cross_entropy"})
+        fwd(engine, "nope", {"data": [_datum([1, 2], [2, 3])], "loss_fn": "cross_entropy"})
     with pytest.raises(UserError, match="lora_config.rank=4 does not match .* lora_rank=0"):
-        engine.create_model({"base_model": DEFAULT_MODEL, "lora_config": {"rank": 4}}, "m9")
+        create(engine, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 4}}, "m9")
     with pytest.raises(UserError, match="grad_accumulation_normalization"):
-        engine.optim_step("m0", {"learning_rate": 1e-3}, "per_token")
+        step(engine, "m0", {"learning_rate": 1e-3}, "per_token")
 
 
 def test_normalized_step_equals_torch_adamw_in_process(tmp_path):
     eng = _engine(tmp_path)
-    eng.create_model({"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m")
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m")
     ref = load_model(DEFAULT_MODEL)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     batches = [[([1, 2, 3, 4], [2, 3, 4, 5], [0.0, 1.0, 1.0, 1.0]), ([7, 8, 9], [8, 9, 10], [1.0, 1.0, 0.0])],
                [([5, 6], [6, 7], [1.0, 1.0])]]
     for batch in batches:
-        eng.forward_backward("m", {"loss_fn": "cross_entropy",
+        fwdbwd(eng, "m", {"loss_fn": "cross_entropy",
                                    "data": [_datum(t, y, weights=w) for t, y, w in batch]})
-    eng.optim_step("m", {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1,
+    step(eng, "m", {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1,
                          "grad_clip_norm": 0.5}, "num_loss_tokens")
     tokens = 0
     for batch in batches:
@@ -183,16 +202,16 @@ def test_normalized_step_equals_torch_adamw_in_process(tmp_path):
 
 def test_lora_model_trains_adapters_and_tied_unembedding(tmp_path):
     eng = _engine(tmp_path, lora_rank=4)
-    eng.create_model({"base_model": DEFAULT_MODEL, "lora_config": {"rank": 4, "alpha": 16, "train_attn": True,
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 4, "alpha": 16, "train_attn": True,
                                                                   "train_mlp": False, "train_unembed": True}}, "m")
     names = [n for n, p in eng.train_model.named_parameters() if p.requires_grad]
     assert any("q_proj.lora_A" in n for n in names) and not any("mlp" in n for n in names)
     assert any("modules_to_save" in n for n in names)
     with pytest.raises(UserError, match="train_mlp"):
-        eng.create_model({"base_model": DEFAULT_MODEL, "lora_config": {"rank": 4, "alpha": 16, "train_attn": True,
+        create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 4, "alpha": 16, "train_attn": True,
                                                                       "train_mlp": True, "train_unembed": True}}, "m2")
-    out = eng.forward_backward("m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
+    out = fwdbwd(eng, "m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
     before = [p.detach().clone() for p in eng._trainable()]
-    eng.optim_step("m", {"learning_rate": 1e-2}, None)
+    step(eng, "m", {"learning_rate": 1e-2}, None)
     assert out["metrics"]["num_loss_tokens:sum"] == 3.0
     assert any(not torch.equal(a, b) for a, b in zip(before, eng._trainable()))
