@@ -19,7 +19,7 @@ from workbench.backend.trainer import protocol as p
 from workbench.backend.trainer.local_torch import LocalTorchTrainer
 from workbench.backend.trainer.protocol import JobConfig, UserError
 from workbench.backend.trainer.server import FutureRecord, OrderedWorker, _Job
-from workbench.models import DEFAULT_MODEL, load_model
+from workbench.models import DEFAULT_MODEL, load_model, local_path
 
 
 # ---- ordered worker ------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_worker_does_not_wait_for_unknown_models_and_reports_errors():
 # ---- engine ----------------------------------------------------------------------------------------
 def _engine(tmp_path: Path, lora_rank: int = 0) -> LocalTorchTrainer:
     job = JobConfig("job-a", "acct", DEFAULT_MODEL, lora_rank, 1e-4, 64, tmp_path)
-    return LocalTorchTrainer(tmp_path / "jobs" / "job-a", job, load_model(DEFAULT_MODEL), None,
+    return LocalTorchTrainer(tmp_path / "jobs" / "job-a", job, load_model(DEFAULT_MODEL), local_path(DEFAULT_MODEL),
                              base_loader=lambda: load_model(DEFAULT_MODEL))
 
 
@@ -191,8 +191,8 @@ def test_normalized_step_equals_torch_adamw_in_process(tmp_path):
             logp = torch.log_softmax(ref(input_ids=torch.tensor([t])).logits[0], -1)
             (-(torch.tensor(w) * logp[torch.arange(len(y)), torch.tensor(y)]).sum()).backward()
             tokens += sum(1 for v in w if v)
-    for p in ref.parameters():
-        p.grad /= tokens
+    for param in ref.parameters():
+        param.grad /= tokens
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
     opt.step()
     for (name, a), b in zip(eng.train_model.named_parameters(), ref.parameters()):
@@ -215,3 +215,127 @@ def test_lora_model_trains_adapters_and_tied_unembedding(tmp_path):
     step(eng, "m", {"learning_rate": 1e-2}, None)
     assert out["metrics"]["num_loss_tokens:sum"] == 3.0
     assert any(not torch.equal(a, b) for a, b in zip(before, eng._trainable()))
+
+
+# ---- non-finite values (issue 13.2) ------------------------------------------------------------------
+def _weights_snapshot(eng):
+    return [p.detach().clone() for p in eng._trainable()]
+
+
+def test_non_finite_loss_is_a_user_error_naming_the_datum_and_nothing_is_applied(tmp_path):
+    eng = _engine(tmp_path)
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m")
+    fwdbwd(eng, "m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
+    grads_before = [p.grad.clone() for p in eng._trainable()]
+    # 3e38 is a finite float32, but weights * logprob overflows to -inf.
+    huge = _datum([5, 6, 7], [6, 7, 8], weights=[3e38, 3e38, 3e38])
+    with pytest.raises(UserError, match=r"data\[1\]\.loss_fn_inputs.*loss_fn_inputs\.weights") as info:
+        fwdbwd(eng, "m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4]), huge]})
+    assert "not finite" in str(info.value)
+    # The same shape of request batches both datums into one micro-batch (equal lengths), so nothing of
+    # it was back-propagated: the earlier accumulation is intact.
+    for a, b in zip(grads_before, eng._trainable()):
+        assert torch.equal(a, b.grad)
+    with pytest.raises(UserError, match=r"data\[0\]"):
+        fwd(eng, "m", {"loss_fn": "cross_entropy", "data": [huge]})
+    assert eng.pending_sequences == 1
+
+
+def test_non_finite_grad_norm_refuses_the_step_and_keeps_the_weights(tmp_path):
+    eng = _engine(tmp_path)
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m")
+    fwdbwd(eng, "m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
+    next(iter(eng._trainable())).grad[0, 0] = float("nan")     # what an overflowing backward leaves
+    before = _weights_snapshot(eng)
+    with pytest.raises(UserError, match="optim_step refused: the gradient norm is nan"):
+        step(eng, "m", {"learning_rate": 1e-2})
+    assert all(torch.equal(a, b) for a, b in zip(before, eng._trainable()))
+    assert eng.step == 0 and all(p.grad is None for p in eng._trainable())
+    fwdbwd(eng, "m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
+    out = step(eng, "m", {"learning_rate": 1e-2})                # training continues normally
+    assert eng.step == 1 and out["metrics"]["grad_norm:mean"] > 0
+
+
+def test_sampler_export_refuses_non_finite_weights(tmp_path):
+    eng = _engine(tmp_path)
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m")
+    with torch.no_grad():
+        eng.train_model.model.norm.weight[0] = float("inf")
+    with pytest.raises(UserError, match="model weight model.norm.weight holds NaN or infinite"):
+        eng.save_sampler("m", p.parse_save_sampler({"path": "bad"}))
+    assert not (eng.sampler_dir / "bad").exists()
+
+
+# ---- loss inputs, names, re-saves (issue 14) -----------------------------------------------------------
+def test_unused_loss_inputs_are_ignored_and_used_ones_validated(engine):
+    masked = _datum([1, 2, 3], [2, 3, 4], loss_mask=[1.0, 1.0, 0.0])
+    plain = fwd(engine, "m0", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
+    out = fwd(engine, "m0", {"loss_fn": "cross_entropy", "data": [masked]})
+    assert out["loss_fn_outputs"][0]["elementwise_loss"] == plain["loss_fn_outputs"][0]["elementwise_loss"]
+    # Unused keys are not even parsed; a key the loss uses still is.
+    bogus = _datum([1, 2, 3], [2, 3, 4])
+    bogus["loss_fn_inputs"]["loss_mask"] = "not a tensor"
+    fwd(engine, "m0", {"loss_fn": "cross_entropy", "data": [bogus]})
+    with pytest.raises(UserError, match=r"data\[0\].loss_fn_inputs.advantages has shape"):
+        fwd(engine, "m0", {"loss_fn": "importance_sampling",
+                           "data": [_datum([1, 2, 3], [2, 3, 4], logprobs=[-1.0] * 3, advantages=[1.0])]})
+
+
+def test_names_sampler_underscores_allowed_train_states_dns_labels():
+    assert p.parse_sampler_name("step_00003") == "step_00003"
+    assert p.parse_sampler_name("step_00003-0123abcd4567") == "step_00003-0123abcd4567"
+    for bad in ("", ".hidden", "..", "a/b", "a\n", "x" * 201):
+        with pytest.raises(UserError, match="path"):
+            p.parse_sampler_name(bad)
+    assert p.parse_state_name("step-10") == "step-10"
+    for bad in ("step_10", "Step-10", "a\n", "-a"):
+        with pytest.raises(UserError, match="path"):
+            p.parse_state_name(bad)
+
+
+def test_resave_replaces_train_state_and_sampler_snapshot(tmp_path):
+    from workbench.checkpoints import read_manifest
+
+    eng = _engine(tmp_path)
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m")
+    eng.save_state("m", "step-10")
+    eng.save_sampler("m", p.parse_save_sampler({"path": "snap_1"}))
+    first = (eng.sampler_dir / "snap_1" / "model.safetensors").stat().st_mtime_ns
+    # Same weights under the same name: a no-op (the cookbook re-saves its final snapshot).
+    eng.save_sampler("m", p.parse_save_sampler({"path": "snap_1", "checkpoint_type": "base"}))
+    assert (eng.sampler_dir / "snap_1" / "model.safetensors").stat().st_mtime_ns == first
+    fwdbwd(eng, "m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
+    step(eng, "m", {"learning_rate": 1e-2})
+    eng.save_state("m", "step-10")                                   # replaced, not refused
+    assert read_manifest(eng.checkpoints_dir / "step-10")["step"] == 1
+    eng.save_sampler("m", p.parse_save_sampler({"path": "snap_1", "checkpoint_type": "base"}))
+    assert read_manifest(eng.sampler_dir / "snap_1")["step"] == 1
+    assert sorted(d.name for d in eng.sampler_dir.iterdir()) == ["snap_1"]      # no staging leftovers
+    assert sorted(d.name for d in eng.checkpoints_dir.iterdir()) == ["step-10"]
+
+
+def test_resave_refused_while_a_delta_or_deployment_depends_on_it(tmp_path):
+    import json
+
+    eng = _engine(tmp_path)
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m")
+
+    def train():
+        fwdbwd(eng, "m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
+        step(eng, "m", {"learning_rate": 1e-2})
+    eng.save_sampler("m", p.parse_save_sampler({"path": "s0", "checkpoint_type": "base"}))
+    train()
+    eng.save_sampler("m", p.parse_save_sampler({"path": "s1", "checkpoint_type": "delta"}))
+    train()
+    with pytest.raises(UserError, match="delta snapshot 's1' is encoded against it"):
+        eng.save_sampler("m", p.parse_save_sampler({"path": "s0"}))
+    # A deployment's recorded chain (what it replays on restart) holds s1.
+    dep = tmp_path / "deployments" / "dep-a"
+    dep.mkdir(parents=True)
+    (dep / "state.json").write_text(json.dumps({
+        "version": 1, "identity": "s1", "kind": "delta",
+        "chain": [{"identity": "s0", "kind": "base", "dir": str(eng.sampler_dir / "s0")},
+                  {"identity": "s1", "kind": "delta", "dir": str(eng.sampler_dir / "s1")}]}))
+    with pytest.raises(UserError, match="deployment 'dep-a' holds it"):
+        eng.save_sampler("m", p.parse_save_sampler({"path": "s1"}))
+    assert (eng.sampler_dir / "s1").is_dir()

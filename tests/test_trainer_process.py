@@ -251,8 +251,9 @@ def test_checkpoint_round_trip_and_errors(trainer, client):
     assert tc.forward(SFT, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(before, abs=1e-6)
     names = tc.list_checkpoints()
     assert names[-1] == "ckpt-a" and {"grad-base", "adam-after"} <= set(names)
-    with pytest.raises(RequestFailedError, match="path"):
-        tc.save_state("ckpt-a").result()            # exists
+    tc.save_state("ckpt-a").result()                # an existing name is replaced (the SDK re-saves step-N)
+    assert tc.list_checkpoints().count("ckpt-a") == 1
+    assert read_manifest(trainer.job_dir / "checkpoints" / "ckpt-a")["step"] >= 1
     with pytest.raises(RequestFailedError, match="path"):
         tc.save_state("Bad_Name").result()          # not loadable later, refused now
     with pytest.raises(RequestFailedError, match="no-such-ckpt"):

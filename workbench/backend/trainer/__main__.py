@@ -5,7 +5,17 @@
 Reads `DIR/job.json` ({"job_id", "account", "base_model", "lora_rank", "learning_rate",
 "max_context_length", "home"}), loads the base model (fp32), binds an ephemeral port, and only once
 uvicorn is serving writes that port to FILE atomically (temp file + os.replace): the control plane
-waits for the file, so its appearance means "ready". Logs go to stderr. SIGTERM/SIGINT exit cleanly.
+waits for the file, so its appearance means "ready". Logs go to stderr.
+
+Lifetime. The process first takes the job directory's ownership lock (`trainer.lock`, flock, see
+`workbench.checkpoints.layout.hold_job_lock`): if another live trainer holds it, it waits up to
+WORKBENCH_TRAINER_LOCK_WAIT_S (default 10) for that one to exit, then refuses to start (exit status 4),
+so two trainers never write one job directory. SIGTERM/SIGINT stop it cleanly (exit 0, within ~1 s
+when idle); so does the death of its parent (PR_SET_PDEATHSIG set by the supervisor, and a watchdog
+on getppid for the window before that and for other platforms). If the operation worker cannot
+continue, the process exits with status 3 and the reason as its last log line. The process ends with
+os._exit once uvicorn has stopped: every file it writes is atomic, and interpreter teardown (torch and
+thread-pool joins) could otherwise hold a dead trainer for many seconds.
 Every request must carry the key as `X-Api-Key` or `Authorization: Bearer`; if WORKBENCH_API_KEY is
 unset the process refuses to start (exit status 2): a trainer is never served unauthenticated.
 
@@ -24,16 +34,60 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("workbench.trainer")
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
+EXIT_FATAL = 3        # the worker could not continue (reason in the last log line)
+EXIT_LOCKED = 4       # another live trainer owns the job directory
+
+
+def _take_job_lock(job_dir: Path, wait_s: float) -> int | None:
+    """The job directory's ownership lock (an open fd held for the process's life), or None if another
+    live trainer still holds it after `wait_s` seconds."""
+    from workbench.checkpoints.layout import JobLayout, hold_job_lock, job_lock_owner
+
+    layout = JobLayout(job_dir)
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while True:
+        try:
+            return hold_job_lock(layout)
+        except BlockingIOError:
+            owner = job_lock_owner(layout)
+            if time.monotonic() >= deadline:
+                log.error("job directory %s is owned by another live trainer (pid %s); refusing to start",
+                          job_dir, owner)
+                return None
+            if not announced:
+                log.warning("job directory %s is owned by trainer pid %s; waiting up to %.0fs for it to exit",
+                            job_dir, owner, wait_s)
+                announced = True
+            time.sleep(0.1)
+
+
+def _watch_parent(on_orphaned) -> None:
+    """Call `on_orphaned()` once if this process is re-parented (its parent died)."""
+    parent = os.getppid()
+    if parent <= 1:
+        return   # started by init / a reaper: nothing to watch
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.25)
+        log.warning("parent process %d died: stopping", parent)
+        on_orphaned()
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +101,25 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A stop requested while the model is still loading is a clean exit too (uvicorn takes over the
     # signal handlers once it serves).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(0))
+    server_box: dict = {}
+
+    def orphaned() -> None:
+        server = server_box.get("server")
+        if server is None:
+            _exit_now(0)        # still starting: nothing to shut down gracefully
+        os.kill(os.getpid(), signal.SIGTERM)   # the same path as a requested stop
+    _watch_parent(orphaned)
+    lock_fd = _take_job_lock(args.job_dir, float(os.environ.get("WORKBENCH_TRAINER_LOCK_WAIT_S") or 10))
+    if lock_fd is None:
+        return EXIT_LOCKED
 
     import torch
     import uvicorn
 
     from workbench import models
+    from workbench.checkpoints.layout import JobLayout
+    from workbench.common import atomic_write_text
 
     from .local_torch import DEFAULT_EXACT_MAX_DATUMS, LocalTorchTrainer
     from .protocol import JobConfig
@@ -65,16 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("WORKBENCH_TRAINER_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    job = JobConfig.load(args.job_dir / "job.json")
+    job = JobConfig.load(JobLayout(args.job_dir).config_file)
     api_key = os.environ.get("WORKBENCH_API_KEY") or None
     if api_key is None:
         # Never serve unauthenticated, even on loopback: any local user could drive the trainer.
         log.error("WORKBENCH_API_KEY is not set; refusing to start an unauthenticated trainer")
         return 2
     # A crash mid-save (kill -9) can leave staging directories behind; they were never listed.
+    # Safe while we hold the job lock: no other trainer can be saving into this directory.
     from workbench.checkpoints import cleanup_partial
 
-    for root in (args.job_dir / "checkpoints", args.job_dir / "sampler"):
+    for root in JobLayout(args.job_dir).checkpoint_roots:
         cleanup_partial(root)
 
     log.info("job %s: loading %s (lora_rank=%d)", job.job_id, job.base_model, job.lora_rank)
@@ -88,7 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     backend = LocalTorchTrainer(
         args.job_dir, job, model, model_dir, base_loader=lambda: models.load_model(job.base_model),
         exact_max_datums=int(os.environ.get("WORKBENCH_TRAINER_EXACT_DATUMS") or DEFAULT_EXACT_MAX_DATUMS))
-    app = create_app(backend, api_key,
+    fatal: dict[str, str] = {}
+
+    def on_fatal(reason: str) -> None:
+        # The worker cannot continue: stop serving (queued futures already carry the reason) and exit
+        # non-zero, so the control plane marks the job FAILED with this log's last lines.
+        fatal["reason"] = reason
+        server.should_exit = True
+
+    app = create_app(backend, api_key, on_fatal=on_fatal,
                      long_poll_s=float(os.environ.get("WORKBENCH_TRAINER_LONG_POLL_S") or 20.0))
 
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
@@ -114,23 +190,30 @@ def main(argv: list[str] | None = None) -> int:
 
     # Keep-alive well above the clients' pool expiry (httpx: 5 s), so idle pooled connections are closed
     # by the client side first and a request never races a server-side close.
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+    # A short graceful window: held long-polls are released at once (begin_shutdown), so only a request
+    # being answered right now needs it.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1,
                             timeout_keep_alive=75, lifespan="on")
     server = _Server(config)
+    server_box["server"] = server
 
     async def serve() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started:
-            _write_port_file(args.port_file, port)
+            atomic_write_text(args.port_file, f"{port}\n")
             log.info("job %s: serving on %s:%d", job.job_id, args.host, port)
         await task
 
     asyncio.run(serve())
+    backend.close()
+    if fatal:
+        log.error("job %s: trainer failed: %s", job.job_id, fatal["reason"])
+        return EXIT_FATAL
     log.info("job %s: trainer stopped", job.job_id)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -31,17 +31,22 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from workbench.checkpoints.layout import HomeLayout, JobLayout
+
 from . import losses
-from .protocol import (JOB_ID_RE, AdamStep, CreateModel, Datum, ForwardInput, JobConfig, LoraSpec, ModelLimits,
-                       SamplerSave, TrainStateRef, UserError)
+from .protocol import (AdamStep, CreateModel, Datum, ForwardInput, JobConfig, LoraSpec, ModelLimits,
+                       SamplerSave, TrainStateRef, UserError, describe_failure)
+from .replace import replacing, sampler_dependants
 
 log = logging.getLogger("workbench.trainer.local_torch")
 
@@ -70,6 +75,34 @@ class Handle:
     created: float
 
 
+def check_finite(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """UserError naming the first tensor holding NaN or inf (`what` starts the message)."""
+    for name, t in named:
+        if not bool(torch.isfinite(t).all()):
+            raise UserError(f"{what} {name} holds NaN or infinite values; nothing was written")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); nothing was committed."""
+
+
+@contextmanager
+def _writing(what: str, where: Path) -> Iterator[None]:
+    # torch's own message for a full disk is e.g. "unexpected pos 704 vs 598": say what failed and
+    # how much space there is. The staging directory is already gone; the previous content stays.
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, UserError):
+        raise
+    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        try:
+            free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointWriteError(f"{what} was not written ({free} on the filesystem of {where}): "
+                                   f"{describe_failure(e)}") from e
+
+
 def _tensor_data(t: torch.Tensor) -> dict:
     t = t.detach().to(torch.float32)
     return {"data": t.reshape(-1).tolist(), "dtype": "float32", "shape": list(t.shape)}
@@ -82,6 +115,8 @@ class LocalTorchTrainer:
                  base_loader: Callable[[], torch.nn.Module] | None = None,
                  exact_max_datums: int = DEFAULT_EXACT_MAX_DATUMS):
         self.job_dir = Path(job_dir)
+        self.layout = JobLayout(self.job_dir)
+        self.home = HomeLayout(job.home)
         self.exact_max_datums = exact_max_datums
         self.job = job
         self.model_dir = model_dir
@@ -103,6 +138,9 @@ class LocalTorchTrainer:
         self.pending_sequences = 0
         # bf16 weights + identity of the last sampler snapshot this process wrote (delta base).
         self._last_sampler: tuple[dict, str] | None = None
+        # Bumped by everything that changes the weights; a sampler name -> the version it was saved at.
+        self._weights_version = 0
+        self._saved_samplers: dict[str, int] = {}
 
     # ---- handles ---------------------------------------------------------------------------------
     @property
@@ -279,33 +317,69 @@ class LocalTorchTrainer:
         outputs: list[dict | None] = [None] * len(datums)
         total_loss = 0.0
         loss_tokens = 0
-        for batch in self._micro_batches(datums):
-            ids = torch.stack([d.tokens for d in batch])
-            targets = torch.stack([d.inputs["target_tokens"] for d in batch])
-            with torch.set_grad_enabled(backward):
-                logits = model(input_ids=ids, use_cache=False).logits
-                # One log_softmax + gather for the whole micro-batch, then per-datum slices of the small
-                # (B, T[, K]) result: slicing the (B, T, V) logits per datum would make backward
-                # materialize a full-size zero gradient for every datum.
-                lp_batch = losses.target_logprobs(logits, targets)
-                del logits
-                batch_loss = None
-                for row, d in enumerate(batch):
-                    lp = lp_batch[row]
-                    elementwise = request.loss.fn(lp, d.inputs, request.config)
-                    datum_loss = elementwise.sum()
-                    batch_loss = datum_loss if batch_loss is None else batch_loss + datum_loss
-                    outputs[d.index] = {"logprobs": _tensor_data(lp), "elementwise_loss": _tensor_data(elementwise)}
-                    loss_tokens += losses.loss_token_count(d.inputs)
-                if backward and batch_loss.requires_grad:
-                    batch_loss.backward()
-            total_loss += float(batch_loss.detach())
+        contributed = False   # whether this request already back-propagated part of itself
+        try:
+            for batch in self._micro_batches(datums):
+                ids = torch.stack([d.tokens for d in batch])
+                targets = torch.stack([d.inputs["target_tokens"] for d in batch])
+                with torch.set_grad_enabled(backward):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    # One log_softmax + gather for the whole micro-batch, then per-datum slices of the small
+                    # (B, T[, K]) result: slicing the (B, T, V) logits per datum would make backward
+                    # materialize a full-size zero gradient for every datum.
+                    lp_batch = losses.target_logprobs(logits, targets)
+                    del logits
+                    batch_loss = None
+                    for row, d in enumerate(batch):
+                        lp = lp_batch[row]
+                        elementwise = request.loss.fn(lp, d.inputs, request.config)
+                        # Checked before backward: one non-finite datum must not poison the gradients.
+                        self._check_finite_loss(d, lp, elementwise, backward and contributed)
+                        datum_loss = elementwise.sum()
+                        batch_loss = datum_loss if batch_loss is None else batch_loss + datum_loss
+                        outputs[d.index] = {"logprobs": _tensor_data(lp),
+                                            "elementwise_loss": _tensor_data(elementwise)}
+                        loss_tokens += losses.loss_token_count(d.inputs)
+                    if not torch.isfinite(batch_loss.detach()):   # finite per datum, overflowing in the sum
+                        self._refuse_non_finite(f"the summed loss of data[{batch[0].index}..{batch[-1].index}] "
+                                                f"is {float(batch_loss.detach())}", backward and contributed)
+                    if backward and batch_loss.requires_grad:
+                        batch_loss.backward()
+                        contributed = True
+                total_loss += float(batch_loss.detach())
+        except UserError:
+            raise
+        except BaseException:
+            if backward and contributed:
+                # A part of this request's gradients is in .grad: a retry would count it twice.
+                log.warning("forward_backward failed mid-request: discarding the accumulated gradients")
+                self._reset_accumulation()
+            raise
         if backward:
             self.pending_loss_tokens += loss_tokens
             self.pending_sequences += len(datums)
         return {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": outputs,
                 "metrics": {"loss:sum": total_loss, "num_loss_tokens:sum": float(loss_tokens),
                             "num_sequences:sum": float(len(datums))}}
+
+    def _check_finite_loss(self, d: Datum, lp: torch.Tensor, elementwise: torch.Tensor, discard: bool) -> None:
+        if bool(torch.isfinite(elementwise).all()) and bool(torch.isfinite(lp).all()):
+            return
+        # Name the input most likely responsible: the float input with the largest magnitude.
+        floats = {k: float(t.abs().max()) for k, t in d.inputs.items() if k != "target_tokens" and t.numel()}
+        hint = ""
+        if floats:
+            key = max(floats, key=floats.get)
+            hint = f"; its largest input is loss_fn_inputs.{key} (|value| up to {floats[key]:.3g})"
+        self._refuse_non_finite(f"data[{d.index}].loss_fn_inputs: the loss of data[{d.index}] is not finite"
+                                f"{hint}", discard)
+
+    def _refuse_non_finite(self, what: str, discard: bool) -> None:
+        if discard:
+            self._reset_accumulation()
+        raise UserError(f"{what}: refused before backward, nothing was applied"
+                        + (" (the gradients accumulated since the last optim_step were discarded, because "
+                           "part of this request had already been back-propagated)" if discard else ""))
 
     # ---- optim_step ------------------------------------------------------------------------------
     def optim_step(self, model_id: str, request: AdamStep) -> dict:
@@ -323,6 +397,11 @@ class LocalTorchTrainer:
         if grads:
             # Norm after normalization, before clipping: what clipping compares against.
             total_norm = torch.nn.utils.get_total_norm(grads)
+            if not torch.isfinite(total_norm):
+                # Stepping would write NaN into every weight and moment: refuse, keep the weights.
+                self._reset_accumulation()
+                raise UserError(f"optim_step refused: the gradient norm is {float(total_norm)}; the weights and "
+                                "optimizer state are unchanged and the accumulated gradients were discarded")
             if clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, clip, total_norm)
             if request.emit_grad_norm:
@@ -330,6 +409,7 @@ class LocalTorchTrainer:
         for group in self.optimizer.param_groups:
             group.update(lr=lr, betas=(request.beta1, request.beta2), eps=request.eps,
                          weight_decay=request.weight_decay)
+        self._weights_version += 1   # before the step: a failure inside it may have changed weights
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -348,11 +428,11 @@ class LocalTorchTrainer:
     # ---- checkpoints -----------------------------------------------------------------------------
     @property
     def checkpoints_dir(self) -> Path:
-        return self.job_dir / "checkpoints"
+        return self.layout.train_states
 
     @property
     def sampler_dir(self) -> Path:
-        return self.job_dir / "sampler"
+        return self.layout.samplers
 
     def _meta(self, name: str, kind: str) -> dict:
         # created_time: float epoch seconds, the manifest convention of workbench.checkpoints.
@@ -360,21 +440,25 @@ class LocalTorchTrainer:
                 "base_model": self.job.base_model, "lora_rank": self.job.lora_rank, "step": self.step}
 
     def save_state(self, model_id: str, name: str) -> dict:
-        """save_state: the full train state (weights + optimizer) as `DIR/checkpoints/<name>/`."""
+        """save_state: the full train state (weights + optimizer) as `DIR/checkpoints/<name>/`.
+
+        An existing state of that name is replaced atomically (the SDK re-saves `step-N` when a run's
+        last step is also a save interval): nothing depends on a train state's files after its load.
+        """
         from workbench import checkpoints as ckpt
 
         self._require(model_id, train=True)
-        dest = self.checkpoints_dir / name
-        if dest.exists():
-            raise UserError(f"path: checkpoint {name!r} already exists in this job; choose a new name")
-        ckpt.save_train_state(dest, self.train_model, self.optimizer, self._meta(name, "train_state"))
+        dest = self.layout.train_state(name)
+        meta = self._meta(name, "train_state")
+        with replacing(dest) as target, _writing(f"train state {name!r}", dest.parent):
+            ckpt.save_train_state(target, self.train_model, self.optimizer, meta)
         log.info("save_weights %s (step %d)", name, self.step)
         return {"type": "save_weights", "path": name}
 
     def resolve_train_state(self, ref: TrainStateRef) -> Path:
         """A load_state reference -> its checkpoint directory (this job's, or another job's)."""
         if ref.job_id is not None and ref.job_id != self.job.job_id:
-            root = self.job.home / "jobs" / ref.job_id / "checkpoints"
+            root = self.home.job(ref.job_id).train_states
         else:
             root = self.checkpoints_dir
         name, path = ref.name, ref.raw
@@ -399,6 +483,7 @@ class LocalTorchTrainer:
             raise UserError(f"path {path!r} holds {meta.get('base_model')!r} with lora_rank={meta.get('lora_rank')}; "
                             f"this trainer trains {self.job.base_model!r} with lora_rank={self.job.lora_rank}")
         self._reset_accumulation()
+        self._weights_version += 1
         try:
             ckpt.load_train_state(src, self.train_model, self.optimizer if with_optimizer else None)
         except (ValueError, KeyError, FileNotFoundError) as e:
@@ -428,37 +513,64 @@ class LocalTorchTrainer:
         return [name for _, name in sorted(found)]
 
     def save_sampler(self, model_id: str, request: SamplerSave) -> dict:
-        """A sampler snapshot `DIR/sampler/<name>/`: HF base, a delta over the last one, or LoRA adapter."""
-        from workbench import checkpoints as ckpt
+        """A sampler snapshot `DIR/sampler/<name>/`: HF base, a delta over the last one, or LoRA adapter.
 
+        Re-saving a name replaces the snapshot atomically. Saving the same weights again under the name
+        this process last gave them (a recipe re-saving its final step) is a no-op. Replacing different
+        weights is refused, naming the dependant, when something live relies on the old content: a
+        deployment that holds it (its state.json chain replays it on restart) or a delta snapshot
+        encoded against it (the name is the identity deltas refer to).
+        """
         self._require(model_id, train=True)
         name, ctype = request.name, request.checkpoint_type
-        dest = self.sampler_dir / name
+        dest = self.layout.sampler(name)
         if dest.exists():
-            raise UserError(f"path: sampler snapshot {name!r} already exists in this job")
-        meta = self._meta(name, "sampler")
-        if self.is_lora and ctype != "merged_base":
-            # LoRA snapshots always hold the whole adapter, whatever type was asked for.
-            ckpt.save_sampler_lora(dest, self.train_model, self.model_dir, meta)
-            written = "lora"
-        else:
-            if self.is_lora:   # merged_base: fold the adapter into a copy of the base, export that
-                weights = ckpt.bf16_state(copy.deepcopy(self.train_model).merge_and_unload())
-            else:
-                weights = ckpt.bf16_state(self.train_model)
-            if ctype == "delta" and self._last_sampler is not None and not self.is_lora:
-                prev_weights, prev_identity = self._last_sampler
-                ckpt.save_sampler_delta(dest, weights, prev_weights, prev_identity, meta)
-                written = f"delta over {prev_identity}"
-            else:
-                # No previous snapshot in this process: a delta has nothing to be relative to, so the
-                # snapshot is written as a full base (and its row honestly shows BASE).
-                ckpt.save_sampler_base(dest, weights, self.model_dir, meta)
-                written = "base"
-            if not self.is_lora:
-                self._last_sampler = (weights, name)
+            if self._saved_samplers.get(name) == self._weights_version:
+                log.info("save_weights_for_sampler %s: unchanged weights already saved under this name", name)
+                return {"type": "save_weights_for_sampler", "path": name}
+            dependants = sampler_dependants(self.home, self.layout, dest)
+            if dependants:
+                raise UserError(f"path: sampler snapshot {name!r} cannot be replaced: "
+                                f"{'; '.join(dependants)}. Save under a new name")
+        weights = self._sampler_weights(ctype)
+        if weights is not None:
+            check_finite(weights.items(), "save_weights_for_sampler refused: the model weight")
+        with replacing(dest) as target, _writing(f"sampler snapshot {name!r}", dest.parent):
+            written = self._export_sampler(target, ctype, weights, self._meta(name, "sampler"))
+        if weights is not None and not self.is_lora:
+            self._last_sampler = (weights, name)
+        self._saved_samplers[name] = self._weights_version
         log.info("save_weights_for_sampler %s (%s requested, wrote %s, step %d)", name, ctype, written, self.step)
         return {"type": "save_weights_for_sampler", "path": name}
+
+    def _sampler_weights(self, ctype: str) -> dict | None:
+        """bf16 weights a full (or delta) snapshot exports; None for a LoRA adapter snapshot."""
+        from workbench import checkpoints as ckpt
+
+        if self.is_lora and ctype != "merged_base":
+            check_finite(((n, p) for n, p in self.train_model.named_parameters() if p.requires_grad),
+                         "save_weights_for_sampler refused: the adapter weight")
+            return None
+        if self.is_lora:   # merged_base: fold the adapter into a copy of the base, export that
+            return ckpt.bf16_state(copy.deepcopy(self.train_model).merge_and_unload())
+        return ckpt.bf16_state(self.train_model)
+
+    def _export_sampler(self, dest: Path, ctype: str, weights: dict | None, meta: dict) -> str:
+        """The one call into the snapshot formats (workbench.checkpoints); returns what was written."""
+        from workbench import checkpoints as ckpt
+
+        if weights is None:
+            # LoRA snapshots always hold the whole adapter, whatever type was asked for.
+            ckpt.save_sampler_lora(dest, self.train_model, self.model_dir, meta)
+            return "lora"
+        if ctype == "delta" and self._last_sampler is not None and not self.is_lora:
+            prev_weights, prev_identity = self._last_sampler
+            ckpt.save_sampler_delta(dest, weights, prev_weights, prev_identity, meta)
+            return f"delta over {prev_identity}"
+        # No previous snapshot in this process: a delta has nothing to be relative to, so the snapshot
+        # is written as a full base (and its row honestly shows BASE).
+        ckpt.save_sampler_base(dest, weights, self.model_dir, meta)
+        return "base"
 
     def load_adapter(self, model_id: str, adapter_path: str) -> dict:
         """Load PEFT adapter weights (weights only) into the LoRA model; the optimizer starts fresh."""
@@ -478,6 +590,7 @@ class LocalTorchTrainer:
         from safetensors.torch import load_file
 
         state = load_file(str(weights_file))
+        self._weights_version += 1
         result = set_peft_model_state_dict(self.train_model, state)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
@@ -490,9 +603,10 @@ class LocalTorchTrainer:
     def _resolve_adapter(self, adapter_path: str) -> Path:
         parts = adapter_path.split("/")
         if len(parts) == 4 and parts[0] == "accounts" and parts[2] == "models":
-            if not all(JOB_ID_RE.fullmatch(p) for p in parts):
-                raise UserError(f"adapter_path {adapter_path!r} is not a valid model name")
-            directory = self.job.home / "models" / parts[1] / parts[3]
+            try:
+                directory = self.home.model(parts[1], parts[3])
+            except ValueError as e:
+                raise UserError(f"adapter_path {adapter_path!r} is not a valid model name: {e}") from None
         elif adapter_path.startswith("/"):
             directory = Path(adapter_path)
         else:

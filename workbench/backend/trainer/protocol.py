@@ -31,17 +31,17 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from workbench.common import RESOURCE_ID_RE, is_resource_id
+
 from . import losses
 
 NORMALIZATIONS = ("none", "num_loss_tokens", "num_sequences")
 SAMPLER_TYPES = ("base", "delta", "merged_base")
-# Train states: the SDK's own rule for checkpoint path segments (a DNS label).
-STATE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# Train states: the SDK's own rule for checkpoint path segments, a DNS label (= a resource id's rule).
+STATE_NAME_RE = RESOURCE_ID_RE
 # Sampler snapshots: one path segment that cannot be '.', '..' or hidden; the SDK appends a session
 # suffix (`-<12 hex>`) to names from save_weights_for_sampler_ext, hence the generous length.
 SAMPLER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
-# Job ids in cross_job:// references are resolved to directories: safe characters only.
-JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Upper bound on the values one loss_fn_inputs tensor may hold once dense (checked from its declared
 # shape, before anything is allocated): a 444-byte sparse request must not allocate gigabytes.
 MAX_TENSOR_ELEMENTS = 1 << 24
@@ -50,6 +50,23 @@ _DEFAULT_LORA_ALPHA = 32
 
 class UserError(ValueError):
     """The request is wrong (bad field, missing checkpoint, ...): reported with category "user"."""
+
+
+class TrainerCannotContinue(Exception):
+    """Raised by a backend whose state can no longer be trusted (a lost rank, a half-applied step):
+    the operation's future fails, every later one too, and the trainer process exits non-zero."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`Type: message` of an exception, looking through torch.distributed.checkpoint's
+    CheckpointException (its own text is only "ranks: ..."; the cause is in its per-rank failures)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        cause = cause[0] if isinstance(cause, tuple) and cause else cause
+        if isinstance(cause, BaseException):
+            return f"{type(exc).__name__}: {type(cause).__name__}: {str(cause).strip()}"
+    return f"{type(exc).__name__}: {str(exc).strip()}"
 
 
 # ---- typed requests ---------------------------------------------------------------------------------
@@ -472,7 +489,8 @@ def parse_train_state_ref(path: Any, field: str = "path") -> TrainStateRef:
         raise UserError(f"{field} must be a non-empty checkpoint reference")
     if path.startswith("cross_job://"):
         job_id, _, name = path[len("cross_job://"):].partition("/")
-        if not JOB_ID_RE.fullmatch(job_id) or not STATE_NAME_RE.fullmatch(name):
+        # Job ids are resource ids (DNS labels) and become directory names: full match only.
+        if not is_resource_id(job_id) or not STATE_NAME_RE.fullmatch(name):
             raise UserError(f"{field} {path!r} must look like cross_job://<job_id>/<checkpoint-name>")
         return TrainStateRef(name, job_id, path)
     if not STATE_NAME_RE.fullmatch(path):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import logging
 import secrets
@@ -41,8 +40,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from workbench.common import api_key_ok, error_body
+
 from . import protocol
-from .protocol import TrainerBackend, UserError
+from .protocol import TrainerBackend, TrainerCannotContinue, UserError, describe_failure
 
 try:  # the SDK ships orjson; it is much faster for the large float arrays of forward results
     import orjson
@@ -58,9 +59,6 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("workbench.trainer.server")
 
-# gRPC-style status codes used in HTTP error bodies (errors.py parses `error.message`).
-_STATUS = {400: (3, "INVALID_ARGUMENT"), 401: (16, "UNAUTHENTICATED"), 404: (5, "NOT_FOUND"),
-           405: (12, "UNIMPLEMENTED"), 500: (13, "INTERNAL")}
 _MAX_FUTURES = 20000          # completed futures kept for re-delivery before the oldest are dropped
 
 
@@ -72,8 +70,8 @@ class JSONBytes(Response):
 
 
 def error_response(status: int, message: str) -> JSONBytes:
-    code, name = _STATUS.get(status, (2, "UNKNOWN"))
-    return JSONBytes({"error": {"code": code, "message": message, "status": name}}, status_code=status)
+    # The gRPC-style error shape the SDK parses (errors.py reads `error.message`).
+    return JSONBytes(error_body(status, message), status_code=status)
 
 
 class BadRequest(Exception):
@@ -103,24 +101,53 @@ class _Job:
     arrival: float
 
 
-class OrderedWorker:
-    """One thread running queued jobs: per model_id in seq_id order, everything else in arrival order."""
+def _complete(rec: FutureRecord, payload: dict) -> None:
+    rec.result = payload
+    rec.done = True
+    try:
+        rec.loop.call_soon_threadsafe(rec.event.set)
+    except RuntimeError:  # event loop already closed (shutting down)
+        pass
 
-    def __init__(self, known_model: Callable[[str], bool], gap_timeout_s: float = 3.0):
+
+def _server_error(rec: FutureRecord, exc: BaseException) -> dict:
+    return {"error": f"{rec.op} failed on the trainer: {describe_failure(exc)}", "category": "server",
+            "error_class": type(exc).__name__[:128]}
+
+
+class OrderedWorker:
+    """One thread running queued jobs: per model_id in seq_id order, everything else in arrival order.
+
+    A failing job fails its own future only: `UserError` -> category "user"; any other exception,
+    BaseException subclasses included (torch's `CheckpointException` on a full disk is one), ->
+    "server", and the worker goes on. Only `TrainerCannotContinue`, `KeyboardInterrupt`/`SystemExit`
+    or a bug in the worker itself stop it: then every queued future fails with the reason,
+    later submissions fail at once, and `on_fatal(reason)` is called (the process exits non-zero,
+    so the control plane marks the job FAILED with that reason) — never a silently dead queue.
+    """
+
+    def __init__(self, known_model: Callable[[str], bool], gap_timeout_s: float = 3.0,
+                 on_fatal: Callable[[str], None] | None = None):
         self._known_model = known_model
         self._gap = gap_timeout_s
+        self._on_fatal = on_fatal
         self._cond = threading.Condition()
         self._queue: list[_Job] = []
         self._next_seq: dict[str, int] = {}
         self._progress: dict[str, float] = {}
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="trainer-worker", daemon=True)
+        self.fatal: str | None = None
+        self._thread = threading.Thread(target=self._run, name="trainer-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job: _Job) -> None:
         with self._cond:
-            self._queue.append(job)
-            self._cond.notify()
+            if self.fatal is None:
+                self._queue.append(job)
+                self._cond.notify()
+                return
+        _complete(job.record, {"error": f"{job.record.op} not run: {self.fatal}", "category": "server",
+                               "error_class": "TrainerCannotContinue"})
 
     def stop(self) -> None:
         with self._cond:
@@ -154,6 +181,21 @@ class OrderedWorker:
             wait = deadline - now if wait is None else min(wait, deadline - now)
         return None, wait
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - whatever stopped the worker, say so and fail fast
+            reason = f"trainer worker stopped: {type(e).__name__}: {e}"
+            log.critical("%s", reason, exc_info=not isinstance(e, TrainerCannotContinue))
+            with self._cond:
+                self.fatal = reason
+                queued, self._queue = self._queue, []
+            for job in queued:
+                _complete(job.record, {"error": f"{job.record.op} not run: {reason}", "category": "server",
+                                       "error_class": "TrainerCannotContinue"})
+            if self._on_fatal is not None:
+                self._on_fatal(reason)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -175,24 +217,22 @@ class OrderedWorker:
     def _execute(job: _Job) -> None:
         rec = job.record
         start = time.monotonic()
+        fatal: BaseException | None = None
         try:
             payload = job.fn()
             outcome = "ok"
         except UserError as e:
             payload, outcome = {"error": str(e), "category": "user", "error_class": "UserError"}, "user error"
             log.info("%s %s seq=%s: user error: %s", rec.op, rec.model_id, rec.seq_id, e)
-        except Exception as e:  # anything else failed inside the engine / torch
+        except (TrainerCannotContinue, KeyboardInterrupt, SystemExit) as e:
+            payload, outcome, fatal = _server_error(rec, e), "fatal error", e
+        except BaseException as e:  # noqa: BLE001 - one failed operation (torch, disk, ...): its future only
             log.exception("%s %s seq=%s failed", rec.op, rec.model_id, rec.seq_id)
-            payload = {"error": f"{rec.op} failed on the trainer: {type(e).__name__}: {e}", "category": "server",
-                       "error_class": type(e).__name__[:128]}
-            outcome = "server error"
+            payload, outcome = _server_error(rec, e), "server error"
         log.info("%s %s seq=%s %s in %.3fs", rec.op, rec.model_id, rec.seq_id, outcome, time.monotonic() - start)
-        rec.result = payload
-        rec.done = True
-        try:
-            rec.loop.call_soon_threadsafe(rec.event.set)
-        except RuntimeError:  # event loop already closed (shutting down)
-            pass
+        _complete(rec, payload)
+        if fatal is not None:
+            raise fatal
 
 
 class FutureStore:
@@ -227,9 +267,11 @@ class FutureStore:
 
 # ---- the app ------------------------------------------------------------------------------------------
 def create_app(backend: TrainerBackend, api_key: str | None, *, long_poll_s: float = 20.0,
-               gap_timeout_s: float = 3.0) -> FastAPI:
+               gap_timeout_s: float = 3.0, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """The trainer's FastAPI app over `backend`; `on_fatal(reason)` is called (from the worker thread)
+    if the worker cannot continue — the process should then exit non-zero (see __main__)."""
     futures = FutureStore()
-    worker = OrderedWorker(backend.has_model, gap_timeout_s)
+    worker = OrderedWorker(backend.has_model, gap_timeout_s, on_fatal)
     sessions: dict[str, dict] = {}
     model_prefix = secrets.token_hex(4)     # model ids of this process: model-<prefix>-<n>
     model_counter = itertools.count()
@@ -252,19 +294,10 @@ def create_app(backend: TrainerBackend, api_key: str | None, *, long_poll_s: flo
     app.state.begin_shutdown = begin_shutdown   # called by __main__ as soon as SIGTERM arrives
 
     # -- auth & errors --
-    def _authorized(request: Request) -> bool:
-        if not api_key:
-            return True
-        offered = [request.headers.get("x-api-key")]
-        auth = request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            offered.append(auth[7:].strip())
-        # Either credential may carry the key (the SDK's healthz poll sends both).
-        return any(k is not None and hmac.compare_digest(k.encode(), api_key.encode()) for k in offered)
-
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if not _authorized(request):
+        # Either credential may carry the key (the SDK's healthz poll sends both).
+        if not api_key_ok(request.headers, api_key):
             return error_response(401, "missing or invalid API key: send X-Api-Key: <key> or "
                                        "Authorization: Bearer <key>")
         return await call_next(request)
