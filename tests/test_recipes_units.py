@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workbench.recipes import dpo_loop, orpo_loop, rl_loop, sft_loop
+from workbench.recipes import async_rl_loop, dpo_loop, orpo_loop, rl_loop, sft_loop
 from workbench.recipes.utils import ConfigError, InfraConfig, TrainingCheckpoints, WeightSyncConfig
 from workbench.recipes.utils import data as D
 from workbench.recipes.utils import losses as L
@@ -42,14 +42,14 @@ def no_backend(monkeypatch):
     monkeypatch.setattr(workbench.connect, "connect", boom)
 
 
-@pytest.mark.parametrize("module", [sft_loop, rl_loop, dpo_loop, orpo_loop])
+@pytest.mark.parametrize("module", [sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop])
 def test_init_from_checkpoint_and_adapter_are_exclusive(tmp_path, no_backend, module):
     cfg = module.Config(log_path=str(tmp_path), lora_rank=8, init_from_checkpoint="job-a:step-4",
                         warm_start_from_adapter="accounts/workbench/models/adapter")
     _fails(module.main, cfg, "init_from_checkpoint", "warm_start_from_adapter", "mutually exclusive")
 
 
-@pytest.mark.parametrize("module", [sft_loop, rl_loop, dpo_loop, orpo_loop])
+@pytest.mark.parametrize("module", [sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop])
 def test_warm_start_needs_lora(tmp_path, no_backend, module):
     cfg = module.Config(log_path=str(tmp_path), warm_start_from_adapter="accounts/workbench/models/adapter")
     _fails(module.main, cfg, "warm_start_from_adapter requires lora_rank > 0")
@@ -80,6 +80,14 @@ def test_rl_numeric_checks(tmp_path, no_backend):
            "kl_beta", "temperature", "eps_clip", "tis_cap", "grad_accumulation_normalization")
 
 
+def test_async_rl_staleness_budget_and_sync_interval(tmp_path, no_backend):
+    _fails(async_rl_loop.main, async_rl_loop.Config(log_path=str(tmp_path), max_head_offpolicy_versions=2, kl_beta=-1,
+                                                    weight_sync=WeightSyncConfig(weight_sync_interval=2)),
+           "max_head_offpolicy_versions must be 0 or 1", "weight_sync_interval must be 1", "kl_beta")
+    (tmp_path / "run.json").write_text(json.dumps({"recipe": "rl", "base_model": TINY, "lora_rank": 0}))
+    _fails(async_rl_loop.main, async_rl_loop.Config(log_path=str(tmp_path)), "recipe='async_rl'")
+
+
 def test_rerun_must_match_the_recorded_run(tmp_path, no_backend):
     (tmp_path / "run.json").write_text(json.dumps({"recipe": "sft", "base_model": TINY, "lora_rank": 0}))
     _fails(sft_loop.main, sft_loop.Config(log_path=str(tmp_path), lora_rank=4), "lora_rank=4", "new log_path")
@@ -97,7 +105,7 @@ def test_configs_document_every_field():
     import ast
     import inspect
 
-    for module in (sft_loop, rl_loop, dpo_loop, orpo_loop):
+    for module in (sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop):
         fields = []   # the Config class and its dataclass bases (the shared fields live in RecipeConfig)
         for klass in module.Config.__mro__[:-1]:
             body = ast.parse(inspect.getsource(klass)).body[0].body

@@ -1,24 +1,18 @@
-"""`import tinker` for the seeds' code: the Fireworks SDK's native Tinker-compatible types.
+"""`import tinker`: the Fireworks SDK's native Tinker-compatible surface (see `workbench/_tinker.py`).
 
-The Fireworks docs (seeds 003, 004) write `import tinker` and `tinker.AdamParams(...)`; the pinned SDK
-ships those types itself ("use `from fireworks.training import sdk` or the equivalent native `tinker`
-name", its TINKER_COMPATIBILITY.md). This module is that name: it re-exports the SDK's own classes,
-so `tinker.AdamParams is fireworks.training.sdk.AdamParams`. It is not the PyPI `tinker` client; do not
-install both in one environment.
+    import tinker
+    from tinker import types
+    tinker.AdamParams is fireworks.training.sdk.AdamParams     # True
+    tinker.SamplingClient, tinker.StopReason, tinker.APIError  # the SDK's own classes
+
+This file is what a source checkout or an editable install finds. An installed workbench claims the name
+with `workbench-tinker.pth` instead, ahead of any PyPI `tinker` installed beside it (the Fireworks cookbook
+pulls one in through `tinker-cookbook`); both routes give the same objects.
 """
 
-from fireworks.training.sdk import (  # noqa: F401
-    AdamParams,
-    APIFuture,
-    Datum,
-    EncodedTextChunk,
-    ForwardBackwardOutput,
-    LoraConfig,
-    ModelInput,
-    ModelInputChunk,
-    OptimStepResponse,
-    SamplingParams,
-    ServiceClient,
-    TensorData,
-    TrainingClient,
-)
+import sys as _sys
+
+from workbench import _tinker as _alias
+
+_alias.activate()                      # `tinker.X` submodules are the SDK's own modules
+_alias.populate(_sys.modules[__name__])

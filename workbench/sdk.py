@@ -7,6 +7,8 @@
 
     syncer = WeightSyncer(policy_client=client, deploy_mgr=..., deployment_id=..., dcp_timeout=2700)
     syncer.save_dcp("step-10")        # seed 002: DCP-only save, returns bool
+    snapshot = syncer.save_only("step-10")
+    syncer.hotload(snapshot)          # seed 002: no checkpoint_type (the one it was saved as)
 
 TTL: the pinned SDK refuses `ttl_seconds` client-side (NotImplementedError), so the wrapper saves
 without it and then sets the checkpoint's TTL on the control plane
@@ -101,10 +103,37 @@ class TrainingClient:
 
 @dataclass
 class WeightSyncer(_SdkWeightSyncer):
-    """The SDK's WeightSyncer plus seed 002's `save_dcp(name)` and `dcp_timeout`."""
+    """The SDK's WeightSyncer plus seed 002's `save_dcp(name)`, `dcp_timeout`, and `hotload(snapshot)`
+    without a `checkpoint_type` (the SDK's signature requires one)."""
 
     dcp_timeout: int = 2700
     """Seconds to wait for a DCP save in `save_dcp`."""
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self._saved_types: dict[str, str] = {}   # snapshot name -> the checkpoint_type it was saved as
+
+    def save_only(self, name: str, checkpoint_type: str | None = None) -> str | None:
+        """The SDK's save_only, remembering which type the snapshot was saved as (for `hotload`)."""
+        ckpt_type = checkpoint_type or self._next_checkpoint_type()
+        snapshot = super().save_only(name, checkpoint_type=ckpt_type)
+        if snapshot is not None:
+            self._saved_types[snapshot] = ckpt_type
+        return snapshot
+
+    def hotload(self, snapshot_name: str, checkpoint_type: str | None = None) -> bool:
+        """Hot-load a saved snapshot; True on success. Seed 002 writes `tracker.hotload(snapshot)`: without a
+        `checkpoint_type` the type is the one `save_only` saved that snapshot as, else "base" (a snapshot saved
+        outside this syncer; a full snapshot needs no previous one, and a delta hot-loaded as a base fails
+        cleanly at the deployment, which keeps serving what it held)."""
+        if checkpoint_type is None:
+            checkpoint_type = self._saved_types.get(snapshot_name)
+            if checkpoint_type is None:
+                logger.info("hotload(%r): not saved by this syncer, hot-loading it as a base snapshot", snapshot_name)
+                checkpoint_type = "base"
+        return super().hotload(snapshot_name, checkpoint_type)
 
     def save_dcp(self, name: str) -> bool:
         """Save a resumable DCP checkpoint only (no sampler snapshot, no hotload). True on success."""

@@ -104,6 +104,11 @@ class Config(RecipeConfig):
 
 def validate(cfg: Config) -> None:
     """Every config problem at once, as a ConfigError, before any backend call."""
+    validate_or_raise(cfg, RECIPE, config_errors(cfg))
+
+
+def config_errors(cfg: Config) -> list[str]:
+    """The problems of a GRPO config (without the run.json checks, which depend on the recipe name)."""
     errors = check_common(cfg)
     check_integer(errors, "completions_per_prompt", cfg.completions_per_prompt, 2)
     if isinstance(cfg.completions_per_prompt, int) and cfg.completions_per_prompt < 2:
@@ -124,7 +129,7 @@ def validate(cfg: Config) -> None:
                       f"(got {cfg.grad_accumulation_normalization!r})")
     if cfg.reward_fn is not None and not callable(cfg.reward_fn):
         errors.append("reward_fn must be callable (completion_text, row) -> float")
-    validate_or_raise(cfg, RECIPE, errors)
+    return errors
 
 
 # ---- rollouts ------------------------------------------------------------------------------------------
@@ -228,23 +233,98 @@ def _reference(infra: RecipeInfra, cfg: Config, policy):
     return policy.service.create_base_training_client(cfg.base_model), "frozen base model (base-only client)"
 
 
+# ---- one step: collect (sample + score) and update --------------------------------------------------
+@dataclass
+class Batch:
+    """The scored rollouts of one optimizer step."""
+
+    samples: list
+    """GrpoSample per kept completion (advantage, response start, behaviour logprobs)."""
+    datums: list
+    """The matching training datums (full sequences)."""
+    metrics: dict
+    """rollout/* metrics of the batch (reward, drops, lengths, sampling time)."""
+
+
+def collect(sampler, tokenizer, cfg: Config, rows: list[dict], idx: list[int], consumed: int, reward_fn,
+            max_len: int | None) -> Batch:
+    """Sample `completions_per_prompt` completions of each row of `idx` (request seeds derived from the data
+    position `consumed + j`, so a resumed run draws the same), score them, z-score within each group."""
+    t0 = time.time()
+    n = cfg.completions_per_prompt
+    requests = [(rows[i]["messages"], _seed(cfg.seed, consumed + j, k)) for j, i in enumerate(idx) for k in range(n)]
+    results = _sample(sampler, requests, cfg, max_len)
+    t_sample = time.time() - t0
+    samples, datums, all_rewards, lengths, truncated, failed, dropped = [], [], [], [], 0, 0, 0
+    for i, group in zip(idx, _chunks(results, n)):
+        if any(isinstance(c, BaseException) for c in group):
+            failed += sum(isinstance(c, BaseException) for c in group)
+            dropped += 1
+            continue
+        rewards = [float(reward_fn(_text(tokenizer, c), rows[i])) for c in group]
+        all_rewards += rewards
+        lengths += [len(c.full_tokens) - c.prompt_len for c in group]
+        truncated += sum(c.finish_reason == "length" for c in group)
+        advantages = group_advantages(rewards)
+        if advantages is None:
+            dropped += 1
+            continue
+        for c, a in zip(group, advantages):
+            samples.append(GrpoSample(a, c.prompt_len - 1, _behaviour_logprobs(c)))
+            datums.append(_datum(list(c.full_tokens)))
+    metrics = {"rollout/reward": sum(all_rewards) / max(len(all_rewards), 1),
+               "rollout/groups": len(idx), "rollout/groups_dropped": dropped, "rollout/samples_failed": failed,
+               "rollout/response_len": sum(lengths) / max(len(lengths), 1),
+               "rollout/truncated_frac": truncated / max(len(lengths), 1), "time/sample_s": t_sample}
+    return Batch(samples, datums, metrics)
+
+
+def grpo_update(client, reference, batch: Batch, cfg: Config, lr: float) -> dict:
+    """Reference logprobs (when there is a reference), one `forward_backward_custom` with the GRPO loss and one
+    `optim_step`; returns the grpo/* and train/grad_norm metrics."""
+    normalization = cfg.grad_accumulation_normalization
+    normalization = None if normalization in (None, "none") else normalization
+    if reference is not None:
+        out = reference.forward(batch.datums, "cross_entropy").result()
+        for s, o in zip(batch.samples, out.loss_fn_outputs):
+            s.ref_logprobs = list(o["logprobs"].data)[s.response_start:]
+    loss_fn = make_grpo_loss(batch.samples, kl_beta=cfg.kl_beta, eps_clip=cfg.eps_clip,
+                             eps_clip_high=cfg.eps_clip_high, tis_cap=cfg.tis_cap)
+    fb = client.forward_backward_custom(batch.datums, loss_fn).result()
+    opt = client.optim_step(adam_params(lr, weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm),
+                            grad_accumulation_normalization=normalization).result()
+    metrics = {k: v for k, v in fb.metrics.items() if k.startswith("grpo/")}
+    if opt.metrics and "grad_norm:mean" in opt.metrics:
+        metrics["train/grad_norm"] = opt.metrics["grad_norm:mean"]
+    return metrics
+
+
 # ---- main --------------------------------------------------------------------------------------------
 def main(cfg: Config) -> dict:
     """Run (or resume) the GRPO loop; returns the summary."""
+    validate(cfg)
+    return run_grpo(cfg, RECIPE)
+
+
+def run_grpo(cfg: Config, recipe: str, *, prefetch: bool = False) -> dict:
+    """The GRPO loop of `rl_loop` (prefetch=False) and `async_rl_loop` (prefetch=True: the rollouts of step
+    N+1 are sampled while step N trains, from the weights the deployment holds then, i.e. one version old;
+    see async_rl_loop's docstring). `cfg` is validated by the caller."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from fireworks.training.sdk import AdaptiveConcurrencyController, DeploymentSampler
 
     from workbench.sdk import WeightSyncer
 
-    validate(cfg)
     done = completed_summary(cfg.log_path)
     if done is not None:
         return done
     reward_fn = cfg.reward_fn or arithmetic_reward
     tokenizer, train_rows, eval_rows = read_datasets(cfg, "rl")
 
-    with provision(cfg, RECIPE) as infra:
+    with provision(cfg, recipe) as infra, ThreadPoolExecutor(max_workers=1) as rollout_pool:
         max_len = infra.max_context_length()
-        run = TrainingRun(infra, cfg, RECIPE, n_items=len(train_rows), batch_size=cfg.prompt_groups_per_step)
+        run = TrainingRun(infra, cfg, recipe, n_items=len(train_rows), batch_size=cfg.prompt_groups_per_step)
         client = run.client
         deployment_id = infra.deployment(run.policy)
         reference, reference_desc = _reference(infra, cfg, run.policy)
@@ -261,8 +341,6 @@ def main(cfg: Config) -> dict:
         if run.info is not None or ws.weight_sync_before_training or cfg.infra.deployment_id:
             last_snapshot = syncer.save_and_hotload(f"step-{run.step}")
             logger.info("synced the policy at step %d into %s (%s)", run.step, deployment_id, last_snapshot)
-        normalization = cfg.grad_accumulation_normalization
-        normalization = None if normalization in (None, "none") else normalization
         dirty = False   # the trainer holds weights the deployment has not hot-loaded yet
 
         def sync(step: int) -> dict:
@@ -277,56 +355,37 @@ def main(cfg: Config) -> dict:
             metrics.update(evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
             return metrics
 
+        ahead: dict = {}     # prefetch: step -> (future of its Batch, policy version it samples from)
+
         def train_step(idx: list[int], lr: float, step: int) -> dict:
-            """Sample and score the groups of `idx`, one GRPO update, and a weight sync when one is due."""
+            """Sample and score the groups of `idx` (or take the batch prefetched during the previous step),
+            one GRPO update, and a weight sync when one is due."""
             nonlocal dirty
-            t0 = time.time()
-            n = cfg.completions_per_prompt
-            consumed = run.consumed
-            requests = [(train_rows[i]["messages"], _seed(cfg.seed, consumed + j, k))
-                        for j, i in enumerate(idx) for k in range(n)]
-            results = _sample(sampler, requests, cfg, max_len)
-            t_sample = time.time() - t0
-
-            samples, datums, all_rewards, lengths, truncated, failed, dropped = [], [], [], [], 0, 0, 0
-            for i, group in zip(idx, _chunks(results, n)):
-                if any(isinstance(c, BaseException) for c in group):
-                    failed += sum(isinstance(c, BaseException) for c in group)
-                    dropped += 1
-                    continue
-                rewards = [float(reward_fn(_text(tokenizer, c), train_rows[i])) for c in group]
-                all_rewards += rewards
-                lengths += [len(c.full_tokens) - c.prompt_len for c in group]
-                truncated += sum(c.finish_reason == "length" for c in group)
-                advantages = group_advantages(rewards)
-                if advantages is None:
-                    dropped += 1
-                    continue
-                for c, a in zip(group, advantages):
-                    samples.append(GrpoSample(a, c.prompt_len - 1, _behaviour_logprobs(c)))
-                    datums.append(_datum(list(c.full_tokens)))
-
-            metrics: dict = {"rollout/reward": sum(all_rewards) / max(len(all_rewards), 1),
-                             "rollout/groups": len(idx), "rollout/groups_dropped": dropped,
-                             "rollout/samples_failed": failed,
-                             "rollout/response_len": sum(lengths) / max(len(lengths), 1),
-                             "rollout/truncated_frac": truncated / max(len(lengths), 1),
-                             "time/sample_s": t_sample}
-            if datums:
-                if reference is not None:
-                    out = reference.forward(datums, "cross_entropy").result()
-                    for s, o in zip(samples, out.loss_fn_outputs):
-                        s.ref_logprobs = list(o["logprobs"].data)[s.response_start:]
-                loss_fn = make_grpo_loss(samples, kl_beta=cfg.kl_beta, eps_clip=cfg.eps_clip,
-                                         eps_clip_high=cfg.eps_clip_high, tis_cap=cfg.tis_cap)
-                fb = client.forward_backward_custom(datums, loss_fn).result()
-                opt = client.optim_step(adam_params(lr, weight_decay=cfg.weight_decay,
-                                                    grad_clip_norm=cfg.grad_clip_norm),
-                                        grad_accumulation_normalization=normalization).result()
-                metrics.update({k: v for k, v in fb.metrics.items() if k.startswith("grpo/")})
-                if opt.metrics and "grad_norm:mean" in opt.metrics:
-                    metrics["train/grad_norm"] = opt.metrics["grad_norm:mean"]
+            if step in ahead:
+                future, version = ahead.pop(step)
+                batch = future.result()
+            else:
+                batch, version = collect(sampler, tokenizer, cfg, train_rows, idx, run.consumed, reward_fn,
+                                         max_len), step - 1
+            metrics = dict(batch.metrics)
+            nxt = None
+            # A resumable checkpoint is a barrier: the batch after it is sampled from the checkpoint's own
+            # weights, exactly what a run resumed from that checkpoint samples from.
+            if prefetch and step < run.total and not run.ckpt.should_save(step):
+                consumed = run.consumed + len(idx)
+                _, idx_next = run.schedule.next_batch(consumed)
+                if idx_next:
+                    nxt = rollout_pool.submit(collect, sampler, tokenizer, cfg, train_rows, idx_next, consumed,
+                                              reward_fn, max_len)
+                    ahead[step + 1] = (nxt, step - 1)
+            if prefetch:
+                metrics["async/staleness"] = (step - 1) - version
+            if batch.datums:
+                metrics.update(grpo_update(client, reference, batch, cfg, lr))
                 dirty = True
+            if nxt is not None:
+                nxt.result()     # no hot-load while the next batch is still sampling from the current weights
+                metrics["async/overlap"] = 1
             if dirty and (step % ws.weight_sync_interval == 0 or step == run.total):
                 t1 = time.time()
                 metrics.update(sync(step))
