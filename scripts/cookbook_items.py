@@ -54,7 +54,7 @@ def sft_loop(item="sft_loop"):
 
     record(item, main(Config(log_path=log_path(item), base_model=MODEL, dataset=data("arithmetic_sft.jsonl"),
                              tokenizer_model=TOKENIZER, learning_rate=3e-3, epochs=1, batch_size=8, max_seq_len=256,
-                             max_examples=32, dcp_save_interval=2, output_model_id="cookbook-sft",
+                             max_examples=32, dcp_save_interval=2, output_model_id="cookbook-sft", render_workers=1,
                              trainer=trainer(False))))
 
 
@@ -63,7 +63,7 @@ def _dpo(item: str, lora: bool):
 
     record(item, main(Config(log_path=log_path(item), base_model=MODEL, dataset=data("arithmetic_preferences.jsonl"),
                              tokenizer_model=TOKENIZER, learning_rate=1e-3, epochs=1, batch_size=4, max_seq_len=256,
-                             max_pairs=16, lora_rank=8 if lora else 0, dcp_save_interval=2,
+                             max_pairs=16, lora_rank=8 if lora else 0, dcp_save_interval=2, render_workers=0,
                              trainer=trainer(lora, reference_training_shape_id=REFERENCE_SHAPE if not lora else None))))
 
 

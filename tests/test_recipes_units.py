@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workbench.recipes import async_rl_loop, dpo_loop, orpo_loop, rl_loop, sft_loop
+from workbench.recipes import async_rl_loop, dpo_loop, igpo_loop, orpo_loop, rl_loop, sft_loop
 from workbench.recipes.utils import ConfigError, InfraConfig, TrainingCheckpoints, WeightSyncConfig
 from workbench.recipes.utils import data as D
 from workbench.recipes.utils import losses as L
@@ -42,14 +42,14 @@ def no_backend(monkeypatch):
     monkeypatch.setattr(workbench.connect, "connect", boom)
 
 
-@pytest.mark.parametrize("module", [sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop])
+@pytest.mark.parametrize("module", [sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop, igpo_loop])
 def test_init_from_checkpoint_and_adapter_are_exclusive(tmp_path, no_backend, module):
     cfg = module.Config(log_path=str(tmp_path), lora_rank=8, init_from_checkpoint="job-a:step-4",
                         warm_start_from_adapter="accounts/workbench/models/adapter")
     _fails(module.main, cfg, "init_from_checkpoint", "warm_start_from_adapter", "mutually exclusive")
 
 
-@pytest.mark.parametrize("module", [sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop])
+@pytest.mark.parametrize("module", [sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop, igpo_loop])
 def test_warm_start_needs_lora(tmp_path, no_backend, module):
     cfg = module.Config(log_path=str(tmp_path), warm_start_from_adapter="accounts/workbench/models/adapter")
     _fails(module.main, cfg, "warm_start_from_adapter requires lora_rank > 0")
@@ -105,7 +105,7 @@ def test_configs_document_every_field():
     import ast
     import inspect
 
-    for module in (sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop):
+    for module in (sft_loop, rl_loop, dpo_loop, orpo_loop, async_rl_loop, igpo_loop):
         fields = []   # the Config class and its dataclass bases (the shared fields live in RecipeConfig)
         for klass in module.Config.__mro__[:-1]:
             body = ast.parse(inspect.getsource(klass)).body[0].body
@@ -388,6 +388,51 @@ def test_grpo_loss_matches_the_formula():
     expected_grad = -(-0.7) * tis + 0.05 * (1 - torch.exp(d))          # d/dlogp of each term
     assert torch.allclose(grad, expected_grad, atol=1e-5) and lp.grad[:prompt_len - 1].abs().sum() == 0
     assert metrics["grpo/tokens"] == 4 and metrics["grpo/tis_weight"] <= 5.0
+
+
+def test_grpo_loss_per_token_advantages_and_mask():
+    """IGPO: per-token advantages; tokens the policy did not sample (tool results) carry no loss and no KL."""
+    torch.manual_seed(0)
+    lp = (torch.rand(5) * -2).requires_grad_(True)
+    resp = lp.detach()[1:]
+    adv, mask = [0.5, 0.5, 0.0, -1.0], [1.0, 1.0, 0.0, 1.0]
+    inf = [float(resp[0]), float(resp[1]), 0.0, float(resp[3])]       # no sampling logprob for the masked one
+    ref = [float(v) for v in resp - 0.2]
+    s = L.GrpoSample(0.0, 1, inf, ref_logprobs=ref, advantages=adv, mask=mask)
+    loss, metrics = L.make_grpo_loss([s], kl_beta=0.1, eps_clip=0.2, eps_clip_high=None, tis_cap=5.0)(None, [lp])
+    loss.backward()
+    d = torch.tensor(ref) - resp
+    kl = torch.exp(d) - d - 1
+    expected = sum((-a + 0.1 * float(k)) * m for a, k, m in zip(adv, kl, mask))
+    assert abs(float(loss.detach()) - expected) < 1e-5
+    assert lp.grad[3] == 0 and lp.grad[1] != 0 and metrics["grpo/tokens"] == 3
+
+
+def test_igpo_turn_advantages_and_lookup_task():
+    from workbench.recipes.utils.lookup_task import lookup_reward, lookup_tool, make_lookup_rows, make_lookup_sft
+
+    # two trajectories: the first looked up (IG 2.0) then answered right, the second answered at once, wrong
+    adv = igpo_loop.turn_advantages([[2.0, 0.0], [0.0]], [1.0, 0.0], gamma=0.5, ig_weight=1.0)
+    ig_n = [(v - 2 / 3) / ((8 / 9) ** 0.5 + 1e-6) for v in (2.0, 0.0, 0.0)]
+    out_n = [(v - 1 / 3) / ((2 / 9) ** 0.5 + 1e-6) for v in (0.0, 1.0, 0.0)]
+    r = [i + o for i, o in zip(ig_n, out_n)]
+    assert adv[0] == pytest.approx([r[0] + 0.5 * r[1], r[1]]) and adv[1] == pytest.approx([r[2]])
+    assert adv[0][0] > 0 > adv[1][0]
+    rows = make_lookup_rows(8, seed=3)
+    assert rows == make_lookup_rows(8, seed=3) and len({r["ground_truth"] for r in make_lookup_rows(64)}) > 1
+    row = rows[0]
+    box = row["messages"][0]["content"].split("box ")[1].split("?")[0]
+    assert lookup_tool(f"<lookup>{box}</lookup>", row) == f"<result>{row['facts'][box]}</result>"
+    assert lookup_tool("no call", row) is None and lookup_tool("<lookup>99</lookup>", row) == "<result>unknown</result>"
+    assert lookup_reward(f"<answer>{row['ground_truth']}</answer>", row) == 1.0 and lookup_reward("x", row) == 0.0
+    demo = make_lookup_sft(2)[0]["messages"]
+    assert [m["role"] for m in demo] == ["user", "assistant", "user", "assistant"]
+    D.check_rows(D.read_jsonl(D.DATA_DIR / "lookup_igpo.jsonl"), "rl", "lookup_igpo.jsonl")
+
+
+def test_igpo_config_checks(tmp_path, no_backend):
+    _fails(igpo_loop.main, igpo_loop.Config(log_path=str(tmp_path), max_turns=0, gamma=2.0, tool_fn=3),
+           "max_turns", "gamma", "tool_fn")
 
 
 def test_dpo_and_orpo_losses():

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from workbench.common import run_async as _run_async
 from workbench.recipes.utils import data as D
 from workbench.recipes.utils.config import (RecipeConfig, WeightSyncConfig, check_common, check_integer, check_number,
                                             parse_checkpoint_ref)
@@ -151,19 +152,6 @@ def _sample(sampler, requests: list[tuple[list[dict], int]], cfg: Config, max_le
         else:
             out.append(r[0])
     return out
-
-
-def _run_async(make_coro):
-    """Run a coroutine to completion from sync code, also inside a notebook whose event loop is running
-    (there asyncio.run would refuse: the coroutine then runs on a fresh loop in a helper thread)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make_coro())
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(lambda: asyncio.run(make_coro())).result()
 
 
 def _text(tokenizer, completion) -> str:
@@ -306,10 +294,16 @@ def main(cfg: Config) -> dict:
     return run_grpo(cfg, RECIPE)
 
 
-def run_grpo(cfg: Config, recipe: str, *, prefetch: bool = False) -> dict:
+def run_grpo(cfg: Config, recipe: str, *, prefetch: bool = False, collect_fn=None, evaluate_fn=None,
+             default_reward=arithmetic_reward) -> dict:
     """The GRPO loop of `rl_loop` (prefetch=False) and `async_rl_loop` (prefetch=True: the rollouts of step
     N+1 are sampled while step N trains, from the weights the deployment holds then, i.e. one version old;
-    see async_rl_loop's docstring). `cfg` is validated by the caller."""
+    see async_rl_loop's docstring). `cfg` is validated by the caller. igpo_loop supplies its own rollouts:
+    `collect_fn(sampler, tokenizer, cfg, rows, idx, consumed, reward_fn, max_len, client) -> Batch` and
+    `evaluate_fn(sampler, tokenizer, cfg, rows, reward_fn, max_len) -> metrics` (defaults: `collect`,
+    `evaluate`)."""
+    collect_batch = collect_fn or (lambda *a, client=None: collect(*a))
+    evaluate_rows = evaluate_fn or evaluate
     from concurrent.futures import ThreadPoolExecutor
 
     from fireworks.training.sdk import AdaptiveConcurrencyController, DeploymentSampler
@@ -319,7 +313,7 @@ def run_grpo(cfg: Config, recipe: str, *, prefetch: bool = False) -> dict:
     done = completed_summary(cfg.log_path)
     if done is not None:
         return done
-    reward_fn = cfg.reward_fn or arithmetic_reward
+    reward_fn = cfg.reward_fn or default_reward
     tokenizer, train_rows, eval_rows = read_datasets(cfg, "rl")
 
     with provision(cfg, recipe) as infra, ThreadPoolExecutor(max_workers=1) as rollout_pool:
@@ -352,7 +346,7 @@ def run_grpo(cfg: Config, recipe: str, *, prefetch: bool = False) -> dict:
         def run_eval() -> dict:
             # evaluate what the policy is now, not the last synced snapshot
             metrics = sync(run.step) if dirty else {}
-            metrics.update(evaluate(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
+            metrics.update(evaluate_rows(sampler, tokenizer, cfg, eval_rows, reward_fn, max_len))
             return metrics
 
         ahead: dict = {}     # prefetch: step -> (future of its Batch, policy version it samples from)
@@ -365,8 +359,8 @@ def run_grpo(cfg: Config, recipe: str, *, prefetch: bool = False) -> dict:
                 future, version = ahead.pop(step)
                 batch = future.result()
             else:
-                batch, version = collect(sampler, tokenizer, cfg, train_rows, idx, run.consumed, reward_fn,
-                                         max_len), step - 1
+                batch, version = collect_batch(sampler, tokenizer, cfg, train_rows, idx, run.consumed, reward_fn,
+                                               max_len, client=client), step - 1
             metrics = dict(batch.metrics)
             nxt = None
             # A resumable checkpoint is a barrier: the batch after it is sampled from the checkpoint's own
@@ -375,8 +369,8 @@ def run_grpo(cfg: Config, recipe: str, *, prefetch: bool = False) -> dict:
                 consumed = run.consumed + len(idx)
                 _, idx_next = run.schedule.next_batch(consumed)
                 if idx_next:
-                    nxt = rollout_pool.submit(collect, sampler, tokenizer, cfg, train_rows, idx_next, consumed,
-                                              reward_fn, max_len)
+                    nxt = rollout_pool.submit(collect_batch, sampler, tokenizer, cfg, train_rows, idx_next, consumed,
+                                              reward_fn, max_len, client=client)
                     ahead[step + 1] = (nxt, step - 1)
             if prefetch:
                 metrics["async/staleness"] = (step - 1) - version

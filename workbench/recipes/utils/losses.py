@@ -70,6 +70,9 @@ class GrpoSample:
     response_start: int             # first target position of the response (prompt_len - 1)
     inference_logprobs: list[float]  # the deployment's logprobs of the response tokens
     ref_logprobs: list[float] | None = None   # reference logprobs of the response tokens (kl_beta > 0)
+    advantages: list[float] | None = None     # per response token (IGPO's turn-level advantages); else `advantage`
+    mask: list[float] | None = None           # 1 for the policy's own tokens, 0 for tokens it did not sample
+                                              # (a multi-turn trajectory's tool results): no loss, no KL
 
 
 def make_grpo_loss(samples: list[GrpoSample], *, kl_beta: float, eps_clip: float, eps_clip_high: float | None,
@@ -90,11 +93,16 @@ def make_grpo_loss(samples: list[GrpoSample], *, kl_beta: float, eps_clip: float
                                  f"{n} tokens (sample with logprobs=True; completions must not be echoed)")
             old = resp.detach()
             inf = torch.tensor(sample.inference_logprobs, dtype=resp.dtype)
-            adv = torch.tensor(sample.advantage, dtype=resp.dtype)
+            adv = torch.tensor(sample.advantage if sample.advantages is None else sample.advantages, dtype=resp.dtype)
+            mask = None if sample.mask is None else torch.tensor(sample.mask, dtype=resp.dtype)
+            if mask is not None:
+                inf = torch.where(mask > 0, inf, old)     # tokens nobody sampled: importance weight 1
             ratio = torch.exp(torch.clamp(resp - old, -LOGRATIO_CLAMP, LOGRATIO_CLAMP))
             clipped = torch.clamp(ratio, 1.0 - eps_clip, 1.0 + eps_high)
             tis = torch.clamp(torch.exp(old - inf), max=tis_cap)
             per_token = torch.maximum(-ratio * adv, -clipped * adv) * tis
+            if mask is not None:
+                per_token = per_token * mask
             sums["pg"] += float(per_token.detach().sum())
             if kl_beta > 0:
                 if sample.ref_logprobs is None or len(sample.ref_logprobs) != n:
@@ -102,14 +110,17 @@ def make_grpo_loss(samples: list[GrpoSample], *, kl_beta: float, eps_clip: float
                 ref = torch.tensor(sample.ref_logprobs, dtype=resp.dtype)
                 d = ref - resp
                 kl = torch.exp(d) - d - 1.0
+                if mask is not None:
+                    kl = kl * mask
                 per_token = per_token + kl_beta * kl
                 sums["kl"] += float(kl.detach().sum())
             total = total + per_token.sum()
-            n_tok += n
-            sums["tis"] += float(tis.sum())
-            sums["clip"] += float((clipped != ratio).float().sum())
-            sums["ratio"] += float(ratio.detach().sum())
-            sums["inf_diff"] += float((old - inf).abs().sum())
+            w = torch.ones_like(resp) if mask is None else mask
+            n_tok += int(w.sum())
+            sums["tis"] += float((tis * w).sum())
+            sums["clip"] += float(((clipped != ratio).float() * w).sum())
+            sums["ratio"] += float((ratio.detach() * w).sum())
+            sums["inf_diff"] += float(((old - inf).abs() * w).sum())
         d = max(n_tok, 1)
         metrics = {"grpo/loss_sum": float(total.detach()), "grpo/tokens": float(n_tok),
                    "grpo/pg_loss": sums["pg"] / d, "grpo/kl": sums["kl"] / d, "grpo/tis_weight": sums["tis"] / d,
