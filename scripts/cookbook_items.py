@@ -126,13 +126,19 @@ def async_rl_loop(item="async_rl_loop"):
                       rollout_fn_factory=make_message_rollout_fn_factory(gsm8k_numeric_reward)))
 
 
-# ---- tools (need a finished recipe run with checkpoints: sft_loop's, run first if missing) ----------------
+# ---- tools (need a trainer job with DCP and promotable rows: made with workbench's own sft recipe, so a
+# failing cookbook recipe does not hide how the tools themselves fare) ------------------------------------
 def _job_id() -> str:
-    path = WORK / "sft_loop.json"
+    path = WORK / "tools-job.json"
     if not path.exists():
-        sft_loop()
-    summary = json.loads(path.read_text())
-    return summary.get("job_id") or summary.get("policy_job_id")
+        from workbench.recipes import sft_loop as wb_sft
+        from workbench.recipes.utils import InfraConfig, WeightSyncConfig
+
+        summary = wb_sft.main(wb_sft.Config(log_path=log_path("tools-job"), max_steps=4, batch_size=8,
+                                            weight_sync=WeightSyncConfig(dcp_save_interval=2),
+                                            infra=InfraConfig(cleanup_on_success=False)))
+        path.write_text(json.dumps({"job_id": summary["trainer_job_id"]}))
+    return json.loads(path.read_text())["job_id"]
 
 
 def _tool(name: str, *args: str) -> None:

@@ -85,7 +85,7 @@ def test_async_rl_staleness_budget_and_sync_interval(tmp_path, no_backend):
                                                     weight_sync=WeightSyncConfig(weight_sync_interval=2)),
            "max_head_offpolicy_versions must be 0 or 1", "weight_sync_interval must be 1", "kl_beta")
     (tmp_path / "run.json").write_text(json.dumps({"recipe": "rl", "base_model": TINY, "lora_rank": 0}))
-    _fails(async_rl_loop.main, async_rl_loop.Config(log_path=str(tmp_path)), "recipe='async_rl'")
+    _fails(async_rl_loop.main, async_rl_loop.Config(log_path=str(tmp_path)), "recipe='async-rl'")
 
 
 def test_rerun_must_match_the_recorded_run(tmp_path, no_backend):

@@ -40,7 +40,7 @@ from workbench.recipes.utils.loop import validate_or_raise
 
 logger = logging.getLogger("workbench.recipes.async_rl")
 
-RECIPE = "async_rl"
+RECIPE = "async-rl"   # also the prefix of its trainer job ids (DNS-label rules: no underscore)
 
 
 @dataclass
