@@ -52,7 +52,7 @@ class Trainer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workbench.backend.trainer", "--job-dir", str(self.job_dir),
              "--port-file", str(port_file)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300   # generous: model load on a machine at load ~20 takes minutes
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
@@ -66,7 +66,7 @@ class Trainer:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=20)
+            return self.proc.wait(timeout=120)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -331,3 +331,18 @@ def test_lora_trainer_adapter_snapshot(tmp_path_factory):
         service.close()
     finally:
         assert t.stop() == 0
+
+
+def test_seed_003_sampler_names_with_underscores_and_resaves(trainer, client):
+    """Seed 003 saves `step_{step:05d}`; the SDK re-saves a name (warning "overwriting")."""
+    _, tc = client
+    saved = tc.save_weights_for_sampler_ext("step_00003", checkpoint_type="base")
+    assert saved.snapshot_name.startswith("step_00003") and (trainer.job_dir / "sampler" / saved.path).is_dir()
+    step_before = read_manifest(trainer.job_dir / "sampler" / saved.path)["step"]
+    tc.forward_backward(SFT, "cross_entropy").result()
+    tc.optim_step(AdamParams(learning_rate=1e-3)).result()
+    again = tc.save_weights_for_sampler_ext("step_00003", checkpoint_type="base")    # replaced: nothing depends on it
+    assert again.path == saved.path
+    assert read_manifest(trainer.job_dir / "sampler" / saved.path)["step"] == step_before + 1
+    with pytest.raises(RequestFailedError, match="path"):
+        tc.save_state("step_00003").result()          # train states stay DNS labels (the SDK loads them so)
