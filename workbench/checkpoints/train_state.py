@@ -14,6 +14,10 @@ For a PEFT (LoRA) model only the trainable adapter parameters and their optimize
 the frozen base weights come from the base model, and saving them would make every LoRA checkpoint
 as large as the model. detect.py tells TRAINING from TRAINING_LORA by those keys.
 
+Inside an initialized process group (the N-rank trainer, FSDP2 models) the same calls save and load
+sharded: each rank writes its own `__<rank>_0.distcp`, and DCP reshards on load, so a state saved at
+one world size loads at any other.
+
 Saving is atomic (staging directory, manifest last, rename; see staging.py) and refuses to
 overwrite an existing checkpoint (FileExistsError): the caller decides what a reused name means.
 An optimizer that has not stepped yet has no state; it is recorded as "empty" rather than letting
@@ -22,6 +26,7 @@ DCP initialise it (which would run a zero-lr step and change the live optimizer'
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from pathlib import Path
@@ -38,6 +43,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .manifest import read_manifest
 from .staging import cleanup_partial, staged_checkpoint
+
+
+def _distributed() -> bool:
+    """True inside an initialized process group (the N-rank trainer): DCP then saves/loads sharded."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 # Single-process DCP is intended here (no_dist=True); its "assuming the intent is to save in a single
 # process" warning would otherwise be printed on every save and load.
@@ -101,9 +111,46 @@ def save_train_state(dest: Path, model: torch.nn.Module, optimizer: torch.optim.
         state["optim"] = optim_state
     full_meta = {**meta, "kind": "train_state", "format": "torch.distributed.checkpoint",
                  "lora": lora, "optimizer": optimizer_status}
+    if _distributed():
+        _save_sharded(dest, state, full_meta)
+        return
     with staged_checkpoint(dest, full_meta) as tmp:
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1)
         dcp.save(state, storage_writer=writer, no_dist=True)
+
+
+def _save_sharded(dest: Path, state: dict, full_meta: dict) -> None:
+    """Every rank writes its shards into rank 0's staging directory; rank 0 commits once all succeeded.
+
+    Collective: every rank of the process group calls it with the same `dest`. Rank 0 alone stages and
+    commits (manifest last, rename), so the checkpoint appears once, complete, as in one process.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    with contextlib.ExitStack() as stack:
+        box: list = [None]
+        if rank == 0:
+            try:
+                box[0] = str(stack.enter_context(staged_checkpoint(dest, full_meta)))
+            except Exception as e:  # e.g. FileExistsError: tell the other ranks before raising
+                box[0] = e
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        error = None
+        try:
+            writer = dcp.FileSystemWriter(box[0], single_file_per_rank=True, sync_files=True, thread_count=1)
+            dcp.save(state, storage_writer=writer)
+        except Exception as e:
+            error = e
+        failures: list = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, None if error is None else f"rank {rank}: {type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [f for f in failures if f]
+        if failed:  # raising inside the ExitStack on rank 0 removes the staging directory
+            raise RuntimeError("sharded save failed on " + "; ".join(failed))
 
 
 def load_train_state(src: Path, model, optimizer=None) -> dict:
@@ -133,7 +180,7 @@ def load_train_state(src: Path, model, optimizer=None) -> dict:
     state = {"model": model_state}
     if with_optimizer:
         state["optim"] = optim_state
-    dcp.load(state, checkpoint_id=str(src), no_dist=True)
+    dcp.load(state, checkpoint_id=str(src), no_dist=not _distributed())
     # A LoRA checkpoint holds only the adapter, so loading it must not demand the frozen base keys.
     options = StateDictOptions(strict=not saved_lora)
     if with_optimizer:

@@ -27,6 +27,7 @@ from workbench.common import ACCOUNT_ID, parse_rfc3339, rfc3339, write_json_atom
 
 from ..store import Store
 from ..supervisor import Supervisor
+from ..trainer.distributed.launch import trainer_topology
 from .errors import ApiError, require
 
 log = logging.getLogger("workbench.control_plane")
@@ -107,7 +108,8 @@ class ControlPlane:
         write_json_atomic(layout.config_file, {
             "job_id": job_id, "account": self.account, "base_model": config["baseModel"],
             "lora_rank": int(config.get("loraRank") or 0), "learning_rate": config.get("learningRate"),
-            "max_context_length": config.get("maxContextLength"), "home": str(self.home)})
+            "max_context_length": config.get("maxContextLength"), "home": str(self.home),
+            **trainer_topology(job)})
         self.set_job_state(job_id, "JOB_STATE_CREATING", "starting trainer process")
         child = self.supervisor.start("trainer", job_id, ["-m", "workbench.backend.trainer", "--job-dir", str(job_dir)],
                                       job_dir)

@@ -80,6 +80,8 @@ async def create_job(request: Request, account: str) -> dict:
 
     shape_ref = q.get("trainingShape") or body.get("trainingShape")
     shape_context = None
+    # Trainer ranks: nodeCount x acceleratorCount (the SDK's manual path; a shape pins both).
+    nodes, ranks_per_node = body.get("nodeCount", 1), config.get("acceleratorCount") or 1
     if shape_ref:
         found = shape_for_ref(shape_ref)
         require(found is not None, 400, f"trainingShape {shape_ref!r} not found; local shapes: "
@@ -87,6 +89,7 @@ async def create_job(request: Request, account: str) -> dict:
         snapshot = found[1]["snapshot"]
         config.setdefault("baseModel", snapshot["baseModel"])
         shape_context = snapshot["maxSupportedContextLength"]
+        nodes, ranks_per_node = snapshot["nodeCount"], snapshot["acceleratorCount"] or 1
         if snapshot["trainerMode"] == "LORA_TRAINER" and not config.get("loraRank"):
             raise ApiError(400, f"trainingShape {shape_ref!r} is a LoRA shape: trainingConfig.loraRank must be > 0")
 
@@ -105,7 +108,12 @@ async def create_job(request: Request, account: str) -> dict:
     max_context = config.get("maxContextLength") or shape_context or 2048
     require(isinstance(max_context, int) and max_context > 0, 400,
             f"trainingConfig.maxContextLength must be a positive integer (got {max_context!r})")
+    for field, value in (("nodeCount", nodes), ("trainingConfig.acceleratorCount", ranks_per_node)):
+        require(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64, 400,
+                f"{field} must be an integer in 1..64 (got {value!r})")
     config.update(baseModel=base_model, loraRank=lora_rank, maxContextLength=max_context)
+    if ranks_per_node > 1:
+        config["acceleratorCount"] = ranks_per_node
 
     now = rfc3339()
     job = {
@@ -119,7 +127,7 @@ async def create_job(request: Request, account: str) -> dict:
         "keepAlive": bool(body.get("keepAlive", False)),
         "dataset": body.get("dataset", ""),
         "trainingConfig": config,
-        "nodeCount": 1,
+        "nodeCount": nodes,
     }
     if shape_ref:
         job["trainingShape"] = shape_ref

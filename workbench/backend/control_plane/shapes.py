@@ -17,7 +17,13 @@ SHAPES = {
     "qwen3-tiny-lora-cpu": (DEFAULT_MODEL, "LORA_TRAINER", 2048),
     "qwen3-small-cpu": (SMALL_MODEL, "POLICY_TRAINER", 2048),
     "qwen3-small-lora-cpu": (SMALL_MODEL, "LORA_TRAINER", 2048),
+    "qwen3-tiny-cpu-2r": (DEFAULT_MODEL, "POLICY_TRAINER", 2048),
+    "qwen3-tiny-lora-cpu-2r": (DEFAULT_MODEL, "LORA_TRAINER", 2048),
+    "qwen3-small-cpu-2r": (SMALL_MODEL, "POLICY_TRAINER", 2048),
 }
+# Shapes whose trainer runs as several torch.distributed ranks (FSDP2) on this machine: shape id ->
+# ranks, advertised as acceleratorCount (CPU ranks here, one per accelerator on a GPU machine).
+RANKS = {"qwen3-tiny-cpu-2r": 2, "qwen3-tiny-lora-cpu-2r": 2, "qwen3-small-cpu-2r": 2}
 VERSION = "v1"
 
 
@@ -37,7 +43,7 @@ def shape_version(shape_id: str, account: str = ACCOUNT_ID) -> dict | None:
             "deploymentShapeVersion": f"accounts/{account}/deploymentShapes/{shape_id}/versions/1",
             "deploymentImageTag": "workbench",
             "acceleratorType": "CPU",
-            "acceleratorCount": 0,
+            "acceleratorCount": RANKS.get(shape_id, 0),
             "baseModelWeightPrecision": "BF16",
             "trainerShardingScheme": {"pipelineParallelism": 1},
             "trainerMode": mode,

@@ -19,6 +19,9 @@ thread-pool joins) could otherwise hold a dead trainer for many seconds.
 Every request must carry the key as `X-Api-Key` or `Authorization: Bearer`; if WORKBENCH_API_KEY is
 unset the process refuses to start (exit status 2): a trainer is never served unauthenticated.
 
+A job whose job.json asks for more than one rank ("nodes" x "ranks_per_node") runs as N processes
+under torch.distributed instead (see distributed/launch.py); this process is then their launcher.
+
 Optional environment: WORKBENCH_TRAINER_THREADS (torch intra-op threads; default torch's own),
 WORKBENCH_TRAINER_LONG_POLL_S (retrieve_future hold, default 20), WORKBENCH_TRAINER_EXACT_DATUMS
 (requests up to this many datums run datum by datum, bit-compatible with a plain torch loop; default 0,
@@ -90,7 +93,9 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, backend_factory=None) -> int:
+    """Run one trainer process; `backend_factory` (LocalTorchTrainer's signature) replaces the
+    single-process backend: rank 0 of an N-rank job passes its broadcasting sharded backend."""
     parser = argparse.ArgumentParser(prog="python -m workbench.backend.trainer", description=__doc__.split("\n")[0])
     parser.add_argument("--job-dir", required=True, type=Path, help="the job directory holding job.json")
     parser.add_argument("--port-file", required=True, type=Path, help="written with the port once serving")
@@ -110,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             _exit_now(0)        # still starting: nothing to shut down gracefully
         os.kill(os.getpid(), signal.SIGTERM)   # the same path as a requested stop
     _watch_parent(orphaned)
+    if backend_factory is None:
+        from .distributed.launch import launch_if_distributed
+
+        code = launch_if_distributed(args.job_dir, args.port_file, args.host)
+        if code is not None:   # the job asked for N > 1 ranks: they ran (and ended) under torch.distributed
+            return code
     lock_fd = _take_job_lock(args.job_dir, float(os.environ.get("WORKBENCH_TRAINER_LOCK_WAIT_S") or 10))
     if lock_fd is None:
         return EXIT_LOCKED
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         # No port file is written: the control plane sees the process exit and fails the job.
         log.error("job %s: cannot load base model: %s", job.job_id, e)
         return 2
-    backend = LocalTorchTrainer(
+    backend = (backend_factory or LocalTorchTrainer)(
         args.job_dir, job, model, model_dir, base_loader=lambda: models.load_model(job.base_model),
         exact_max_datums=int(os.environ.get("WORKBENCH_TRAINER_EXACT_DATUMS") or DEFAULT_EXACT_MAX_DATUMS))
     fatal: dict[str, str] = {}

@@ -1,0 +1,96 @@
+"""Rank 0 serves the trainer wire; every operation it runs is broadcast and run by all ranks in order.
+
+    engine = ShardedEngine(...)                         # on every rank
+    if rank == 0:
+        app = create_app(BroadcastingEngine(engine), api_key)   # server.py calls it from ONE worker thread
+        ...serve...; BroadcastingEngine.stop() when the server exits
+    else:
+        follow(engine)                                  # runs rank 0's operations until told to stop
+
+The server's ordered worker already runs operations one at a time in `seq_id` order, so broadcasting
+each call as it starts (`broadcast_object_list` of the method name and its JSON-shaped arguments)
+gives every rank the same sequence. Reads that touch no model state (`get_handle`, `get_info`,
+`capabilities`, `list_checkpoints`) stay local to rank 0.
+
+After each operation the ranks exchange their outcome: rank 0 answers with its own result, but a
+`server` failure on another rank (rank 0 succeeded) is reported as the operation's error, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch.distributed as dist
+
+from workbench.backend.trainer.engine import UserError
+
+log = logging.getLogger("workbench.trainer.ranks")
+
+# Engine methods that touch the model, optimizer or handles: every rank runs them.
+COLLECTIVE_OPS = frozenset({"create_model", "unload_model", "forward", "forward_backward", "optim_step",
+                            "save_weights", "load_weights", "save_weights_for_sampler", "load_adapter"})
+_STOP = "__stop__"
+
+
+def _run(engine, name: str, args: tuple, kwargs: dict) -> tuple[Any, tuple[str, str] | None]:
+    try:
+        return getattr(engine, name)(*args, **kwargs), None
+    except UserError as e:
+        return None, ("user", str(e))
+    except Exception as e:   # reported, and the rank keeps serving: the next operation may succeed
+        log.exception("%s failed on rank %d", name, dist.get_rank())
+        return None, ("server", f"{type(e).__name__}: {e}")
+
+
+def _outcomes(outcome: tuple[str, str] | None) -> list:
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, outcome)
+    return everyone
+
+
+class BroadcastingEngine:
+    """Rank 0's engine as the server sees it: collective methods are broadcast, the rest delegated."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._engine, name)
+        if name not in COLLECTIVE_OPS:
+            return attr
+
+        def collective(*args, **kwargs):
+            dist.broadcast_object_list([(name, args, kwargs)], src=0)
+            result, outcome = _run(self._engine, name, args, kwargs)
+            everyone = _outcomes(outcome)
+            if outcome is not None:
+                if outcome[0] == "user":
+                    raise UserError(outcome[1])
+                raise RuntimeError(outcome[1])
+            failed = [f"rank {r}: {o[1]}" for r, o in enumerate(everyone) if o is not None]
+            if failed:
+                raise RuntimeError(f"{name} failed on " + "; ".join(failed))
+            return result
+
+        return collective
+
+    def stop(self) -> None:
+        """Release the other ranks from `follow` (they exit); safe to call when they are already gone."""
+        try:
+            dist.broadcast_object_list([(_STOP, (), {})], src=0)
+        except Exception as e:   # a rank died: the launcher tears the group down anyway
+            log.warning("could not tell the other ranks to stop: %s", e)
+
+
+def follow(engine) -> None:
+    """Ranks > 0: run rank 0's operations in the order it broadcasts them, until it says stop."""
+    while True:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0)
+        name, args, kwargs = box[0]
+        if name == _STOP:
+            log.info("rank %d: stop received", dist.get_rank())
+            return
+        _, outcome = _run(engine, name, args, kwargs)
+        _outcomes(outcome)
