@@ -67,9 +67,10 @@ class ShardedEngine(Engine):
         for layer in _decoder_layers(self.train_model):
             fully_shard(layer)
         fully_shard(self.train_model)
-        # A sum, like one rank's backward over all datums (the default would average over ranks).
-        self.train_model.set_gradient_divide_factor(1.0)
-        self.train_model.set_force_sum_reduction_for_comms(True)   # gloo has no PREMUL_SUM
+        for unit in [*_decoder_layers(self.train_model), self.train_model]:   # per FSDP unit, not inherited
+            # A sum, like one rank's backward over all datums (the default would average over ranks).
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)   # gloo has no PREMUL_SUM
         self.optimizer = self._new_optimizer()   # over the DTensor shards
         log.info("rank %d/%d: model sharded with FSDP2 (%d decoder layers)", self.rank, self.world,
                  len(_decoder_layers(self.train_model)))
@@ -83,21 +84,17 @@ class ShardedEngine(Engine):
         if model is self._frozen_base:   # unsharded reference model: rank 0 alone, no collectives
             return super()._run(model, body, where, backward=False) if self.rank == 0 else {}
         loss_fn, config, datums = self._parse_input(body, where)   # same validation on every rank
-        lo, hi = (len(datums) * self.rank) // self.world, (len(datums) * (self.rank + 1)) // self.world
-        mine = datums[lo:hi]
-        batches = self._micro_batches(mine) if mine else []
-        count = torch.tensor([len(batches)], dtype=torch.int64)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        plan = self._pass_plan(datums)
         outputs: dict[int, dict] = {}
-        local = torch.zeros(3, dtype=torch.float64)    # loss sum, loss tokens, sequences
-        for i in range(int(count)):
+        pass_losses: list[tuple[int, float]] = []     # (first datum index, micro-batch loss)
+        local = torch.zeros(2, dtype=torch.float64)    # loss tokens, sequences
+        for batch in plan:
             with torch.set_grad_enabled(backward):
-                if i >= len(batches):   # padding pass: same collectives, zero contribution
+                if batch is None:   # padding pass: same collectives, zero contribution
                     logits = model(input_ids=_PAD_TOKENS, use_cache=False).logits
                     if backward:
                         (logits.sum() * 0.0).backward()
                     continue
-                batch = batches[i]
                 ids = torch.stack([d.tokens for d in batch])
                 targets = torch.stack([d.inputs["target_tokens"] for d in batch])
                 logits = model(input_ids=ids, use_cache=False).logits
@@ -110,28 +107,65 @@ class ShardedEngine(Engine):
                     datum_loss = elementwise.sum()
                     batch_loss = datum_loss if batch_loss is None else batch_loss + datum_loss
                     outputs[d.index] = {"logprobs": _tensor_data(lp), "elementwise_loss": _tensor_data(elementwise)}
-                    local[1] += losses.loss_token_count(d.inputs)
+                    local[0] += losses.loss_token_count(d.inputs)
                 if backward:
                     # Even a loss that does not depend on the weights must run backward: FSDP's
                     # reduce-scatter is collective.
                     (batch_loss if batch_loss.requires_grad else lp_batch.sum() * 0.0).backward()
-            local[0] += float(batch_loss.detach())
-        local[2] = len(mine)
+            pass_losses.append((batch[0].index, float(batch_loss.detach())))
+            local[1] += len(batch)
         totals = local.clone()
         dist.all_reduce(totals)
         gathered: list = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(outputs, gathered, dst=0)
+        dist.gather_object((outputs, pass_losses), gathered, dst=0)
         if backward:
-            self.pending_loss_tokens += int(totals[1])
-            self.pending_sequences += int(totals[2])
+            self.pending_loss_tokens += int(totals[0])
+            self.pending_sequences += int(totals[1])
         if self.rank != 0:
             return {}
         merged: dict[int, dict] = {}
-        for part in gathered:
+        for part, _ in gathered:
             merged.update(part)
+        loss_sum = 0.0
+        for _, value in sorted(p for _, parts in gathered for p in parts):   # in datum order, as one rank sums
+            loss_sum += value
         return {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": [merged[i] for i in range(len(datums))],
-                "metrics": {"loss:sum": float(totals[0]), "num_loss_tokens:sum": float(totals[1]),
-                            "num_sequences:sum": float(totals[2])}}
+                "metrics": {"loss:sum": loss_sum, "num_loss_tokens:sum": float(totals[0]),
+                            "num_sequences:sum": float(totals[1])}}
+
+    def _pass_plan(self, datums: list) -> list[list | None]:
+        """This rank's micro-batches, one per forward pass; None = a padding pass. Same length on all ranks.
+
+        Up to `exact_max_datums` datums (Engine's exact mode): pass k runs datum k on rank k % world and
+        padding elsewhere, so every gradient reduction adds exactly one datum's gradient to zeros and
+        the shards accumulate datum by datum in request order — bit for bit what one rank computes.
+        Larger requests: a contiguous block of datums per rank, micro-batched as by `Engine`, all ranks
+        computing at once (the sums then associate differently: float rounding, ~1e-7 relative).
+        """
+        if len(datums) <= self.exact_max_datums:
+            return [[d] if k % self.world == self.rank else None for k, d in enumerate(datums)]
+        lo, hi = (len(datums) * self.rank) // self.world, (len(datums) * (self.rank + 1)) // self.world
+        batches: list = self._micro_batches(datums[lo:hi]) if hi > lo else []
+        count = torch.tensor([len(batches)], dtype=torch.int64)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return batches + [None] * (int(count) - len(batches))
+
+    # ---- optim_step ------------------------------------------------------------------------------
+    def _total_grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """`get_total_norm` of the full gradients: from the shards' sums of squares, or, in exact mode,
+        from each full gradient gathered in turn (bit for bit what one rank computes)."""
+        from torch.distributed.tensor import DTensor
+
+        if self.exact_max_datums > 0:
+            norms = []
+            for g in grads:
+                full = g.full_tensor() if isinstance(g, DTensor) else g
+                norms.append(torch.linalg.vector_norm(full))
+                del full
+            return torch.linalg.vector_norm(torch.stack(norms))
+        local = torch.stack([(g.to_local() if isinstance(g, DTensor) else g).double().pow(2).sum() for g in grads])
+        dist.all_reduce(local)
+        return torch.linalg.vector_norm(local.sqrt().float())
 
     # ---- sampler exports -------------------------------------------------------------------------
     def _full_bf16(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
