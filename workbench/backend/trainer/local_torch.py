@@ -396,7 +396,7 @@ class LocalTorchTrainer:
         metrics: dict[str, float] = {"learning_rate:mean": lr}
         if grads:
             # Norm after normalization, before clipping: what clipping compares against.
-            total_norm = torch.nn.utils.get_total_norm(grads)
+            total_norm = self._total_grad_norm(grads)
             if not torch.isfinite(total_norm):
                 # Stepping would write NaN into every weight and moment: refuse, keep the weights.
                 self._reset_accumulation()
@@ -418,6 +418,11 @@ class LocalTorchTrainer:
         self.pending_loss_tokens = 0
         self.pending_sequences = 0
         return {"metrics": metrics}
+
+    @staticmethod
+    def _total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+        """The L2 norm of all gradients together (a sharded backend combines its ranks' shards)."""
+        return torch.nn.utils.get_total_norm(grads)
 
     def _reset_accumulation(self) -> None:
         if self.train_model is not None:

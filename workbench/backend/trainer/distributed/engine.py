@@ -1,20 +1,20 @@
-"""The N-rank trainer engine: the single-process `Engine` with its model sharded by FSDP2.
+"""The N-rank trainer backend: the single-process `LocalTorchTrainer` with its model sharded by FSDP2.
 
     dist.init_process_group("gloo")                       # one process per rank (see launch.py)
-    engine = ShardedEngine(job_dir, job, load_model(base), model_dir, base_loader=...)
-    engine.create_model({...}, model_id)                   # every rank, same arguments, same order
-    engine.forward_backward(model_id, body)                 # (ranks.py broadcasts rank 0's calls)
+    engine = ShardedTrainer(job_dir, job, load_model(base), model_dir, base_loader=...)
+    engine.create_model(model_id, protocol.CreateModel(...))   # every rank, same arguments, same order
+    engine.forward_backward(model_id, forward_input)            # (ranks.py broadcasts rank 0's calls)
 
 Every rank runs every operation with the same arguments (rank 0 receives them over HTTP and
 broadcasts them, `ranks.py`), so everything that only validates or reads job files is inherited
-unchanged from `Engine`. What differs:
+unchanged from `LocalTorchTrainer`. What differs:
 
 * Sharding. The trainable model is wrapped with `fully_shard` per decoder layer plus the root, so
   parameters, gradients and AdamW state are `DTensor` shards (fp32, no mixed precision: the master
   weights are the weights). Gradients are reduce-scattered as plain SUMS (divide factor 1): the loss of
   a request is the sum of its datums' losses, exactly as on one rank.
 * Data parallelism. The datums of a request are split into contiguous blocks, one per rank; each rank
-  runs its block through the same micro-batching as `Engine`. FSDP's collectives need every rank to
+  runs its block through the same micro-batching as one rank. FSDP's collectives need every rank to
   run the same number of forward (and backward) passes, so ranks with fewer micro-batches run padding
   passes on a one-token input whose loss is multiplied by zero. Outputs are gathered on rank 0 in
   datum order; token and sequence counts are all-reduced so `optim_step`'s normalization divides by the
@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from workbench.backend.trainer import losses
-from workbench.backend.trainer.engine import Engine, UserError, _tensor_data
+from workbench.backend.trainer.local_torch import LocalTorchTrainer, _tensor_data
+from workbench.backend.trainer.protocol import ForwardInput, SamplerSave, UserError
 
 log = logging.getLogger("workbench.trainer.distributed")
 
@@ -48,18 +49,19 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-class ShardedEngine(Engine):
-    """`Engine` on one rank of an FSDP2 process group; see the module docstring for what changes."""
+class ShardedTrainer(LocalTorchTrainer):
+    """`LocalTorchTrainer` on one rank of an FSDP2 process group; see the module docstring for what changes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self._replica: torch.nn.Module | None = None    # rank 0's unsharded PEFT copy (LoRA exports)
+        self._announced = False   # save_sampler: whether rank 0 told the others to join its gather
 
     # ---- model -----------------------------------------------------------------------------------
     def _build_train_model(self, sig: dict) -> None:
-        # Engine builds the (PEFT) model unsharded and identically on every rank (same seed), then the
+        # LocalTorchTrainer builds the (PEFT) model unsharded and identically on every rank (same seed), then the
         # shards are cut from those identical full tensors.
         super()._build_train_model(sig)
         from torch.distributed.fsdp import fully_shard
@@ -80,20 +82,23 @@ class ShardedEngine(Engine):
         return super()._load_frozen_base() if self.rank == 0 else torch.nn.Identity()
 
     # ---- forward / forward_backward --------------------------------------------------------------
-    def _run(self, model: torch.nn.Module, body: Any, where: str, *, backward: bool) -> dict:
+    def _run(self, model: torch.nn.Module, request: ForwardInput, *, backward: bool) -> dict:
         if model is self._frozen_base:   # unsharded reference model: rank 0 alone, no collectives
-            return super()._run(model, body, where, backward=False) if self.rank == 0 else {}
-        loss_fn, config, datums = self._parse_input(body, where)   # same validation on every rank
+            return super()._run(model, request, backward=False) if self.rank == 0 else {}
+        datums = request.data
         plan = self._pass_plan(datums)
         outputs: dict[int, dict] = {}
         pass_losses: list[tuple[int, float]] = []     # (first datum index, micro-batch loss)
         local = torch.zeros(2, dtype=torch.float64)    # loss tokens, sequences
+        contributed = False
         for batch in plan:
             with torch.set_grad_enabled(backward):
                 if batch is None:   # padding pass: same collectives, zero contribution
                     logits = model(input_ids=_PAD_TOKENS, use_cache=False).logits
+                    self._agree_finite(None, backward and contributed)
                     if backward:
                         (logits.sum() * 0.0).backward()
+                        contributed = True
                     continue
                 ids = torch.stack([d.tokens for d in batch])
                 targets = torch.stack([d.inputs["target_tokens"] for d in batch])
@@ -101,17 +106,25 @@ class ShardedEngine(Engine):
                 lp_batch = losses.target_logprobs(logits, targets)
                 del logits
                 batch_loss = None
+                problem = None
                 for row, d in enumerate(batch):
                     lp = lp_batch[row]
-                    elementwise = losses.compute_loss(loss_fn, lp, d.inputs, config)
+                    elementwise = request.loss.fn(lp, d.inputs, request.config)
+                    if problem is None and not (bool(torch.isfinite(elementwise).all())
+                                                and bool(torch.isfinite(lp).all())):
+                        problem = f"data[{d.index}].loss_fn_inputs: the loss of data[{d.index}] is not finite"
                     datum_loss = elementwise.sum()
                     batch_loss = datum_loss if batch_loss is None else batch_loss + datum_loss
                     outputs[d.index] = {"logprobs": _tensor_data(lp), "elementwise_loss": _tensor_data(elementwise)}
                     local[0] += losses.loss_token_count(d.inputs)
+                if problem is None and not torch.isfinite(batch_loss.detach()):
+                    problem = f"the summed loss of data[{batch[0].index}..{batch[-1].index}] is not finite"
+                # Checked on every rank before backward: one non-finite datum must not poison the
+                # gradients, and all ranks must refuse together (backward is collective).
+                self._agree_finite(problem, backward and contributed)
                 if backward:
-                    # Even a loss that does not depend on the weights must run backward: FSDP's
-                    # reduce-scatter is collective.
                     (batch_loss if batch_loss.requires_grad else lp_batch.sum() * 0.0).backward()
+                    contributed = True
             pass_losses.append((batch[0].index, float(batch_loss.detach())))
             local[1] += len(batch)
         totals = local.clone()
@@ -133,13 +146,21 @@ class ShardedEngine(Engine):
                 "metrics": {"loss:sum": loss_sum, "num_loss_tokens:sum": float(totals[0]),
                             "num_sequences:sum": float(totals[1])}}
 
+    def _agree_finite(self, problem: str | None, discard: bool) -> None:
+        """Every rank learns whether any rank's pass is non-finite; then all refuse together."""
+        problems: list = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        found = next((p for p in problems if p), None)
+        if found is not None:
+            self._refuse_non_finite(found, discard)
+
     def _pass_plan(self, datums: list) -> list[list | None]:
         """This rank's micro-batches, one per forward pass; None = a padding pass. Same length on all ranks.
 
-        Up to `exact_max_datums` datums (Engine's exact mode): pass k runs datum k on rank k % world and
+        Up to `exact_max_datums` datums (the exact mode of LocalTorchTrainer): pass k runs datum k on rank k % world and
         padding elsewhere, so every gradient reduction adds exactly one datum's gradient to zeros and
         the shards accumulate datum by datum in request order — bit for bit what one rank computes.
-        Larger requests: a contiguous block of datums per rank, micro-batched as by `Engine`, all ranks
+        Larger requests: a contiguous block of datums per rank, micro-batched as on one rank, all ranks
         computing at once (the sums then associate differently: float rounding, ~1e-7 relative).
         """
         if len(datums) <= self.exact_max_datums:
@@ -190,14 +211,9 @@ class ShardedEngine(Engine):
         full = self._gather_trainable()
         if self.rank != 0:
             return None
-        if self._replica is None:
-            from peft import get_peft_model
-
-            base = self._base_loader()
-            config = copy.deepcopy(self.train_model.peft_config["default"])
-            self._replica = get_peft_model(base, config).eval()
-        self._replica.load_state_dict(full, strict=False)
-        return self._replica
+        replica = self._replica_model()
+        replica.load_state_dict(full, strict=False)
+        return replica
 
     def _gather_trainable(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -205,101 +221,113 @@ class ShardedEngine(Engine):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         return get_model_state_dict(self.train_model, options=options)
 
-    def save_weights_for_sampler(self, model_id: str, path: Any, checkpoint_type: Any) -> dict:
-        from workbench import checkpoints as ckpt
-        from workbench.backend.trainer.engine import _SAMPLER_TYPES
+    def save_sampler(self, model_id: str, request: SamplerSave) -> dict:
+        """Rank 0 runs LocalTorchTrainer's checks and export; the others join its gather (collective).
 
-        self._require(model_id, train=True)
-        name = self._validate_name(path, "path")
-        ctype = "base" if checkpoint_type is None else checkpoint_type
-        if ctype not in _SAMPLER_TYPES:
-            raise UserError(f"checkpoint_type={checkpoint_type!r} is not one of {', '.join(_SAMPLER_TYPES)}")
-        dest = self.sampler_dir / name
-        exists = [dest.exists()]
-        dist.broadcast_object_list(exists, src=0)   # rank 0's view decides, so all ranks agree
-        if exists[0]:
-            raise UserError(f"path: sampler snapshot {name!r} already exists in this job")
-        meta = self._meta(name, "sampler")
+        Rank 0 tells the others whether it reached the gather (`_sampler_weights`) or stopped before
+        it (a user error, an unchanged re-save), so a refusal on rank 0 never leaves them waiting.
+        """
+        if self.rank != 0:
+            self._require(model_id, train=True)
+            box: list = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] == "gather":
+                self._gather_for_sampler(request.checkpoint_type)
+            return {}
+        self._announced = False
+        try:
+            return super().save_sampler(model_id, request)
+        finally:
+            if not self._announced:
+                dist.broadcast_object_list(["skip"], src=0)
+
+    def _sampler_weights(self, ctype: str) -> dict | None:   # rank 0, from save_sampler
+        dist.broadcast_object_list(["gather"], src=0)
+        self._announced = True
+        return self._gather_for_sampler(ctype)
+
+    def _gather_for_sampler(self, ctype: str) -> dict | None:
+        """Collective: the bf16 weights a snapshot exports (rank 0; None for a LoRA adapter snapshot)."""
+        from workbench import checkpoints as ckpt
+        from workbench.backend.trainer.local_torch import check_finite
+
         if self.is_lora:
             replica = self._unsharded_replica()
             if self.rank != 0:
-                return {}
+                return None
             if ctype != "merged_base":
-                ckpt.save_sampler_lora(dest, replica, self.model_dir, meta)
-                written = "lora"
-            else:
-                ckpt.save_sampler_base(dest, ckpt.bf16_state(copy.deepcopy(replica).merge_and_unload()),
-                                       self.model_dir, meta)
-                written = "merged base"
-        else:
-            weights = self._full_bf16(self.train_model)
-            if self.rank != 0:
-                return {}
-            if ctype == "delta" and self._last_sampler is not None:
-                prev_weights, prev_identity = self._last_sampler
-                ckpt.save_sampler_delta(dest, weights, prev_weights, prev_identity, meta)
-                written = f"delta over {prev_identity}"
-            else:
-                ckpt.save_sampler_base(dest, weights, self.model_dir, meta)
-                written = "base"
-            self._last_sampler = (weights, name)
-        log.info("save_weights_for_sampler %s (%s requested, wrote %s, step %d)", name, ctype, written, self.step)
-        return {"type": "save_weights_for_sampler", "path": name}
+                check_finite(((n, p) for n, p in replica.named_parameters() if "lora_" in n),
+                             "save_weights_for_sampler refused: the adapter weight")
+                return None
+            return ckpt.bf16_state(copy.deepcopy(replica).merge_and_unload())
+        return self._full_bf16(self.train_model)
+
+    def _export_sampler(self, dest, ctype: str, weights: dict | None, meta: dict) -> str:
+        if weights is None:   # LoRA adapter: written from rank 0's unsharded replica
+            from workbench import checkpoints as ckpt
+
+            ckpt.save_sampler_lora(dest, self._replica, self.model_dir, meta)
+            return "lora"
+        return super()._export_sampler(dest, ctype, weights, meta)
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def save_weights(self, model_id: str, path: Any) -> dict:
-        self._require(model_id, train=True)
-        name = self._validate_name(path, "path")
-        exists = [(self.checkpoints_dir / name).exists()]
-        dist.broadcast_object_list(exists, src=0)
-        if exists[0]:
-            raise UserError(f"path: checkpoint {name!r} already exists in this job; choose a new name")
-        return super().save_weights(model_id, path)   # collective sharded DCP save (train_state.py)
+    def save_state(self, model_id: str, name: str) -> dict:
+        """Sharded DCP save into the target rank 0 chose (`replacing`: a fresh name when replacing)."""
+        import contextlib
 
-    def load_adapter(self, model_id: str, adapter_path: Any) -> dict:
-        """PEFT adapter weights into the sharded model: rank 0 reads them through its replica, broadcasts."""
+        from workbench import checkpoints as ckpt
+        from workbench.backend.trainer.local_torch import _writing
+        from workbench.backend.trainer.replace import replacing
+
+        self._require(model_id, train=True)
+        dest = self.layout.train_state(name)
+        meta = self._meta(name, "train_state")
+        with contextlib.ExitStack() as stack:
+            box: list = [None]
+            if self.rank == 0:
+                box[0] = str(stack.enter_context(replacing(dest)))
+                stack.enter_context(_writing(f"train state {name!r}", dest.parent))
+            dist.broadcast_object_list(box, src=0)
+            ckpt.save_train_state(Path(box[0]), self.train_model, self.optimizer, meta)
+        log.info("save_weights %s (step %d)", name, self.step)
+        return {"type": "save_weights", "path": name}
+
+    def load_adapter(self, model_id: str, adapter_path: str) -> dict:
+        """PEFT adapter weights into the sharded model: rank 0 reads them into its replica, broadcasts."""
         self._require(model_id, train=True)
         if not self.is_lora:
             raise UserError("load_adapter needs a LoRA trainer (this job has lora_rank=0)")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         box: list = [None]
+        full: dict = {}
         if self.rank == 0:
             try:
-                replica = self._replica_for_load()
-                box[0] = ("ok", adapter_path)
-                replica_engine = _ReplicaLoader(self, replica)
-                replica_engine.load_adapter(model_id, adapter_path)
+                replica = self._replica_model()
+                swapped, self.train_model = self.train_model, replica
+                try:
+                    super().load_adapter(model_id, adapter_path)   # validation + PEFT load, into the replica
+                finally:
+                    self.train_model = swapped
                 trainable = {n for n, p in self.train_model.named_parameters() if p.requires_grad}
                 full = {k: v for k, v in replica.state_dict().items() if k in trainable}
+                box[0] = "ok"
             except UserError as e:
-                box[0] = ("error", str(e))
+                box[0] = str(e)
         dist.broadcast_object_list(box, src=0)
-        if box[0][0] == "error":
-            raise UserError(box[0][1])
+        if box[0] != "ok":
+            raise UserError(box[0])
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-        set_model_state_dict(self.train_model, full if self.rank == 0 else {}, options=options)
+        set_model_state_dict(self.train_model, full, options=options)
+        self._weights_version += 1
         self._reset_accumulation()
         self.optimizer = self._new_optimizer()
-        log.info("load_adapter %s", adapter_path)
         return {"type": "load_adapter", "model_id": model_id, "adapter_path": adapter_path}
 
-    def _replica_for_load(self) -> torch.nn.Module:
+    def _replica_model(self) -> torch.nn.Module:
         if self._replica is None:
             from peft import get_peft_model
 
             config = copy.deepcopy(self.train_model.peft_config["default"])
             self._replica = get_peft_model(self._base_loader(), config).eval()
         return self._replica
-
-
-class _ReplicaLoader(Engine):
-    """Engine.load_adapter's validation and PEFT loading, pointed at rank 0's unsharded replica."""
-
-    def __init__(self, owner: ShardedEngine, replica: torch.nn.Module):   # noqa: D107 - shares owner's state
-        self.__dict__.update({k: v for k, v in owner.__dict__.items() if k not in ("train_model", "optimizer")})
-        self.train_model = replica
-        self.optimizer = None
-
-    def _new_optimizer(self):   # the replica is never trained
-        return None

@@ -1,19 +1,21 @@
 """Rank 0 serves the trainer wire; every operation it runs is broadcast and run by all ranks in order.
 
-    engine = ShardedEngine(...)                         # on every rank
+    engine = ShardedTrainer(...)                        # on every rank
     if rank == 0:
         app = create_app(BroadcastingEngine(engine), api_key)   # server.py calls it from ONE worker thread
-        ...serve...; BroadcastingEngine.stop() when the server exits
+        ...serve...; .close() releases the other ranks when the server exits
     else:
         follow(engine)                                  # runs rank 0's operations until told to stop
 
 The server's ordered worker already runs operations one at a time in `seq_id` order, so broadcasting
 each call as it starts (`broadcast_object_list` of the method name and its JSON-shaped arguments)
-gives every rank the same sequence. Reads that touch no model state (`get_handle`, `get_info`,
-`capabilities`, `list_checkpoints`) stay local to rank 0.
+gives every rank the same sequence (the typed requests of protocol.py travel pickled between the
+job's own processes). Reads that touch no model state (`has_model`, `get_info`, `capabilities`,
+`list_checkpoints`, `limits`) stay local to rank 0.
 
-After each operation the ranks exchange their outcome: rank 0 answers with its own result, but a
-`server` failure on another rank (rank 0 succeeded) is reported as the operation's error, never lost.
+After each operation the ranks exchange their outcome. A user error is the same on every rank (they
+validate the same request against the same state). A failure on another rank is different: the ranks
+may now disagree about the weights, so it raises `TrainerCannotContinue` and the job fails.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from typing import Any
 
 import torch.distributed as dist
 
-from workbench.backend.trainer.engine import UserError
+from workbench.backend.trainer.protocol import TrainerCannotContinue, UserError, describe_failure
 
 log = logging.getLogger("workbench.trainer.ranks")
 
 # Engine methods that touch the model, optimizer or handles: every rank runs them.
 COLLECTIVE_OPS = frozenset({"create_model", "unload_model", "forward", "forward_backward", "optim_step",
-                            "save_weights", "load_weights", "save_weights_for_sampler", "load_adapter"})
+                            "save_state", "load_state", "save_sampler", "load_adapter"})
 _STOP = "__stop__"
 
 
@@ -38,9 +40,11 @@ def _run(engine, name: str, args: tuple, kwargs: dict) -> tuple[Any, tuple[str, 
         return getattr(engine, name)(*args, **kwargs), None
     except UserError as e:
         return None, ("user", str(e))
-    except Exception as e:   # reported, and the rank keeps serving: the next operation may succeed
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         log.exception("%s failed on rank %d", name, dist.get_rank())
-        return None, ("server", f"{type(e).__name__}: {e}")
+        return e, ("server", describe_failure(e))
 
 
 def _outcomes(outcome: tuple[str, str] | None) -> list:
@@ -64,19 +68,18 @@ class BroadcastingEngine:
             dist.broadcast_object_list([(name, args, kwargs)], src=0)
             result, outcome = _run(self._engine, name, args, kwargs)
             everyone = _outcomes(outcome)
-            if outcome is not None:
-                if outcome[0] == "user":
-                    raise UserError(outcome[1])
-                raise RuntimeError(outcome[1])
-            failed = [f"rank {r}: {o[1]}" for r, o in enumerate(everyone) if o is not None]
+            failed = [f"rank {r}: {o[1]}" for r, o in enumerate(everyone) if o is not None and o[0] == "server"]
             if failed:
-                raise RuntimeError(f"{name} failed on " + "; ".join(failed))
+                raise TrainerCannotContinue(f"{name} failed on " + "; ".join(failed))
+            if outcome is not None:   # a user error, the same on every rank
+                raise UserError(outcome[1])
             return result
 
         return collective
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """Release the other ranks from `follow` (they exit); safe to call when they are already gone."""
+        self._engine.close()
         try:
             dist.broadcast_object_list([(_STOP, (), {})], src=0)
         except Exception as e:   # a rank died: the launcher tears the group down anyway

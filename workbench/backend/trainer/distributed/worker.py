@@ -4,9 +4,9 @@
     (environment from the agent: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
 
 Every rank joins the process group (gloo: the engine computes on CPU), loads the base model and builds
-a `ShardedEngine`. Rank 0 then serves the trainer wire exactly like a single-process trainer
-(`__main__.serve`: port file once serving, API key required), with collective operations broadcast to
-the other ranks (ranks.py); the other ranks follow until rank 0 tells them to stop. A rank whose agent
+a `ShardedTrainer`. Rank 0 then runs the single-process entry point (`__main__.main`: port file once
+serving, API key required, job lock) with that backend behind a `BroadcastingEngine` (ranks.py); the
+other ranks follow until rank 0 tells them to stop. A rank whose agent
 dies gets SIGTERM (PR_SET_PDEATHSIG), so no rank outlives its job.
 """
 
@@ -52,50 +52,42 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from workbench import models
-    from workbench.backend.trainer.engine import DEFAULT_EXACT_MAX_DATUMS, JobConfig
-
-    from .engine import ShardedEngine
-    from .ranks import BroadcastingEngine, follow
-
     threads = os.environ.get("WORKBENCH_TRAINER_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    api_key = os.environ.get("WORKBENCH_API_KEY") or None
-    if rank == 0 and api_key is None:
-        log.error("WORKBENCH_API_KEY is not set; refusing to start an unauthenticated trainer")
-        return 2
     dist.init_process_group("gloo", timeout=_GROUP_TIMEOUT)
-    job = JobConfig.load(args.job_dir / "job.json")
-    if rank == 0:
-        from workbench.checkpoints import cleanup_partial
+    from .engine import ShardedTrainer
+    from .ranks import BroadcastingEngine, follow
 
-        for root in (args.job_dir / "checkpoints", args.job_dir / "sampler"):
-            cleanup_partial(root)
-    log.info("job %s: rank %d/%d loading %s (lora_rank=%d)", job.job_id, rank, dist.get_world_size(),
-             job.base_model, job.lora_rank)
-    model_dir = models.local_path(job.base_model)   # ModelNotFoundError: the rank fails, so does the job
-    engine = ShardedEngine(args.job_dir, job, models.load_model(job.base_model), model_dir,
-                           base_loader=lambda: models.load_model(job.base_model),
-                           exact_max_datums=int(os.environ.get("WORKBENCH_TRAINER_EXACT_DATUMS")
-                                                or DEFAULT_EXACT_MAX_DATUMS))
     if rank == 0:
-        from workbench.backend.trainer.__main__ import serve
-        from workbench.backend.trainer.server import create_app
+        # The single-process entry point, serving a broadcasting sharded backend: same port file,
+        # API key check, job lock, staging cleanup and shutdown as a 1-rank trainer.
+        from workbench.backend.trainer.__main__ import main as trainer_main
 
-        broadcasting = BroadcastingEngine(engine)
-        app = create_app(broadcasting, api_key,
-                         long_poll_s=float(os.environ.get("WORKBENCH_TRAINER_LONG_POLL_S") or 20.0))
-        try:
-            serve(app, args.host, args.port_file, job.job_id)
-        finally:
-            broadcasting.stop()
+        def backend(*a, **kw):
+            return BroadcastingEngine(ShardedTrainer(*a, **kw))
+
+        code = trainer_main(["--job-dir", str(args.job_dir), "--port-file", str(args.port_file), "--host", args.host],
+                            backend_factory=backend)
     else:
+        from workbench import models
+        from workbench.backend.trainer.local_torch import DEFAULT_EXACT_MAX_DATUMS
+        from workbench.backend.trainer.protocol import JobConfig
+
+        job = JobConfig.load(args.job_dir / "job.json")
+        log.info("job %s: rank %d/%d loading %s", job.job_id, rank, dist.get_world_size(), job.base_model)
+        engine = ShardedTrainer(args.job_dir, job, models.load_model(job.base_model), models.local_path(job.base_model),
+                                base_loader=lambda: models.load_model(job.base_model),
+                                exact_max_datums=int(os.environ.get("WORKBENCH_TRAINER_EXACT_DATUMS")
+                                                     or DEFAULT_EXACT_MAX_DATUMS))
         follow(engine)
-    dist.destroy_process_group()
-    log.info("job %s: rank %d stopped", job.job_id, rank)
-    return 0
+        code = 0
+    log.info("rank %d stopped (exit %d)", rank, code)
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)   # no interpreter teardown: the process group's threads could hold it for seconds
