@@ -49,6 +49,7 @@ DEFAULT_REF = "76821fa1"          # fw-ai/cookbook main, 2026-11 (the version th
 MODEL = "accounts/workbench/models/qwen3-tiny"
 SHAPE = "accounts/workbench/trainingShapes/qwen3-tiny-cpu"
 LORA_SHAPE = "accounts/workbench/trainingShapes/qwen3-tiny-lora-cpu"
+DEPLOYMENT_SHAPE = "accounts/workbench/deploymentShapes/qwen3-tiny-cpu/versions/1"   # named by the shape; informational
 TOKENIZER = "workbench/qwen3-tiny"   # offline Hugging Face cache entry of the shipped tokenizer (workbench.cookbook)
 
 RECIPES = ["sft_loop", "dpo_loop", "dpo_loop_lora", "orpo_loop", "rl_loop_full_kl", "rl_loop_lora_kl",
@@ -156,7 +157,8 @@ def item_env(base_url: str, api_key: str, hf_home: Path, work: Path) -> dict:
         "FIREWORKS_E2E_TRAINING_SHAPE": os.environ.get("COOKBOOK_SHAPE", SHAPE),
         "FIREWORKS_E2E_LORA_TRAINING_SHAPE": os.environ.get("COOKBOOK_LORA_SHAPE", LORA_SHAPE),
         "FIREWORKS_E2E_REFERENCE_TRAINING_SHAPE": os.environ.get("COOKBOOK_REFERENCE_SHAPE", LORA_SHAPE),
-        "FIREWORKS_E2E_DEPLOYMENT_SHAPE": "", "FIREWORKS_E2E_DEPLOYMENT_ACCELERATOR": "",
+        "FIREWORKS_E2E_DEPLOYMENT_SHAPE": os.environ.get("COOKBOOK_DEPLOYMENT_SHAPE", DEPLOYMENT_SHAPE),
+        "FIREWORKS_E2E_DEPLOYMENT_ACCELERATOR": "",
         "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
         "COOKBOOK_WORK": str(work), "COOKBOOK_GSM8K": str(SCRIPTS / "cookbook_data" / "gsm8k_sample.jsonl"),
@@ -181,6 +183,9 @@ def command_for(item: str, py: Path, src: Path) -> list:
 
 def last_error(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    raised = [ln for ln in lines if ln.startswith("E ") and any(k in ln for k in ("Error", "assert", "Exception"))]
+    if raised:                       # pytest: the exception it reported
+        return raised[0][:400]
     for ln in reversed(lines):
         if any(k in ln for k in ("Error", "error:", "Exception", "FAILED", "assert", "Traceback")):
             return ln[:400]
