@@ -238,3 +238,27 @@ def test_http_edges_before_weights_load(tmp_path):
     r = client.post("/hot_load/v1/models/hot_load", headers={"X-Api-Key": "secret"},
                     json={"identity": "a", "bogus": 1})
     assert r.status_code == 400 and "Extra inputs are not permitted" in r.json()["error"]["message"]
+
+
+def test_one_sequence_failing_never_fails_its_batch(tiny):
+    """A sequence whose sampling raises (a parameter no validation would let through) fails alone;
+    the sequences batched with it finish normally, in prefill and in decode."""
+    model, tok = tiny
+    engine = Engine(model, tok).start()
+    try:
+        prompts = make_prompts(6, seed=11)
+        healthy = [Sequence(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts[:5]]
+        bad = Sequence(prompts[5], SamplingParams(max_tokens=8, ignore_eos=True, top_p="not a number"))
+        seqs = healthy[:2] + [bad] + healthy[2:]
+        for s in seqs:
+            engine.submit(s)
+        for s in seqs:
+            assert s.done.wait(60)
+        assert bad.error and bad.finish_reason == "error"
+        assert all(s.error is None and len(s.output) == 8 for s in healthy)
+        # and the engine goes on serving
+        after = Sequence(prompts[0], SamplingParams(max_tokens=3, ignore_eos=True))
+        run(engine, [after])
+        assert len(after.output) == 3
+    finally:
+        engine.stop()

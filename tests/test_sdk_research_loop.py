@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -204,8 +205,20 @@ def test_killed_replica_comes_back_on_last_good_snapshot(backend, loop):
     os.kill(pid, signal.SIGKILL)
     # The SDK's own retries ride over the restart; the identity it then sees is the old one, never None.
     assert tracker.check_deployment_state() == before
+    # The sampler retries 425 for ~50 s; a restart on a loaded machine can take longer: wait for readiness.
+    deadline = time.time() + 600
+    while not _replica_ready(loop):
+        assert time.time() < deadline, "the restarted replica never became ready"
+        time.sleep(0.5)
     score, completions = evaluate(sampler_for(backend, loop))
     assert len(completions) == 4 * len(QA)
+
+
+def _replica_ready(loop) -> bool:
+    try:
+        return bool(loop["deploy_mgr"].hotload_check_status(DEPLOYMENT, TINY)["replicas"][0]["readiness"])
+    except (httpx.HTTPError, IndexError, KeyError):
+        return False
 
 
 def test_scale_to_zero_and_back(backend, loop):

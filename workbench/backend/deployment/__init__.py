@@ -5,5 +5,5 @@ Started by the control plane's supervisor as `python -m workbench.backend.deploy
 (`replica.py`); `protocol.py` is the completions wire format and `detokenize.py` turns token ids into
 text and applies stop strings. The built-in replica (`builtin.py`) is the batching engine
 (`engine.py`, with the model runners in `runners.py`) plus the weight manager (`weights.py`:
-snapshot state and hot loads).
+snapshot state and hot loads). `sources.py` is where any replica may read a snapshot from.
 """

@@ -51,13 +51,13 @@ from .detokenize import Choice, ChoiceSink, TokenText
 from .protocol import (InvalidRequest, _safe, echo_text, logprob_entries, max_token_chars, parse_completion_request,
                        perf_metrics, raw_output, usage)
 from .replica import GenerationRequest, HotloadError, HotloadRequest, Replica, snapshot_list
+from .sources import ROOT_HEADER, SOURCE_HEADER
 
 HOTLOAD_WAIT_S = 50.0   # below the SDK's 60 s POST timeout
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 """Request body limit (env WORKBENCH_MAX_REQUEST_BYTES): a 128k-token prompt as ids is ~1 MB of JSON."""
 INLINE_PARSE_BYTES = 16 << 10   # smaller bodies are parsed on the event loop (a thread hop costs more)
 _HOTLOAD_FIELDS = {"identity", "reset_prompt_cache", "incremental_snapshot_metadata"}
-SOURCE_HEADER = "x-fireworks-hot-load-source-url"
 
 
 class BodyError(Exception):
@@ -211,7 +211,7 @@ def create_app(replica: Replica, api_key: str, max_body_bytes: int | None = None
             return error(400, "header x-workbench-hotload-drain must be true or false",
                          field="x-workbench-hotload-drain")
         req = HotloadRequest(identity=body.get("identity"), metadata=body.get("incremental_snapshot_metadata"),
-                             snapshot_root=request.headers.get("x-workbench-snapshot-root"),
+                             snapshot_root=request.headers.get(ROOT_HEADER),
                              source_url=request.headers.get(SOURCE_HEADER), reset_prompt_cache=reset,
                              drain=None if not drain_header else drain_header in ("true", "1"))
         fut = asyncio.get_running_loop().run_in_executor(hotload_pool, replica.hotload, req)

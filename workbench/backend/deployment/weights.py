@@ -14,7 +14,7 @@ base snapshot of it would hold) with identity null.
 Hot load (§5). Runs under one lock, in the caller's thread (the server runs it off the event loop).
 Loading the identity already held is a no-op that succeeds. Otherwise: resolve `<root>/<identity>`
 (or a local path from `x-fireworks-hot-load-source-url`) — only inside the workbench home or a
-configured snapshot root (`allowed_roots`; else 403 naming the header) —, build the new bf16 dict
+configured snapshot root (`sources.py`; else 403 naming the header) —, build the new bf16 dict
 (base: load whole; delta: check `previous_snapshot_identity` equals what we hold, then
 `decode_delta`, which verifies the base and the checksum; LoRA: merge the adapter with peft onto the
 base model's own fp32 weights, as the trainer's LoRA forward computes), refuse non-finite values,
@@ -53,6 +53,7 @@ import copy
 import errno
 import json
 import os
+import re
 import threading
 import time
 import traceback
@@ -63,13 +64,13 @@ from workbench.checkpoints.layout import DeploymentLayout
 from workbench.common import atomic_write_bytes, write_json_atomic
 
 from .replica import HotloadError
+from .sources import allowed_roots, find_snapshot, snapshot_candidates
 from .threads import set_torch_threads
 
 MAX_CHAIN_DELTAS = 4
+_IDENTITY_RE = re.compile(r"[!-.0-\[\]-~]+")   # printable ASCII but "/", "\\" and space
 SWAP_WAIT_S = 60.0            # the engine swaps between two steps: one step, unless it is wedged
 SWAP_WAIT_DRAIN_S = 600.0     # a draining swap waits for the requests in flight to finish
-SOURCE_HEADER = "x-fireworks-hot-load-source-url"
-ROOT_HEADER = "x-workbench-snapshot-root"
 # what the hot-load GET reports about the last load (replicas[0].last_load; the notebook shows it)
 _LAST_LOAD_KEYS = ("identity", "kind", "noop", "load_seconds", "max_sampler_pause_seconds", "bytes_read",
                    "deltas_since_base", "drained", "restored")
@@ -281,7 +282,7 @@ class WeightManager:
                 raise self._fail(identity, 503 if self.startup_error is None else 422,
                                  f"replica is not serving: {self.startup_error or 'still starting'}")
             if identity == self.current_identity:
-                self._candidates(identity, snapshot_root, source_url)    # bad headers are still 400/403
+                snapshot_candidates(identity, snapshot_root, source_url, self.allowed_roots())  # still 400/403
                 # what is held already (managed mode re-sends it): nothing to read, nothing to swap
                 with self._state_lock:
                     self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
@@ -394,54 +395,17 @@ class WeightManager:
                 "drained": bool(drain)}
 
     def _resolve(self, identity: str, snapshot_root, source_url) -> tuple[Path, str]:
-        """The snapshot directory, and which header named it. Only directories inside the allowed
-        roots (the workbench home, configured snapshot roots) are ever read: anything else is a 403
-        naming the header that pointed there."""
-        candidates, src = self._candidates(identity, snapshot_root, source_url)
-        for path, header in candidates:
-            if path.is_dir():
-                return path, header
-        if src is not None and src.is_dir():
+        """The snapshot directory and the header that named it (sources.py: 400 / 403 / 404)."""
+        def is_snapshot(path: Path) -> bool:
             try:
-                _ckpt().snapshot_kind(src)
-                return src, SOURCE_HEADER   # the source URL names the snapshot directory itself
+                _ckpt().snapshot_kind(path)
+                return True
             except Exception:
-                pass
-        raise HotloadError(404, f"snapshot {identity!r} not found (looked in "
-                                f"{', '.join(str(c) for c, _ in candidates)})")
-
-    def _candidates(self, identity: str, snapshot_root, source_url) -> tuple[list[tuple[Path, str]], Path | None]:
-        """Where the headers say the snapshot is (400 if nowhere, 403 if outside the allowed roots)."""
-        candidates: list[tuple[Path, str]] = []
-        src = None
-        if source_url:
-            s = source_url[len("file://"):] if source_url.startswith("file://") else source_url
-            if s.startswith("/"):          # gs://... cannot be fetched locally: fall back to the root
-                src = Path(s)
-                candidates.append((src / identity, SOURCE_HEADER))
-        if snapshot_root:
-            candidates.append((Path(snapshot_root) / identity, ROOT_HEADER))
-        if src is None and not snapshot_root:
-            raise HotloadError(400, f"no snapshot location: the request has neither an {ROOT_HEADER} header "
-                                    "(set by the control plane for a deployment linked to a trainer) nor a "
-                                    f"local {SOURCE_HEADER}", SOURCE_HEADER)
-        roots = self.allowed_roots()
-        for path, header in candidates + ([(src, SOURCE_HEADER)] if src is not None else []):
-            real = path.resolve()
-            if not any(real == r or r in real.parents for r in roots):
-                raise HotloadError(403, f"{header} points outside the workbench home and the configured "
-                                        f"snapshot roots ({', '.join(map(str, roots)) or 'none configured'}): "
-                                        f"{path} is not read", header)
-        return candidates, src
+                return False
+        return find_snapshot(identity, snapshot_root, source_url, self.allowed_roots(), is_snapshot)
 
     def allowed_roots(self) -> list[Path]:
-        """Where snapshots may be read from: the workbench home (deployment.json "home", else
-        WORKBENCH_HOME) and every configured snapshot root (deployment.json "snapshot_roots",
-        env WORKBENCH_SNAPSHOT_ROOTS, os.pathsep-separated), symlinks resolved."""
-        roots = [self.config.get("home") or os.environ.get("WORKBENCH_HOME")]
-        roots += list(self.config.get("snapshot_roots") or [])
-        roots += [r for r in os.environ.get("WORKBENCH_SNAPSHOT_ROOTS", "").split(os.pathsep)]
-        return [Path(r).expanduser().resolve() for r in roots if r]
+        return allowed_roots(self.config)
 
     def _merge_lora(self, adapter_dir: Path, target) -> dict:
         """Merge a PEFT adapter onto the base weights inside `target` (one of our fp32 models);
@@ -617,9 +581,10 @@ def _untie(weights: dict) -> dict:
 
 def _check_identity(identity) -> str:
     if not isinstance(identity, str) or not identity:
-        raise HotloadError(400, "identity is required (the snapshot name from save_weights_for_sampler)")
-    if "/" in identity or "\\" in identity or identity in (".", "..") or "\x00" in identity or len(identity) > 255:
-        raise HotloadError(400, f"identity {identity!r} is not a snapshot name")
+        raise HotloadError(400, "identity is required (the snapshot name from save_weights_for_sampler)", "identity")
+    # a directory name, and echoed in HTTP headers: printable ASCII, no path separators
+    if not _IDENTITY_RE.fullmatch(identity) or identity in (".", "..") or len(identity) > 255:
+        raise HotloadError(400, f"identity {identity!r} is not a snapshot name", "identity")
     return identity
 
 
