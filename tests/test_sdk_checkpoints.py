@@ -281,15 +281,22 @@ def test_ttl_checkpoint_disappears(backend, full_job):
 
     job_id, endpoint, _, client = full_job
     ext = TrainingClient(client, endpoint.base_url, backend.api_key)
-    snap = ext.save_weights_for_sampler_ext("short-lived", checkpoint_type="base", ttl_seconds=2).snapshot_name
-    ext.save_state("short-state", ttl_seconds=2).result()
+    # A TTL long enough for both saves and the listing on a loaded machine; expiry is then waited for.
+    ttl = 15
+    snap = ext.save_weights_for_sampler_ext("short-lived", checkpoint_type="base", ttl_seconds=ttl).snapshot_name
+    ext.save_state("short-state", ttl_seconds=ttl).result()
     ids = [r["name"].split("/")[-1] for r in rows(backend, job_id)]
     assert snap in ids and "short-state" in ids
-    time.sleep(4)
-    ids = [r["name"].split("/")[-1] for r in rows(backend, job_id)]
+    sampler_dir = backend.home / "jobs" / job_id / "sampler" / snap
+    state_dir = backend.home / "jobs" / job_id / "checkpoints" / "short-state"
+    deadline = time.time() + ttl + 120
+    while time.time() < deadline:   # expired rows leave the listing first, the sweeper deletes the files
+        ids = [r["name"].split("/")[-1] for r in rows(backend, job_id)]
+        if snap not in ids and "short-state" not in ids and not sampler_dir.exists() and not state_dir.exists():
+            break
+        time.sleep(0.5)
     assert snap not in ids and "short-state" not in ids
-    assert not (backend.home / "jobs" / job_id / "sampler" / snap).exists()
-    assert not (backend.home / "jobs" / job_id / "checkpoints" / "short-state").exists()
+    assert not sampler_dir.exists() and not state_dir.exists()
     assert "short-state" not in client.list_checkpoints()
 
 
