@@ -1,6 +1,6 @@
 """Hot-load cost of a deployment replica vs the in-process floor, and the pause samplers see.
 
-    /tmp/venv/bin/python bench/hotload.py [--models small,75m] [--repeats 3]
+    /tmp/venv/bin/python bench/hotload.py [--models small,75m] [--repeats 3] [--engine builtin,vllm]
 
 For each model, a base snapshot and a delta snapshot over it are written with workbench.checkpoints
 (the delta as after one small optimizer step: every weight nudged by ~0.1% noise). Then:
@@ -24,6 +24,10 @@ with the quiet window of the same run: on a busy machine both are dominated by o
 "75m" is a ~75M-parameter Qwen3 built here from a config (random weights, registered through a
 temporary model catalog): with the 5M model a whole hot load is a few milliseconds and the HTTP round
 trip alone dominates the ratio. Timings on this shared 2-core machine vary 10-30% between runs.
+
+`--engine builtin,vllm` measures each engine in turn against the same floor and snapshots. On vLLM the
+"copy" part is the push: the decoded bf16 weights written as one safetensors file (in /dev/shm) and
+reloaded in place into the running engine through collective_rpc (see deployment/vllm_replica.py).
 """
 
 from __future__ import annotations
@@ -105,23 +109,26 @@ class Floor:
         return time.perf_counter() - t0
 
 
-def start_replica(model_name: str, work: Path, env: dict) -> tuple[subprocess.Popen, int]:
-    ddir = work / "dep"
+def start_replica(model_name: str, work: Path, env: dict, engine: str = "builtin") -> tuple[subprocess.Popen, int]:
+    from workbench.backend.deployment.engines import replica_command
+
+    ddir = work / f"dep-{engine}"
     ddir.mkdir(parents=True, exist_ok=True)
     (ddir / "deployment.json").write_text(json.dumps(
         {"deployment_id": "bench", "account": "bench", "base_model": model_name, "home": str(work)}))
     port_file = ddir / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.backend.deployment", "--deployment-dir", str(ddir),
-                             "--port-file", str(port_file)], env=dict(env, WORKBENCH_API_KEY=KEY),
-                            stdout=subprocess.DEVNULL, stderr=open(work / "replica.log", "wb"))
-    deadline = time.time() + 180
+    python, args, extra = replica_command(engine, ddir)
+    proc = subprocess.Popen([python, *args, "--port-file", str(port_file)],
+                            env=dict(env, WORKBENCH_API_KEY=KEY, **extra),
+                            stdout=subprocess.DEVNULL, stderr=open(work / f"replica-{engine}.log", "wb"))
+    deadline = time.time() + (1800 if engine == "vllm" else 180)   # vLLM starts in minutes on a busy CPU
     while time.time() < deadline:
         if port_file.exists():
             port = int(port_file.read_text())
             if httpx.get(f"http://127.0.0.1:{port}/readyz", headers={"x-api-key": KEY}).status_code == 200:
                 return proc, port
         if proc.poll() is not None:
-            raise RuntimeError((work / "replica.log").read_text())
+            raise RuntimeError((work / f"replica-{engine}.log").read_text()[-5000:])
         time.sleep(0.1)
     raise TimeoutError("replica did not start")
 
@@ -181,7 +188,7 @@ def start_samplers(port: int, seconds: float, n_streams: int = 4) -> subprocess.
                             stdout=subprocess.PIPE)
 
 
-def bench_model(model_name: str, repeats: int, env: dict) -> None:
+def bench_model(model_name: str, repeats: int, env: dict, engines: list[str] = ("builtin",)) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root = work / "sampler"
@@ -189,55 +196,62 @@ def bench_model(model_name: str, repeats: int, env: dict) -> None:
         base_w, dstats = write_snapshots(model_name, root)
         floor = Floor(model_name, root, base_w)
         params = sum(t.numel() for t in base_w.values())
-        proc, port = start_replica(model_name, work, env)
-        try:
-            hl = Hotloader(port, root)
-            times = {"base": [], "delta": []}
-            floors = {"base": [], "delta": []}
-            server = {"base": [], "delta": []}
-            # interleaved, so machine noise (the cores are shared) hits floor and hot load alike;
-            # the first round warms the page cache and is dropped
-            for _ in range(repeats + 1):
-                for kind, prev in (("base", None), ("delta", "snap-base")):
-                    floors[kind].append(floor.run(kind))
-                    times[kind].append(hl.load(f"snap-{kind}", previous=prev))
-                    server[kind].append(hl.last)
-            med = {k: statistics.median(v[1:]) for k, v in times.items()}
-            fl = {k: statistics.median(v[1:]) for k, v in floors.items()}
-            nbytes = {"base": dir_bytes(root / "snap-base"), "delta": dir_bytes(root / "snap-delta")}
-            print(f"\nmodel {model_name}: {params / 1e6:.1f}M parameters, delta {dstats['ratio']:.1f}x smaller "
-                  f"than raw bf16 ({dstats['changed_elements'] / dstats['total_elements']:.0%} of elements changed)")
-            print(f"  {'snapshot':<8} {'bytes read':>12} {'floor (read+decode+copy)':>26} {'hotload POST->ready':>21} {'ratio':>6}")
-            for k in ("base", "delta"):
-                parts = {p: statistics.median(x[p] for x in server[k][1:]) * 1000
-                         for p in ("read_decode_seconds", "copy_seconds", "swap_wait_seconds", "load_seconds")}
-                print(f"  {k:<8} {nbytes[k]:>12,} {fl[k] * 1000:>23.1f} ms {med[k] * 1000:>18.1f} ms "
-                      f"{med[k] / fl[k]:>5.2f}x   (in the replica: read+decode {parts['read_decode_seconds']:.1f}, "
-                      f"copy {parts['copy_seconds']:.1f}, swap wait {parts['swap_wait_seconds']:.1f}, "
-                      f"all {parts['load_seconds']:.1f} ms)")
+        for engine in engines:
+            t_start = time.perf_counter()
+            proc, port = start_replica(model_name, work, env, engine)
+            print(f"\n-- engine {engine} (replica ready in {time.perf_counter() - t_start:.0f} s)", end="")
+            try:
+                _bench_replica(port, root, floor, repeats, model_name, params, dstats)
+            finally:
+                proc.terminate()
+                proc.wait(60)
 
-            # pauses seen by concurrent samplers: a quiet window, then the same length with hot loads
-            child = start_samplers(port, seconds=6.0)
-            time.sleep(1.5)                                      # let the streams get going
-            q0 = time.perf_counter()
-            time.sleep(2.0)
-            q1 = time.perf_counter()
-            n_loads = 0
-            while time.perf_counter() - q1 < 2.0 or n_loads < 4:
-                hl.load("snap-base")
-                hl.load("snap-delta", previous="snap-base")
-                n_loads += 2
-            h1 = time.perf_counter()
-            gaps = json.loads(child.communicate(timeout=120)[0])
-            quiet = sorted(g for t, g in gaps if q0 <= t < q1)
-            busy = sorted(g for t, g in gaps if q1 <= t < h1)
-            print(f"  concurrent samplers (4 streams, own process): median chunk gap {quiet[len(quiet) // 2] * 1000:.1f} ms; "
-                  f"longest gap without hot loads {quiet[-1] * 1000:.1f} ms, during {n_loads} hot loads "
-                  f"{busy[-1] * 1000:.1f} ms (p99 {quiet[int(len(quiet) * .99)] * 1000:.1f} / "
-                  f"{busy[int(len(busy) * .99)] * 1000:.1f} ms)")
-        finally:
-            proc.terminate()
-            proc.wait(10)
+
+def _bench_replica(port, root, floor, repeats, model_name, params, dstats) -> None:
+    hl = Hotloader(port, root)
+    times = {"base": [], "delta": []}
+    floors = {"base": [], "delta": []}
+    server = {"base": [], "delta": []}
+    # interleaved, so machine noise (the cores are shared) hits floor and hot load alike;
+    # the first round warms the page cache and is dropped
+    for _ in range(repeats + 1):
+        for kind, prev in (("base", None), ("delta", "snap-base")):
+            floors[kind].append(floor.run(kind))
+            times[kind].append(hl.load(f"snap-{kind}", previous=prev))
+            server[kind].append(hl.last)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    fl = {k: statistics.median(v[1:]) for k, v in floors.items()}
+    nbytes = {"base": dir_bytes(root / "snap-base"), "delta": dir_bytes(root / "snap-delta")}
+    print(f"\nmodel {model_name}: {params / 1e6:.1f}M parameters, delta {dstats['ratio']:.1f}x smaller "
+          f"than raw bf16 ({dstats['changed_elements'] / dstats['total_elements']:.0%} of elements changed)")
+    print(f"  {'snapshot':<8} {'bytes read':>12} {'floor (read+decode+copy)':>26} {'hotload POST->ready':>21} {'ratio':>6}")
+    for k in ("base", "delta"):
+        parts = {p: statistics.median(x[p] for x in server[k][1:]) * 1000
+                 for p in ("read_decode_seconds", "copy_seconds", "swap_wait_seconds", "load_seconds")}
+        print(f"  {k:<8} {nbytes[k]:>12,} {fl[k] * 1000:>23.1f} ms {med[k] * 1000:>18.1f} ms "
+              f"{med[k] / fl[k]:>5.2f}x   (in the replica: read+decode {parts['read_decode_seconds']:.1f}, "
+              f"copy {parts['copy_seconds']:.1f}, swap wait {parts['swap_wait_seconds']:.1f}, "
+              f"all {parts['load_seconds']:.1f} ms)")
+
+    # pauses seen by concurrent samplers: a quiet window, then the same length with hot loads
+    child = start_samplers(port, seconds=6.0)
+    time.sleep(1.5)                                      # let the streams get going
+    q0 = time.perf_counter()
+    time.sleep(2.0)
+    q1 = time.perf_counter()
+    n_loads = 0
+    while time.perf_counter() - q1 < 2.0 or n_loads < 4:
+        hl.load("snap-base")
+        hl.load("snap-delta", previous="snap-base")
+        n_loads += 2
+    h1 = time.perf_counter()
+    gaps = json.loads(child.communicate(timeout=120)[0])
+    quiet = sorted(g for t, g in gaps if q0 <= t < q1)
+    busy = sorted(g for t, g in gaps if q1 <= t < h1)
+    print(f"  concurrent samplers (4 streams, own process): median chunk gap {quiet[len(quiet) // 2] * 1000:.1f} ms; "
+          f"longest gap without hot loads {quiet[-1] * 1000:.1f} ms, during {n_loads} hot loads "
+          f"{busy[-1] * 1000:.1f} ms (p99 {quiet[int(len(quiet) * .99)] * 1000:.1f} / "
+          f"{busy[int(len(busy) * .99)] * 1000:.1f} ms)")
 
 
 def main() -> None:
@@ -248,6 +262,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="small,75m")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--engine", default="builtin", help="comma-separated: builtin, vllm (each in turn)")
     args = ap.parse_args()
     torch.set_num_threads(1)     # the replica computes single-threaded too (WORKBENCH_DEPLOYMENT_THREADS)
     from workbench import models
@@ -269,7 +284,7 @@ def main() -> None:
             else:
                 names.append(m)
         for name in names:
-            bench_model(name, args.repeats, env)
+            bench_model(name, args.repeats, env, args.engine.split(","))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Sampling throughput of a deployment replica vs in-process `model.generate`, side by side.
 
     /tmp/venv/bin/python bench/sampling.py [--model accounts/workbench/models/qwen3-small] [--new-tokens 64]
+                                           [--engine builtin,vllm]
 
 Baseline: the same model in this process, `model.generate` one prompt at a time (batch 1, fp32, KV
 cache, sampling at temperature 1), which is what a notebook loop without a server does. Deployment: a
@@ -9,6 +10,8 @@ closed-loop clients (each sends its next request when the previous one answers),
 Every request asks for exactly --new-tokens tokens (ignore_eos) so both sides generate the same
 amount. Prints tokens/s for each and the ratio to the sequential baseline (target: >= 4x at C = 16).
 Timings on this 2-core machine vary 10-30% between runs; the client shares the cores with the server.
+`--engine builtin,vllm` runs the same table for each engine in turn, on the same model and prompts
+(vLLM: a replica in vLLM's own environment, scripts/install_vllm.sh; its startup is not timed).
 """
 
 from __future__ import annotations
@@ -58,17 +61,19 @@ def sequential_generate(model_name: str, new_tokens: int, n: int, threads: int) 
     return n * new_tokens / (time.perf_counter() - t0)
 
 
-def start_replica(model_name: str, workdir: Path) -> tuple[subprocess.Popen, int]:
-    ddir = workdir / "dep"
+def start_replica(model_name: str, workdir: Path, engine: str = "builtin") -> tuple[subprocess.Popen, int]:
+    from workbench.backend.deployment.engines import replica_command
+
+    ddir = workdir / f"dep-{engine}"
     ddir.mkdir(parents=True, exist_ok=True)
     (ddir / "deployment.json").write_text(json.dumps(
         {"deployment_id": "bench", "account": "bench", "base_model": model_name, "home": str(workdir)}))
     port_file = ddir / "port"
-    env = dict(os.environ, WORKBENCH_API_KEY=KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.backend.deployment", "--deployment-dir", str(ddir),
-                             "--port-file", str(port_file)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(workdir / "replica.log", "wb"))
-    deadline = time.time() + 120
+    python, args, extra = replica_command(engine, ddir)
+    env = dict(os.environ, WORKBENCH_API_KEY=KEY, **extra)
+    proc = subprocess.Popen([python, *args, "--port-file", str(port_file)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(workdir / f"replica-{engine}.log", "wb"))
+    deadline = time.time() + (1800 if engine == "vllm" else 120)   # vLLM starts in minutes on a busy CPU
     while time.time() < deadline:
         if port_file.exists():
             port = int(port_file.read_text())
@@ -76,7 +81,7 @@ def start_replica(model_name: str, workdir: Path) -> tuple[subprocess.Popen, int
             if r.status_code == 200:
                 return proc, port
         if proc.poll() is not None:
-            raise RuntimeError((workdir / "replica.log").read_text())
+            raise RuntimeError((workdir / f"replica-{engine}.log").read_text()[-5000:])
         time.sleep(0.1)
     raise TimeoutError("replica did not become ready")
 
@@ -131,29 +136,35 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sequential-prompts", type=int, default=8)
     ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--engine", default="builtin", help="comma-separated: builtin, vllm (each in turn)")
     args = ap.parse_args()
 
     vocab = models.load_model(args.model).config.vocab_size
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, port = start_replica(args.model, Path(tmp))
-        try:
-            # the baseline gets the better of 1 and 2 torch threads (on a busy 2-core machine 1 often wins)
-            runs = {t: sequential_generate(args.model, args.new_tokens, args.sequential_prompts, t) for t in (1, 2)}
-            best = max(runs, key=runs.get)
-            base = runs[best]
-            print(f"model {args.model}, {args.new_tokens} new tokens per request; baseline "
-                  + ", ".join(f"{t} thread(s) {v:.0f} tok/s" for t, v in runs.items()))
-            print(f"{f'in-process model.generate, sequential, {best} thread(s)':<52} {base:8.0f} tok/s   1.00x")
-            for c in [int(x) for x in args.concurrency.split(",")]:
-                n = max(8, 2 * c)
-                r = asyncio.run(drive(port, c, n, args.new_tokens, vocab))
-                print(f"{f'deployment over HTTP, concurrency {c:>2} ({n} requests)':<52} {r['tok_s']:8.0f} tok/s "
-                      f"{r['tok_s'] / base:6.2f}x   (median prefill-queue {r['p50_prefill_queue_s'] * 1000:.1f} ms)")
-            sdk = asyncio.run(drive_sdk(port, 16, 2, args.new_tokens, vocab))
-            print(f"{'official DeploymentSampler, n=16 streams (2 rounds)':<52} {sdk:8.0f} tok/s {sdk / base:6.2f}x")
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    # the baseline gets the better of 1 and 2 torch threads (on a busy 2-core machine 1 often wins)
+    runs = {t: sequential_generate(args.model, args.new_tokens, args.sequential_prompts, t) for t in (1, 2)}
+    best = max(runs, key=runs.get)
+    base = runs[best]
+    print(f"model {args.model}, {args.new_tokens} new tokens per request; baseline "
+          + ", ".join(f"{t} thread(s) {v:.0f} tok/s" for t, v in runs.items()))
+    print(f"{f'in-process model.generate, sequential, {best} thread(s)':<52} {base:8.0f} tok/s   1.00x")
+    for engine in args.engine.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            proc, port = start_replica(args.model, Path(tmp), engine)
+            print(f"-- engine {engine} (replica ready in {time.perf_counter() - t0:.0f} s)")
+            try:
+                for c in [int(x) for x in args.concurrency.split(",")]:
+                    n = max(8, 2 * c)
+                    r = asyncio.run(drive(port, c, n, args.new_tokens, vocab))
+                    print(f"{f'{engine} deployment over HTTP, concurrency {c:>2} ({n} requests)':<52} "
+                          f"{r['tok_s']:8.0f} tok/s {r['tok_s'] / base:6.2f}x   "
+                          f"(median prefill-queue {r['p50_prefill_queue_s'] * 1000:.1f} ms)")
+                sdk = asyncio.run(drive_sdk(port, 16, 2, args.new_tokens, vocab))
+                print(f"{f'{engine}: official DeploymentSampler, n=16 streams (2 rounds)':<52} {sdk:8.0f} tok/s "
+                      f"{sdk / base:6.2f}x")
+            finally:
+                proc.terminate()
+                proc.wait(60)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The `workbench` command.
 
     workbench serve [--home DIR] [--host 127.0.0.1] [--port N] [--detach]   run the local backend
+                    [--deployment-engine builtin|vllm]                    default engine of deployments
     workbench status [--home DIR]                                           what runs
     workbench stop [--home DIR]                                             stop it and everything it started
     workbench promote --job-id J --output-model-id M --base-model B [--checkpoint-name C]
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -26,6 +28,8 @@ def cmd_serve(args) -> int:
     from workbench.backend import server
 
     home = _home(args)
+    if args.deployment_engine:   # read by the control plane (deployment/engines.py); children inherit it
+        os.environ["WORKBENCH_DEPLOYMENT_ENGINE"] = args.deployment_engine
     if args.detach:
         info = server.start_detached(home, args.host, args.port)
         print(f"workbench backend serving at {info['base_url']} (pid {info['pid']}, home {home})")
@@ -93,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="port (0 picks a free one)")
     p.add_argument("--detach", action="store_true", help="start in the background and return once ready")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--deployment-engine", choices=["builtin", "vllm"], default=None,
+                   help="engine of deployments whose shape does not choose one (default builtin, or "
+                        "$WORKBENCH_DEPLOYMENT_ENGINE); vllm needs scripts/install_vllm.sh")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stop", help="stop the backend and every process it started")

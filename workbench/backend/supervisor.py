@@ -101,8 +101,11 @@ class Supervisor:
         self._watcher = threading.Thread(target=self._watch, name="supervisor-watch", daemon=True)
         self._watcher.start()
 
-    def start(self, kind: str, key: str, args: list[str], run_dir: Path) -> ChildProcess:
-        """Start `python <args>` for (kind, key), stopping any previous process of that key first."""
+    def start(self, kind: str, key: str, args: list[str], run_dir: Path, python: str | None = None,
+              extra_env: dict | None = None) -> ChildProcess:
+        """Start `python <args>` for (kind, key), stopping any previous process of that key first.
+        `python`: another interpreter (a vLLM replica runs in vLLM's own environment); `extra_env`
+        is added to the child's environment."""
         self.stop(kind, key)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "port").unlink(missing_ok=True)
@@ -114,10 +117,11 @@ class Supervisor:
         # (one thread per core in each process) oversubscribes them: measured ~10x slower steps on 2
         # cores. Give each trainer half the cores unless the user chose; replicas default to 1.
         env.setdefault("WORKBENCH_TRAINER_THREADS", str(default_trainer_threads()))
+        env.update(extra_env or {})
         with open(log_path, "ab") as log:
             log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {kind} {key}\n".encode())
             log.flush()
-            popen = subprocess.Popen([sys.executable, *args, "--port-file", str(run_dir / "port")],
+            popen = subprocess.Popen([python or sys.executable, *args, "--port-file", str(run_dir / "port")],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, cwd=str(run_dir), preexec_fn=_die_with_parent)
         child = ChildProcess(kind, key, popen, run_dir, log_path)

@@ -27,6 +27,7 @@ from workbench.common import ACCOUNT_ID, parse_rfc3339, rfc3339, write_json_atom
 
 from ..store import Store
 from ..supervisor import Supervisor
+from ..deployment.engines import deployment_engine, replica_command
 from ..trainer.distributed.launch import trainer_topology
 from .errors import ApiError, require
 
@@ -148,8 +149,12 @@ class ControlPlane:
             "home": str(self.home)})
         if dep["state"] != "READY":
             self.set_deployment_state(deployment_id, "CREATING", "starting replica")
-        child = self.supervisor.start("deployment", deployment_id,
-                                      ["-m", "workbench.backend.deployment", "--deployment-dir", str(run_dir)], run_dir)
+        try:   # the built-in engine, or vLLM in its own environment (deployment/engines.py)
+            python, args, env = replica_command(deployment_engine(dep), run_dir)
+        except (RuntimeError, ValueError) as e:
+            self.set_deployment_state(deployment_id, "FAILED", f"replica failed to start: {e}")
+            return
+        child = self.supervisor.start("deployment", deployment_id, args, run_dir, python=python, extra_env=env)
 
         def wait() -> None:
             try:

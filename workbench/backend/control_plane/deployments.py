@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from workbench.common import is_resource_id
 from workbench.models import ModelNotFoundError, local_path
 
+from ..deployment.engines import shape_engine, vllm_available
 from .core import ControlPlane, check_account, read_body_json, rfc3339, settled
 from .errors import ApiError, require
 
@@ -77,6 +78,9 @@ async def create_deployment(request: Request, account: str) -> dict:
         raise ApiError(400, f"baseModel: {e}") from e
     _check_trainer_link(cp, body.get("hotLoadTrainerJob"))
     _check_replicas(body)
+    if shape_engine(body.get("deploymentShape")) == "vllm":
+        ok, why = vllm_available()
+        require(ok, 400, f"deploymentShape {body['deploymentShape']!r} runs on vLLM, but {why}")
     now = rfc3339()
     dep = {
         "name": cp.deployment_name(deployment_id),

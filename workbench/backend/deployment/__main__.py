@@ -46,7 +46,9 @@ def watch_parent(parent_pid: int) -> None:
         threading.Thread(target=run, name="parent-watch", daemon=True).start()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, make_replica=None) -> int:
+    """`make_replica(deployment_dir, config)` builds the Replica (default: the built-in engine;
+    vllm_replica.main passes VllmReplica)."""
     ap = argparse.ArgumentParser(prog="python -m workbench.backend.deployment")
     ap.add_argument("--deployment-dir", required=True, type=Path)
     ap.add_argument("--port-file", required=True, type=Path)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         # Never serve unauthenticated, even on loopback: any local user could hot-load or sample.
         print("deployment replica: WORKBENCH_API_KEY is not set; refusing to start unauthenticated", file=sys.stderr)
         return 2
-    replica = BuiltinReplica(layout.root, config)
+    replica = (make_replica or BuiltinReplica)(layout.root, config)
     app = create_app(replica, api_key)
 
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto is

@@ -1,0 +1,315 @@
+"""A deployment replica served by vLLM: the same wire server, snapshots pushed into a running vLLM.
+
+    $WORKBENCH_VLLM_VENV/bin/python -m workbench.backend.deployment.vllm_replica --deployment-dir DIR --port-file FILE
+
+Started by the control plane (engines.replica_command) for deployments whose shape selects vLLM, with
+vLLM's own interpreter and this checkout on PYTHONPATH. It serves exactly the HTTP surface of the
+built-in replica (server.create_app: completions, SSE, hot load, health, 425 until the weights are in);
+only the engine and the way weights reach it differ:
+
+- generation: `VllmEngine` (vllm_engine.py), vLLM's AsyncLLM for the `replica.Replica` protocol;
+- snapshots: `VllmWeightManager`, the built-in `WeightManager` (same snapshot resolution, delta
+  decoding, checks, chain, state.json, materialization, error statuses) with the weight *application*
+  replaced: the replica keeps the current snapshot as a CPU bf16 state dict (`current_bf16`, what every
+  delta is decoded against); a load is validated against the base model's names and shapes (a snapshot
+  that does not fit is refused before vLLM sees a byte), recorded in state.json, then written as one
+  safetensors file (in /dev/shm when there is one) and pushed into the running engine with
+  `collective_rpc` + the worker extension (vllm_worker.py: vLLM's in-place `reload_weights`), between
+  two scheduler steps (`pause_generation(mode="keep")`, or "wait" to drain, ... `resume_generation()`).
+  If the push fails, the previous weights are pushed back and state.json restored before the error is
+  answered, so the previous snapshot keeps serving. `reset_prompt_cache` resets vLLM's prefix cache
+  (running requests are recomputed on the new weights).
+- restart: state.json is replayed at startup exactly as the built-in replica does, so a replica killed
+  with SIGKILL comes back on its last good snapshot.
+
+LoRA snapshots are refused with 422 on vLLM deployments for now (the built-in engine serves them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from .replica import GenerationRequest, GenerationSink, HotloadError, HotloadRequest, ModelInfo
+from .weights import WeightManager
+
+
+def _configure_cpu_threads() -> None:
+    """Before vLLM and torch are imported: vLLM's CPU backend pins one OpenMP thread per core and
+    reserves a core for its scheduler; on a machine shared with trainers and notebooks, use the
+    replica's thread budget (WORKBENCH_DEPLOYMENT_THREADS, default 1) without pinning instead."""
+    threads = os.environ.get("WORKBENCH_DEPLOYMENT_THREADS", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+
+
+def _die_with_replica() -> None:
+    """In vLLM's engine-core and worker processes: die (SIGKILL) as soon as the process that started
+    them does. vLLM's workers watch the engine core, but the engine core does not watch the replica,
+    so a replica killed with SIGKILL would leave an orphaned engine holding the model's memory."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except OSError:
+        return   # not Linux
+    if os.getppid() == 1:   # the parent died before prctl took effect
+        os._exit(1)
+
+
+if __name__ == "__mp_main__":
+    # multiprocessing's spawn re-imports the main module under this name in every child it starts:
+    # here, vLLM's engine core (child of the replica) and its worker (child of the engine core)
+    _die_with_replica()
+
+
+def _push_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class _Held:
+    """Stands where the built-in manager keeps an fp32 model (`model` / `spare`): the weights
+    `_load_into` validated, waiting for `swap_model` to push them into vLLM."""
+
+    def __init__(self):
+        self.weights: dict | None = None
+
+
+class VllmWeightManager(WeightManager):
+    """WeightManager whose weights live in a running vLLM engine instead of an fp32 torch model.
+
+    The built-in manager's hot load reads and decodes a snapshot, `_load_into(spare, weights)`, records
+    it in state.json, then `engine.swap_model(spare, identity, drain)`. Here `_load_into` only checks
+    that the weights fit the base model (nothing reaches vLLM yet), and the swap is the push."""
+
+    def __init__(self, deployment_dir: Path, config: dict, options=None):
+        super().__init__(deployment_dir, config)
+        self.options = options
+        self.model, self.spare = _Held(), _Held()
+        self._reset_on_push = False
+        self._param_shapes: dict[str, tuple] = {}
+        self.last_push: dict = {}
+        self._pause_s = 0.0
+
+    # ---- startup ----------------------------------------------------------------------------------
+    def _startup(self) -> None:
+        try:
+            import json
+
+            import torch
+            from safetensors.torch import load_file
+
+            from workbench import models
+            from .vllm_engine import VllmEngine
+            from .weights import check_finite
+
+            model_dir = models.local_path(self.base_model)
+            self.tokenizer = models.load_tokenizer(self.base_model)
+            cfg = json.loads((model_dir / "config.json").read_text())
+            self.vocab_size = int(cfg["vocab_size"])
+            self.max_context = int(cfg.get("max_position_embeddings") or 1 << 30)
+            # the CPU copy every delta decodes against: the base model rounded to bf16, which is what
+            # a base snapshot of it holds and what the built-in replica serves with identity null
+            files = sorted(model_dir.glob("*.safetensors"))
+            if not files:
+                raise RuntimeError(f"{model_dir} has no *.safetensors weights")
+            raw = {}
+            for f in files:
+                raw.update(load_file(str(f)))
+            self.base_bf16 = {k: v.to(torch.bfloat16) for k, v in raw.items()}
+            check_finite(self.base_bf16, None)
+            self._param_shapes = {k: tuple(v.shape) for k, v in self.base_bf16.items()}
+            self.engine = VllmEngine(model_dir, options=self.options, max_context=self.max_context)
+            self.engine.swap_model = self._swap_model
+            self.engine.retract_swap = lambda done: False      # a push is synchronous: nothing to retract
+            self.engine.watch_pauses = self._watch_pauses
+            self.engine.pauses_seen = lambda: self._pause_s
+            t0 = time.perf_counter()
+            self.engine.start()
+            self.engine_start_seconds = round(time.perf_counter() - t0, 3)
+            print(f"vLLM engine ready in {self.engine_start_seconds:.1f} s", flush=True)
+            restored = self._restore()
+            if restored is not None:
+                self._push(self.model.weights, restored)
+            elif any(v.dtype != torch.bfloat16 for v in raw.values()):
+                # vLLM loaded the model files as they are (fp32 for the embedded models): serve the
+                # bf16-rounded base, as the built-in replica does, so identity null means one thing
+                self._push(self.base_bf16, None)
+            with self._state_lock:
+                self.ready = True
+                if restored is None:
+                    self.current_bf16 = self.base_bf16
+                    if self.loading_state.get("stage") != "error":
+                        self.loading_state = {"stage": "done"}
+        except Exception as e:
+            traceback.print_exc()
+            self.startup_error = f"{type(e).__name__}: {e}"
+            self.current_identity = None
+            self.loading_state = {"stage": "error", "target_snapshot_identity": None,
+                                  "message": f"replica failed to start: {self.startup_error}"}
+        finally:
+            self._lock.release()
+
+    # ---- hot load ---------------------------------------------------------------------------------
+    def hotload(self, identity, metadata=None, snapshot_root=None, source_url=None,
+                reset_prompt_cache: bool = False, drain: bool | None = None) -> dict:
+        self._reset_on_push = bool(reset_prompt_cache)
+        self.last_push = {}
+        result = super().hotload(identity, metadata, snapshot_root=snapshot_root, source_url=source_url,
+                                 reset_prompt_cache=reset_prompt_cache, drain=drain)
+        result.update({f"push_{k}": v for k, v in self.last_push.items()})
+        return result
+
+    def _merge_lora(self, adapter_dir: Path, target) -> dict:
+        raise HotloadError(422, f"{adapter_dir.name}: LoRA snapshots are not served by vLLM deployments yet; "
+                                "use a full-parameter trainer (or the built-in engine) for LoRA")
+
+    def _load_into(self, model, weights: dict) -> None:
+        """Check that `weights` fit the base model (names, shapes) and hold them for the swap."""
+        shapes = self._param_shapes
+        unexpected = sorted(weights.keys() - shapes.keys())
+        missing = sorted(shapes.keys() - weights.keys())
+        wrong = [f"{k}: {tuple(v.shape)} vs {shapes[k]}" for k, v in weights.items()
+                 if k in shapes and tuple(v.shape) != shapes[k]]
+        if missing or unexpected or wrong:
+            raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+        model.weights = weights
+
+    def _watch_pauses(self) -> None:
+        self._pause_s = 0.0
+
+    def _swap_model(self, held: _Held, identity: str | None = None, drain: bool = False) -> threading.Event:
+        """The engine's swap: push the held weights into vLLM now. If vLLM fails half-way, the weights
+        served before are pushed back before the error propagates (the caller then restores state.json
+        and answers that the previous snapshot keeps serving)."""
+        previous, previous_identity = self.current_bf16, self.current_identity
+        try:
+            self._push(held.weights, identity, reset_prefix_cache=self._reset_on_push, drain=drain)
+        except BaseException:
+            traceback.print_exc()
+            if previous is not None:
+                try:
+                    self._push(previous, previous_identity)
+                except Exception:
+                    traceback.print_exc()
+            raise
+        done = threading.Event()
+        done.set()
+        return done
+
+    def _push(self, weights: dict, identity: str | None, reset_prefix_cache: bool = False,
+              drain: bool = False) -> None:
+        """Write `weights` to one safetensors file and reload it into the running engine."""
+        from safetensors.torch import save_file
+
+        from .weights import _untie
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="wb-vllm-push-", dir=_push_dir()) as tmp:
+            path = os.path.join(tmp, "model.safetensors")
+            save_file({k: v.contiguous() for k, v in _untie(weights).items()}, path)
+            t1 = time.perf_counter()
+            n, paused = self.engine.call(self._push_async(path, identity, reset_prefix_cache, drain), timeout=600)
+        t2 = time.perf_counter()
+        self.engine.pushes += 1
+        self._pause_s = max(self._pause_s, paused)
+        self.last_push = {"tensors": n, "write_seconds": round(t1 - t0, 6), "engine_seconds": round(t2 - t1, 6),
+                          "generation_paused_seconds": round(paused, 6),
+                          "prefix_cache_reset": bool(reset_prefix_cache)}
+
+    async def _push_async(self, path: str, identity: str | None, reset_prefix_cache: bool,
+                          drain: bool) -> tuple[int, float]:
+        llm = self.engine.llm
+        # "keep": requests in flight are frozen between two steps and continue on the new weights;
+        # "wait" (drain): they finish on the old weights first, new ones wait for the new weights
+        t0 = time.perf_counter()
+        await llm.pause_generation(mode="wait" if drain else "keep", clear_cache=False)
+        try:
+            counts = await llm.collective_rpc("workbench_load_weights", args=(path,))
+            self.engine.snapshot = identity
+            if reset_prefix_cache:
+                # running requests are preempted and recomputed on the new weights
+                await llm.reset_prefix_cache(reset_running_requests=True)
+        finally:
+            await llm.resume_generation()
+        return (int(counts[0]) if counts else 0), time.perf_counter() - t0
+
+
+class VllmReplica:
+    """`replica.Replica` served by vLLM: VllmWeightManager (snapshots) + VllmEngine (generation)."""
+
+    def __init__(self, deployment_dir: Path, config: dict, options=None):
+        self.weights = VllmWeightManager(deployment_dir, config, options=options)
+        self.deployment_id = self.weights.deployment_id
+        self.account = config.get("account", "workbench")
+        self.base_model = self.weights.base_model
+        self._info: ModelInfo | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.weights.ready
+
+    @property
+    def startup_error(self) -> str | None:
+        return self.weights.startup_error
+
+    @property
+    def current_identity(self) -> str | None:
+        return self.weights.current_identity
+
+    @property
+    def engine(self):
+        return self.weights.engine
+
+    def model_info(self) -> ModelInfo | None:
+        if not self.weights.ready:
+            return None
+        if self._info is None:
+            w = self.weights
+            self._info = ModelInfo(w.base_model, w.tokenizer, w.vocab_size, w.max_context)
+        return self._info
+
+    def health(self) -> dict:
+        out = self.engine.load() if self.engine is not None else {"engine": "vllm"}
+        out["engine_start_seconds"] = getattr(self.weights, "engine_start_seconds", None)
+        return out
+
+    def status(self) -> dict:
+        return self.weights.status()
+
+    def hotload(self, request: HotloadRequest) -> dict:
+        return self.weights.hotload(request.identity, request.metadata, snapshot_root=request.snapshot_root,
+                                    source_url=request.source_url, reset_prompt_cache=request.reset_prompt_cache,
+                                    drain=request.drain)
+
+    def submit(self, request: GenerationRequest, sink: GenerationSink):
+        return self.engine.submit(request, sink)
+
+    def cancel(self, handle) -> None:
+        self.engine.cancel(handle)
+
+    def start(self) -> None:
+        self.weights.start()
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    _configure_cpu_threads()
+    from . import __main__ as replica_main
+    return replica_main.main(argv, make_replica=VllmReplica)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
