@@ -170,7 +170,7 @@ def test_monitor_stops_cleanly_between_steps(trained):
 def test_stale_deployment_is_explained_before_recording(trained):
     run, wb = trained["run"], trained["wb"]
     base_snap, delta_snap = trained["snapshots"]
-    dep = run._get_deployment(DEP)
+    dep = run.deployment(DEP)
     # someone else loads an older snapshot into the deployment
     assert run.deployment_manager.hotload_and_wait(deployment_id=DEP, base_model=TINY, snapshot_identity=base_snap,
                                                    timeout_seconds=60)
@@ -227,5 +227,5 @@ def test_another_run_takes_over_the_deployment(trained, backend, tmp_path):
     # syncing again takes it back (re-attach, then a full base load)
     back = run.sync("taken-back")
     assert run.deployment_manager.get(DEP).hot_load_trainer_job == trained["trainer"].job_name
-    assert run._get_deployment(DEP).current_snapshot() == back
+    assert run.deployment(DEP).current_snapshot() == back
     assert run.evaluate(items, wb.exact_match("answer"), name="colors", max_tokens=6).snapshot == back

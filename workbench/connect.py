@@ -41,6 +41,9 @@ def connect(base_url: str | None = None, api_key: str | None = None, home: str |
     from workbench.backend.home import ensure_api_key, resolve_home
     from workbench.backend.server import start_detached
 
+    from workbench.quiet import install_local_filters
+
     home_path = resolve_home(home)
     info = start_detached(home_path)
+    install_local_filters()  # the SDK's console links and "Tinker is down" mean nothing for a local backend
     return Backend(info["base_url"], ensure_api_key(home_path), home_path)

@@ -3,11 +3,15 @@
     result = run.evaluate(prompts, scorer, name="colors")   # samples THROUGH the deployment
     result.score; result.snapshot; result.samples_frame()
 
-`EvaluationMixin.evaluate` compares the snapshot the deployment reports holding with the one this run last
+`Evaluation.evaluate` (the `Run`'s collaborator; it receives the `RunContext` and the `Provisioning`) compares the snapshot the deployment reports holding with the one this run last
 hot-loaded into it, before sampling and again after; a mismatch is explained in plain words
 (`_stale_text`) and nothing is recorded unless you accept it (`on_stale="warn"` / `"accept"`). Sampling uses
 the official `DeploymentSampler` on a private event loop in a helper thread (`_run_async`), so it works
-inside a Jupyter kernel and Ctrl-C cancels it. `Run` (run.py) mixes this in; use it through `Run`.
+inside a Jupyter kernel and Ctrl-C cancels it.
+
+Every evaluation records the content digest of its eval set (`eval_digest`: the prompts, the sampling
+parameters and the scorer's code and captured values), so scores are compared only when they measure the
+same thing: change a prompt or the scorer and it is a different eval, shown as its own series.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .common import StaleDeploymentError
-from .lineage import prompt_set_hash
+from .common import RunContext, StaleDeploymentError
+from .lineage import eval_digest, prompt_set_hash, scorer_digest
 
 if TYPE_CHECKING:
-    from .provision import Deployment
+    from .provision import Deployment, Provisioning
 
 
 @dataclass
@@ -42,6 +46,8 @@ class EvalResult:
     samples: list[dict] = field(repr=False, default_factory=list)
     note: str | None = None
     trainer_step: int | None = None
+    digest: str | None = None
+    """The eval set's content digest (prompts + sampling parameters + scorer): equal digests, comparable scores."""
 
     @property
     def snapshot_label(self) -> str:
@@ -79,8 +85,11 @@ class EvalResult:
                               + rows + "</table>" + more)}
 
 
-class EvaluationMixin:
-    """`Run`'s evaluation methods (see the module docstring)."""
+class Evaluation:
+    """Evaluation through the run's deployments (see the module docstring)."""
+
+    def __init__(self, ctx: RunContext, provisioning: "Provisioning"):
+        self.ctx, self.provisioning = ctx, provisioning
 
     # ---- evaluation --------------------------------------------------------------------------------
     def evaluate(self, prompts: Iterable, scorer: Callable, name: str = "eval", *, n: int = 1,
@@ -94,10 +103,11 @@ class EvaluationMixin:
         on_stale: what to do when the deployment does not hold the snapshot this run last loaded into it:
             "raise" (default: explain, record nothing), "warn" (warn, record against what it serves), "accept".
         """
-        self._check_open()
+        ctx = self.ctx
+        ctx.check_open()
         if on_stale not in ("raise", "warn", "accept"):
             raise ValueError("on_stale must be 'raise', 'warn' or 'accept'")
-        d = self._get_deployment(deployment)
+        d = self.provisioning.get_deployment(deployment)
         items = list(prompts)
         if not items:
             raise ValueError("prompts is empty")
@@ -111,10 +121,11 @@ class EvaluationMixin:
                 raise StaleDeploymentError(text + " Nothing was recorded.")
             note = text
             if on_stale == "warn":
-                warnings.warn(text, stacklevel=2)
-        tok = tokenizer if tokenizer is not None else self.tokenizer
+                warnings.warn(text, stacklevel=3)
+        tok = tokenizer if tokenizer is not None else ctx.tokenizer()
         params = {"n": n, "max_tokens": max_tokens, "temperature": temperature}
         phash = prompt_set_hash([_jsonable(x) for x in items], params)
+        digest = eval_digest(phash, scorer_digest(scorer))
         sampler = d.sampler(tokenizer=tok)
         completions = _run_async(lambda: _sample_all(sampler, messages, n, max_tokens, temperature, concurrency))
         after = d.current_snapshot()
@@ -133,21 +144,30 @@ class EvaluationMixin:
                                 "completion": text, "score": s, "finish_reason": getattr(c, "finish_reason", None)})
         count = len(samples)
         score = total / count if count else float("nan")
-        ck = self.store.checkpoint(held) if held else None
+        store = ctx.store
+        ck = store.checkpoint(held) if held else None
         step = 0 if held is None else (ck["step"] if ck and ck.get("step") is not None else None)
-        eval_id = self.store.record_evaluation(name, snapshot=held, deployment_id=d.deployment_id, score=score,
-                                               prompt_hash=phash, n_prompts=len(items), sample_count=count,
-                                               job_id=(ck or {}).get("job_id") or self.job_id, step=step,
-                                               params=params, samples=samples)
+        job_id = (ck or {}).get("job_id") or (ctx.record.trainer.job_id if ctx.record.trainer else None)
+        eval_id = store.record_evaluation(name, snapshot=held, deployment_id=d.deployment_id, score=score,
+                                          prompt_hash=phash, n_prompts=len(items), sample_count=count,
+                                          job_id=job_id, step=step, params=params, samples=samples,
+                                          eval_digest=digest,
+                                          data_consumed=0 if held is None else (ck or {}).get("data_consumed"))
+        others = store.eval_digests(name)
+        if len(others) > 1:
+            extra = (f"'{name}' has been recorded with {len(others)} different eval sets (prompts, sampling or "
+                     "scorer changed); scores are compared only within the same set (digest "
+                     f"{digest}).")
+            note = f"{note}\n{extra}" if note else extra
         result = EvalResult(name=name, score=score, snapshot=held, step=step, deployment_id=d.deployment_id,
                             sample_count=count, n_prompts=len(items), prompt_hash=phash, eval_id=eval_id,
-                            samples=samples, note=note, trainer_step=self.step)
-        self._notify("eval", {"name": name, "score": score, "snapshot": held, "step": step})
+                            samples=samples, note=note, trainer_step=ctx.counter.step, digest=digest)
+        ctx.notify("eval", {"name": name, "score": score, "snapshot": held, "step": step, "digest": digest})
         return result
 
     def _stale_text(self, d: Deployment, expected: str | None, held: str | None) -> str:
         def where(snap):
-            ck = self.store.checkpoint(snap) if snap else None
+            ck = self.ctx.store.checkpoint(snap) if snap else None
             return f" (step {ck['step']})" if ck and ck.get("step") is not None else ""
 
         if expected is None:

@@ -13,7 +13,7 @@ goes, read by the widgets and by you:
     store.scores_for("step-00010-ab12cd34")   # what did this checkpoint score (a DataFrame)
     store.lineage("colors")                # step -> checkpoint -> snapshot -> deployment -> eval, one row per eval
 
-Tables (schema version 1):
+Tables (schema version 2; a version-1 file gains the new columns when opened):
 
     steps(job_id, step, time, data_consumed)                   one row per logged training step
     metrics(job_id, step, name, value, time)                   long form: loss, grad_norm, ... per step
@@ -22,10 +22,16 @@ Tables (schema version 1):
         checkpoint_id is the control plane's id (the last segment of the row name); for a sampler snapshot
         it is also the snapshot identity a deployment reports. kind is "sampler" or "state" (DCP).
         checkpoint_type / promotable are the control plane's (authoritative), filled in once its row is seen.
-    hotloads(id, snapshot, deployment_id, checkpoint_type, previous_snapshot, time, duration_s, verified)
+    hotloads(id, snapshot, deployment_id, checkpoint_type, previous_snapshot, time, duration_s, verified,
+             step, load_s, pause_s, delta_bytes, changed_fraction, chain_length)
+        duration_s is the sync's wall time (save + hot-load) seen by the client; load_s / pause_s the load
+        time and sampler pause the deployment reports, delta_bytes / changed_fraction / chain_length what
+        the snapshot's checkpoint row says (NULL where the backend does not report them).
     evaluations(id, name, snapshot, deployment_id, job_id, step, prompt_hash, n_prompts, sample_count,
-                score, time, params)
+                score, time, params, eval_digest, data_consumed)
         snapshot is what the deployment reported it held while sampling (NULL: the untouched base model).
+        eval_digest is the content digest of the eval set (prompts, sampling parameters, scorer): scores
+        are comparable only between equal digests.
     samples(eval_id, idx, prompt, completion, score, finish_reason)
     promotions(id, checkpoint_id, job_id, model, base_model, time)
     events(id, time, kind, detail)                             reconnects, resumes, stale warnings...
@@ -40,13 +46,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
@@ -77,8 +84,16 @@ CREATE TABLE IF NOT EXISTS promotions(
 CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL, kind TEXT, detail TEXT);
 CREATE INDEX IF NOT EXISTS evaluations_snapshot ON evaluations(snapshot);
+
 CREATE INDEX IF NOT EXISTS hotloads_snapshot ON hotloads(snapshot);
 """
+
+_ADDED_COLUMNS = {
+    "hotloads": [("step", "INTEGER"), ("load_s", "REAL"), ("pause_s", "REAL"), ("delta_bytes", "INTEGER"),
+                 ("changed_fraction", "REAL"), ("chain_length", "INTEGER")],
+    "evaluations": [("eval_digest", "TEXT"), ("data_consumed", "INTEGER")],
+}
+"""Columns of schema version 2, added in place to a version-1 file."""
 
 _SESSION_SUFFIX_LEN = 9  # "-" + 8 hex: the SDK's per-client session suffix on sampler snapshot names
 
@@ -107,7 +122,12 @@ class LineageStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+        for table, columns in _ADDED_COLUMNS.items():  # a version-1 file: add what version 2 records
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+            for column, kind in columns:
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
         self._pending_steps: list[tuple] = []
         self._pending_metrics: list[tuple] = []
 
@@ -185,26 +205,32 @@ class LineageStore:
 
     def record_hotload(self, snapshot: str, deployment_id: str, *, checkpoint_type: str | None = None,
                        previous_snapshot: str | None = None, duration_s: float | None = None,
-                       verified: bool = True, when: float | None = None) -> int:
+                       verified: bool = True, when: float | None = None, step: int | None = None,
+                       load_s: float | None = None, pause_s: float | None = None, delta_bytes: int | None = None,
+                       changed_fraction: float | None = None, chain_length: int | None = None) -> int:
         cur = self._write("INSERT INTO hotloads(snapshot, deployment_id, checkpoint_type, previous_snapshot, time, "
-                          "duration_s, verified) VALUES(?,?,?,?,?,?,?)",
+                          "duration_s, verified, step, load_s, pause_s, delta_bytes, changed_fraction, chain_length) "
+                          "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           (snapshot, deployment_id, checkpoint_type, previous_snapshot,
-                           time.time() if when is None else when, duration_s, int(verified)))
+                           time.time() if when is None else when, duration_s, int(verified), step, load_s, pause_s,
+                           delta_bytes, changed_fraction, chain_length))
         return int(cur.lastrowid)
 
     def record_evaluation(self, name: str, *, snapshot: str | None, deployment_id: str, score: float,
                           prompt_hash: str, n_prompts: int, sample_count: int, job_id: str | None = None,
                           step: int | None = None, params: dict | None = None,
-                          samples: Iterable[dict] = (), when: float | None = None) -> int:
+                          samples: Iterable[dict] = (), when: float | None = None, eval_digest: str | None = None,
+                          data_consumed: int | None = None) -> int:
         """Record one evaluation and its samples (dicts: prompt, completion, score, finish_reason)."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 cur = self._db.execute(
                     "INSERT INTO evaluations(name, snapshot, deployment_id, job_id, step, prompt_hash, n_prompts, "
-                    "sample_count, score, time, params) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+                    "sample_count, score, time, params, eval_digest, data_consumed) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (name, snapshot, deployment_id, job_id, step, prompt_hash, n_prompts, sample_count,
-                     float(score), time.time() if when is None else when, json.dumps(params or {}, sort_keys=True)))
+                     float(score), time.time() if when is None else when, json.dumps(params or {}, sort_keys=True),
+                     eval_digest or prompt_hash, data_consumed))
                 eval_id = int(cur.lastrowid)
                 self._db.executemany(
                     "INSERT INTO samples(eval_id, idx, prompt, completion, score, finish_reason) VALUES(?,?,?,?,?,?)",
@@ -311,6 +337,50 @@ class LineageStore:
         rows = self._rows("SELECT * FROM hotloads WHERE deployment_id=? ORDER BY id DESC LIMIT 1", (deployment_id,))
         return rows[0] if rows else None
 
+    def last_hotload_of(self, snapshot: str) -> dict | None:
+        """The newest hot-load of `snapshot` (into any deployment)."""
+        rows = self._rows("SELECT * FROM hotloads WHERE snapshot=? ORDER BY id DESC LIMIT 1", (snapshot,))
+        return rows[0] if rows else None
+
+    def latest_state(self, job_id: str) -> dict | None:
+        """The newest train state (kind 'state') recorded for `job_id`."""
+        rows = self._rows("SELECT * FROM checkpoints WHERE job_id=? AND kind='state' ORDER BY created DESC LIMIT 1",
+                          (job_id,))
+        return rows[0] if rows else None
+
+    def syncs(self, deployment_id: str | None = None):
+        """One row per hot-load with what is known about it: wall time, the deployment's load time and sampler
+        pause, delta bytes, changed fraction, chain length since the last base, and the step it carried."""
+        where = " WHERE deployment_id=?" if deployment_id else ""
+        return self._df(f"SELECT id, time, deployment_id, snapshot, checkpoint_type, step, duration_s, load_s, pause_s, "
+                        f"delta_bytes, changed_fraction, chain_length FROM hotloads{where} ORDER BY id",
+                        (deployment_id,) if deployment_id else (),
+                        ["id", "time", "deployment_id", "snapshot", "checkpoint_type", "step", "duration_s", "load_s",
+                         "pause_s", "delta_bytes", "changed_fraction", "chain_length"])
+
+    def eval_digests(self, name: str) -> list[str]:
+        """The distinct eval sets (digests) recorded under `name`, oldest first."""
+        return [r["d"] for r in self._rows("SELECT eval_digest AS d, MIN(id) AS first FROM evaluations WHERE name=? "
+                                           "GROUP BY eval_digest ORDER BY first", (name,))]
+
+    def latest_digest(self, name: str | None = None) -> str | None:
+        """The eval set of the newest evaluation (named `name`)."""
+        where = " WHERE name=?" if name else ""
+        rows = self._rows(f"SELECT eval_digest FROM evaluations{where} ORDER BY id DESC LIMIT 1",
+                          (name,) if name else ())
+        return rows[0]["eval_digest"] if rows else None
+
+    def eval_curve(self, name: str, digest: str | None = None):
+        """(step, data_consumed, score, snapshot) of evaluations of `name` on one eval set (default: the newest
+        one's), in step order: the curve `wb.compare` puts beside other runs'."""
+        digest = digest or self.latest_digest(name)
+        return self._df("SELECT e.step AS step, COALESCE(e.data_consumed, c.data_consumed) AS data_consumed, "
+                        "e.score AS score, e.snapshot AS snapshot, e.eval_digest AS eval_digest "
+                        "FROM evaluations e LEFT JOIN checkpoints c ON c.checkpoint_id=e.snapshot "
+                        "AND (e.job_id IS NULL OR c.job_id=e.job_id) WHERE e.name=? AND e.eval_digest=? "
+                        "ORDER BY e.step, e.id", (name, digest),
+                        ["step", "data_consumed", "score", "snapshot", "eval_digest"])
+
     def evaluations(self, name: str | None = None):
         where = " WHERE name=?" if name else ""
         return self._df(f"SELECT * FROM evaluations{where} ORDER BY id", (name,) if name else (),
@@ -382,18 +452,21 @@ class LineageStore:
             "(SELECT h.time FROM hotloads h WHERE h.snapshot=e.snapshot AND h.deployment_id=e.deployment_id "
             " AND h.time<=e.time ORDER BY h.time DESC LIMIT 1) AS hotloaded_at, "
             "e.name AS eval, e.score AS score, e.sample_count AS samples, e.id AS eval_id, e.time AS evaluated_at, "
-            "e.prompt_hash AS prompt_hash "
+            "e.prompt_hash AS prompt_hash, e.eval_digest AS eval_digest "
             "FROM evaluations e LEFT JOIN checkpoints c ON c.checkpoint_id=e.snapshot AND "
             "(e.job_id IS NULL OR c.job_id=e.job_id)" + where + " ORDER BY e.id", (name,) if name else (),
             ["step", "data_consumed", "checkpoint", "logical_name", "checkpoint_type", "promotable", "snapshot",
-             "deployment", "hotloaded_at", "eval", "score", "samples", "eval_id", "evaluated_at", "prompt_hash"])
+             "deployment", "hotloaded_at", "eval", "score", "samples", "eval_id", "evaluated_at", "prompt_hash",
+             "eval_digest"])
 
-    def best(self, name: str | None = None, higher_is_better: bool = True) -> dict | None:
-        """The best evaluation (of `name`), as `checkpoint_for` describes it; None if there is none."""
-        where = " WHERE name=?" if name else ""
+    def best(self, name: str | None = None, higher_is_better: bool = True, digest: str | None = None) -> dict | None:
+        """The best evaluation (of `name`), as `checkpoint_for` describes it; None if there is none. Only
+        evaluations on one eval set compete: `digest`, else the newest evaluation's."""
+        digest = digest or self.latest_digest(name)
+        where = " WHERE eval_digest=?" + (" AND name=?" if name else "")
         order = "DESC" if higher_is_better else "ASC"
         rows = self._rows(f"SELECT id FROM evaluations{where} ORDER BY score {order}, id ASC LIMIT 1",
-                          (name,) if name else ())
+                          (digest, name) if name else (digest,))
         return self.checkpoint_for(rows[0]["id"]) if rows else None
 
     def close(self) -> None:
@@ -413,3 +486,158 @@ def prompt_set_hash(items: list[Any], params: dict | None = None) -> str:
 
     blob = json.dumps({"prompts": items, "params": params or {}}, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def scorer_digest(scorer) -> str:
+    """A stable digest of a scorer: its code (bytecode, constants, names), the values its closure captured
+    and its default arguments, recursively for the functions it captured. Two scorers with equal digests
+    score the same way; editing the scorer (or `wb.exact_match("answer")` vs `("label")`) changes it."""
+    import hashlib
+
+    seen: set[int] = set()
+
+    def describe(obj, depth: int = 0):
+        if depth > 6 or id(obj) in seen:
+            return "..."
+        if isinstance(obj, (str, int, float, bool, type(None), bytes)):
+            return repr(obj)
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            items = [describe(x, depth + 1) for x in obj]
+            return f"{type(obj).__name__}[{','.join(sorted(items) if isinstance(obj, (set, frozenset)) else items)}]"
+        if isinstance(obj, dict):
+            return "{" + ",".join(f"{describe(k, depth + 1)}:{describe(v, depth + 1)}"
+                                  for k, v in sorted(obj.items(), key=lambda kv: repr(kv[0]))) + "}"
+        seen.add(id(obj))
+        code = getattr(obj, "__code__", None)
+        if code is not None:
+            closure = [describe(c.cell_contents, depth + 1) for c in (getattr(obj, "__closure__", None) or ())
+                       if _cell_filled(c)]
+            return (f"fn({describe_code(code, depth)};closure={closure};"
+                    f"defaults={describe(getattr(obj, '__defaults__', None), depth + 1)};"
+                    f"kwdefaults={describe(getattr(obj, '__kwdefaults__', None), depth + 1)})")
+        if hasattr(obj, "__func__"):  # a bound method: its function and its object's state
+            return f"method({describe(obj.__func__, depth + 1)};{describe(getattr(obj, '__self__', None), depth + 1)})"
+        if callable(obj) and hasattr(type(obj), "__call__") and hasattr(obj, "__dict__"):
+            return f"obj({type(obj).__qualname__};{describe(type(obj).__call__, depth + 1)};" \
+                   f"{describe(vars(obj), depth + 1)})"
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+    def describe_code(code, depth):
+        consts = [describe_code(c, depth + 1) if hasattr(c, "co_code") else repr(c) for c in code.co_consts]
+        return f"{code.co_code.hex()}|{consts}|{code.co_names}|{code.co_varnames}"
+
+    return hashlib.sha256(describe(scorer).encode()).hexdigest()[:16]
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+        return True
+    except ValueError:
+        return False
+
+
+def eval_digest(prompt_hash: str, scorer_hash: str) -> str:
+    """The eval set's content digest: the prompt set with its sampling parameters, and the scorer."""
+    import hashlib
+
+    return hashlib.sha256(f"{prompt_hash}:{scorer_hash}".encode()).hexdigest()[:16]
+
+
+# ---- aliases of promoted models -------------------------------------------------------------------------
+class AliasStore:
+    """Movable names for promoted models (`champion`, `candidate`, ...) shared by the runs of one folder.
+
+        aliases = AliasStore("runs")                 # <folder>/aliases.sqlite
+        aliases.move("champion", "accounts/workbench/models/colors-v2", run="runs/lr-3e-3", step=40)
+        aliases.current()                            # {"champion": {...}, ...}
+        aliases.history("champion")                  # every move, oldest first (a DataFrame)
+
+    A move is one appended row, so the history is never rewritten; the current target of an alias is its
+    newest row."""
+
+    FILENAME = "aliases.sqlite"
+    _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / self.FILENAME
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS moves(id INTEGER PRIMARY KEY AUTOINCREMENT, alias TEXT NOT NULL, "
+                         "model TEXT NOT NULL, run TEXT, job_id TEXT, checkpoint_id TEXT, step INTEGER, score REAL, "
+                         "time REAL, note TEXT)")
+
+    @classmethod
+    def check_name(cls, alias: str) -> str:
+        if not isinstance(alias, str) or not cls._NAME.match(alias):
+            raise ValueError(f"alias {alias!r} is not valid: 1-40 of a-z, 0-9, '-', '_', starting with a letter "
+                             "(e.g. 'champion', 'candidate')")
+        return alias
+
+    def move(self, alias: str, model: str, *, run: str | None = None, job_id: str | None = None,
+             checkpoint_id: str | None = None, step: int | None = None, score: float | None = None,
+             note: str | None = None) -> dict:
+        """Point `alias` at `model` (appends to its history); returns the new current entry."""
+        self.check_name(alias)
+        self._db.execute("INSERT INTO moves(alias, model, run, job_id, checkpoint_id, step, score, time, note) "
+                         "VALUES(?,?,?,?,?,?,?,?,?)", (alias, model, run, job_id, checkpoint_id, step, score,
+                                                         time.time(), note))
+        return self.get(alias)
+
+    def get(self, alias: str) -> dict | None:
+        row = self._db.execute("SELECT * FROM moves WHERE alias=? ORDER BY id DESC LIMIT 1", (alias,)).fetchone()
+        return dict(row) if row else None
+
+    def current(self) -> dict[str, dict]:
+        rows = self._db.execute("SELECT m.* FROM moves m JOIN (SELECT alias, MAX(id) AS id FROM moves GROUP BY alias) "
+                                "x ON x.id=m.id ORDER BY m.alias").fetchall()
+        return {r["alias"]: dict(r) for r in rows}
+
+    def history(self, alias: str | None = None):
+        import pandas as pd
+
+        q = "SELECT * FROM moves" + (" WHERE alias=?" if alias else "") + " ORDER BY id"
+        rows = [dict(r) for r in self._db.execute(q, (alias,) if alias else ()).fetchall()]
+        return pd.DataFrame(rows, columns=["id", "alias", "model", "run", "job_id", "checkpoint_id", "step", "score",
+                                           "time", "note"])
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __repr__(self) -> str:
+        cur = self.current()
+        if not cur:
+            return f"AliasStore({str(self.folder)!r}): no aliases yet"
+        return "\n".join(f"{a} -> {r['model'].split('/')[-1]} (run {Path(r['run'] or '?').name}, step {r['step']})"
+                         for a, r in cur.items())
+
+
+def run_summary(run_dir: str | os.PathLike, eval_name: str | None = None, higher_is_better: bool = True) -> dict:
+    """What `wb.runs()` shows of one run directory, read from its files only (no backend): its trainer job,
+    parent (for a fork), last step and best score per eval set."""
+    from workbench.records import RunRecord
+
+    path = Path(run_dir)
+    rec = RunRecord.load(path)
+    out = {"run": path.name, "path": str(path), "job_id": rec.trainer.job_id if rec.trainer else
+           rec.trainers.get("policy"), "parent": None, "parent_checkpoint": None, "parent_step": None,
+           "last_step": None, "best_score": None, "best_snapshot": None, "best_step": None, "eval": eval_name,
+           "eval_digest": None}
+    if rec.parent:
+        out.update(parent=Path(rec.parent.run).name, parent_checkpoint=rec.parent.checkpoint,
+                   parent_step=rec.parent.step)
+    if (path / LineageStore.FILENAME).exists():
+        store = LineageStore(path)
+        try:
+            out["last_step"] = store.last_step()
+            best = store.best(eval_name, higher_is_better)
+            if best:
+                ev = store.evaluation(best["eval_id"])
+                out.update(best_score=best["score"], best_snapshot=best["checkpoint_id"], best_step=best["step"],
+                           eval=ev["name"], eval_digest=ev["eval_digest"])
+        finally:
+            store.close()
+    return out

@@ -2,20 +2,29 @@
 
     run.checkpoint_rows(); run.checkpoints_frame()          # control-plane rows joined with the lineage
     run.promote("step-00040", output_model_id="colors-v1")  # only full snapshots (base / LoRA) promote
+    run.promote(best, output_model_id="colors-v2", alias="champion")   # ... and move the alias to it
 
 The control plane is the source of truth for checkpoints (`FireworksClient.list_checkpoints`); the lineage
 adds step, data consumed, last eval score, where it was hot-loaded, and the models promoted from it.
-`PromotionMixin.promote` refuses what cannot work with a `PromotionError` that says what to do instead
-(an invalid or taken model id, a delta or train-state row, an unknown name). `Run` (run.py) mixes this in;
-use it through `Run`.
+`Promotion.promote` (the `Run`'s collaborator; it receives the `RunContext` and the `Provisioning`) refuses
+what cannot work with a `PromotionError` that says what to do instead (an invalid or taken model id, a
+delta or train-state row, an unknown name).
+
+Aliases (`champion`, `candidate`, any name) point at promoted models across the runs of one folder; moving
+one keeps its history (`AliasStore` in lineage.py, `<runs folder>/aliases.sqlite`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .common import PromotionError, _slug
-from .lineage import logical_name
+from typing import TYPE_CHECKING
+
+from .common import PromotionError, RunContext, _slug
+from .lineage import AliasStore, logical_name
+
+if TYPE_CHECKING:
+    from .provision import Provisioning
 
 PROMOTABLE_HELP = ("Only full snapshots can become models: `base` sampler snapshots of a full-parameter run "
                    "(CHECKPOINT_TYPE_INFERENCE_BASE) and LoRA adapters (CHECKPOINT_TYPE_INFERENCE_LORA).")
@@ -44,26 +53,30 @@ def _short_type(ctype: str | None) -> str:
                 "CHECKPOINT_TYPE_", "").lower())
 
 
-class PromotionMixin:
-    """`Run`'s checkpoint-row and promotion methods (see the module docstring)."""
+class Promotion:
+    """Checkpoint rows and promotion (see the module docstring)."""
+
+    def __init__(self, ctx: RunContext, provisioning: "Provisioning"):
+        self.ctx, self.provisioning = ctx, provisioning
 
     # ---- checkpoint rows (the control plane is the source of truth) ---------------------------------
     def _rows(self, job_id: str) -> list[dict]:
         try:
-            return self.fireworks.list_checkpoints(job_id)
+            return self.ctx.clients.fireworks.list_checkpoints(job_id)
         except Exception as e:  # noqa: BLE001 - a deleted job's rows are simply gone
             if "404" in str(e):
                 return []
             raise
 
-    def _refresh_rows(self, job_id: str, only: set[str] | None = None) -> list[dict]:
+    def refresh_rows(self, job_id: str, only: set[str] | None = None) -> list[dict]:
+        """The job's rows from the control plane, recorded in the lineage (all, or the ids in `only`)."""
         rows = self._rows(job_id)
         for r in rows:
             cid = r["name"].split("/")[-1]
             if only is not None and cid not in only:
                 continue
             kind = "state" if r.get("checkpointType", "").startswith("CHECKPOINT_TYPE_TRAINING") else "sampler"
-            self.store.record_checkpoint(job_id, cid, kind=kind, name=r["name"],
+            self.ctx.store.record_checkpoint(job_id, cid, kind=kind, name=r["name"],
                                          checkpoint_type=r.get("checkpointType"), promotable=r.get("promotable"),
                                          step=r.get("step"), created=_parse_time(r.get("createTime")),
                                          size_bytes=r.get("sizeBytes"))
@@ -73,9 +86,11 @@ class PromotionMixin:
         """Sampler snapshot sizes in bytes, read from the hot-load bucket a deployment of this run points at
         (`hotLoadBucketUrl` on the wire) when that is a local `file://` directory; {} otherwise."""
         sizes: dict[str, int] = {}
-        for dep_id in self.deployment_ids:
+        clients = self.ctx.clients
+        for dep_id in self.ctx.record.deployments:
             try:
-                url = self._http("GET", f"/v1/accounts/{self.account_id}/deployments/{dep_id}").get("hotLoadBucketUrl")
+                url = clients.http("GET", f"/v1/accounts/{clients.account_id}/deployments/{dep_id}").get(
+                    "hotLoadBucketUrl")
             except Exception:  # noqa: BLE001 - sizes are a nicety
                 continue
             if not url or not url.startswith("file://"):
@@ -91,25 +106,25 @@ class PromotionMixin:
     def checkpoint_rows(self, all_jobs: bool = True) -> list[dict]:
         """The control plane's checkpoint rows of this run's trainer job(s), oldest first, joined with the
         lineage: step, data consumed, the snapshot's last eval score, where it was hot-loaded."""
-        jobs = [p["job_id"] for p in self._state.get("past_trainers", [])] if all_jobs else []
-        if self.job_id:
-            jobs.append(self.job_id)
+        ctx, store, clients = self.ctx, self.ctx.store, self.ctx.clients
+        jobs = [p.job_id for p in ctx.record.past_trainers] if all_jobs else []
+        if ctx.record.trainer:
+            jobs.append(ctx.record.trainer.job_id)
         out = []
         sizes = self._bucket_sizes()
         promoted: dict[str, list[str]] = {}
         try:  # models promoted from these rows (by this run, a recipe, or anyone): their sourceCheckpoint
-            for m in self._http("GET", f"/v1/accounts/{self.account_id}/models?pageSize=200").get("models", []):
+            for m in clients.http("GET", f"/v1/accounts/{clients.account_id}/models?pageSize=200").get("models", []):
                 if m.get("sourceCheckpoint"):
                     promoted.setdefault(m["sourceCheckpoint"], []).append(m["name"].split("/")[-1])
         except Exception:  # noqa: BLE001 - a service without model listing: the column stays empty
             pass
         for job in jobs:
-            for r in self._refresh_rows(job):
+            for r in self.refresh_rows(job):
                 cid = r["name"].split("/")[-1]
-                ck = self.store.checkpoint(cid, job) or {}
-                scores = self.store.scores_for(cid)
-                hl = self.store._rows("SELECT deployment_id, time FROM hotloads WHERE snapshot=? ORDER BY id DESC "
-                                      "LIMIT 1", (cid,))
+                ck = store.checkpoint(cid, job) or {}
+                scores = store.scores_for(cid)
+                hl = store.last_hotload_of(cid)
                 ctype = r.get("checkpointType", "")
                 out.append({
                     "checkpoint_id": cid, "name": r["name"], "job_id": job,
@@ -120,7 +135,7 @@ class PromotionMixin:
                     "created": r.get("createTime"), "created_ts": _parse_time(r.get("createTime")),
                     "eval_score": None if scores.empty else float(scores["score"].iloc[-1]),
                     "eval_name": None if scores.empty else scores["name"].iloc[-1],
-                    "hotloaded_to": hl[0]["deployment_id"] if hl else None,
+                    "hotloaded_to": hl["deployment_id"] if hl else None,
                     "size_bytes": r.get("sizeBytes") or sizes.get(cid) or ck.get("size_bytes"),
                     "promoted_to": ", ".join(promoted.get(r["name"], [])) or None,
                 })
@@ -137,18 +152,21 @@ class PromotionMixin:
         return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
 
     # ---- promotion ---------------------------------------------------------------------------------
-    def promote(self, checkpoint=None, output_model_id: str | None = None, base_model: str | None = None) -> dict:
+    def promote(self, checkpoint=None, output_model_id: str | None = None, base_model: str | None = None,
+                alias: str | None = None) -> dict:
         """Promote a promotable checkpoint to a model `accounts/<a>/models/<output_model_id>`.
 
         checkpoint: a row (from `checkpoint_rows()`), its full name or id, its name without the session
-        suffix (the newest such row), or None for the newest promotable row.
+        suffix (the newest such row), or None for the newest promotable row. alias: also move this alias
+        (e.g. "champion") to the new model; the move is kept in the alias history.
         """
-        self._check_open()
+        ctx = self.ctx
+        ctx.check_open()
         from fireworks.training.sdk.fireworks_client import validate_output_model_id
 
         if not output_model_id:
             raise PromotionError("output_model_id is required, e.g. run.promote(checkpoint, output_model_id="
-                                 f"'{suggest_model_id(self.name + '-v1')}')")
+                                 f"'{suggest_model_id(ctx.name + '-v1')}')")
         errors = validate_output_model_id(output_model_id)
         if errors:
             raise PromotionError(f"{output_model_id!r} is not a valid model id: " + " ".join(errors)
@@ -157,10 +175,13 @@ class PromotionMixin:
         row = self._find_row(rows, checkpoint)
         if not row["promotable"]:
             raise PromotionError(self._not_promotable_text(row, rows))
-        base = base_model or (self._trainer.base_model if self._trainer else self._state.get("trainer", {}).get(
-            "base_model"))
+        if alias is not None:
+            AliasStore.check_name(alias)
+        trainer = self.provisioning.trainer_handle
+        base = base_model or (trainer.base_model if trainer else (ctx.record.trainer.base_model if ctx.record.trainer
+                                                                  else None))
         try:
-            model = self.fireworks.promote_checkpoint(name=row["name"], output_model_id=output_model_id,
+            model = ctx.clients.fireworks.promote_checkpoint(name=row["name"], output_model_id=output_model_id,
                                                       base_model=base)
         except Exception as e:  # noqa: BLE001
             text = str(e)
@@ -169,9 +190,18 @@ class PromotionMixin:
                                      f"output_model_id, e.g. {suggest_model_id(output_model_id + '-2')!r}.") from e
             raise
         model = model.get("model", model) if isinstance(model, dict) else model
-        self.store.record_promotion(row["checkpoint_id"], row["job_id"], model.get("name", output_model_id), base)
-        self._notify("promote", {"checkpoint": row["checkpoint_id"], "model": model.get("name")})
+        model_name = model.get("name", output_model_id)
+        ctx.store.record_promotion(row["checkpoint_id"], row["job_id"], model_name, base)
+        if alias is not None:
+            self.aliases().move(alias, model_name, run=str(ctx.path), job_id=row["job_id"],
+                                checkpoint_id=row["checkpoint_id"], step=row.get("step"),
+                                score=row.get("eval_score"))
+        ctx.notify("promote", {"checkpoint": row["checkpoint_id"], "model": model_name, "alias": alias})
         return model
+
+    def aliases(self) -> AliasStore:
+        """The alias registry of the folder this run lives in (shared by its sibling runs)."""
+        return AliasStore(self.ctx.path.parent)
 
     def _find_row(self, rows: list[dict], checkpoint) -> dict:
         if not rows:
@@ -198,7 +228,7 @@ class PromotionMixin:
                              "See run.checkpoints() for the full table.")
 
     def _not_promotable_text(self, row: dict, rows: list[dict]) -> str:
-        why = {"CHECKPOINT_TYPE_INFERENCE_ARC_V2": "a delta (an XOR difference from the previous snapshot, only "
+        why = {"CHECKPOINT_TYPE_INFERENCE_ARC_V2": "a delta (the difference from the previous snapshot, only "
                                                    "meaningful to a deployment that holds that snapshot)",
                "CHECKPOINT_TYPE_TRAINING": "resumable train state (DCP: weights and optimizer for resuming)",
                "CHECKPOINT_TYPE_TRAINING_LORA": "resumable LoRA train state (DCP)"}.get(

@@ -41,7 +41,6 @@ checkpoint, or rerunning "with the same config" would silently lose work.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -50,12 +49,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from workbench import records
+
 from .config import ConfigError, parse_checkpoint_ref
 
 logger = logging.getLogger("workbench.recipes")
 
-DATALOADER_FILE = "dataloader.json"
-DATALOADER_KEEP = 20
+DATALOADER_FILE = records.DATALOADER_FILE
+DATALOADER_KEEP = records.DATALOADER_KEEP
 RESUMABLE_TYPES = ("CHECKPOINT_TYPE_TRAINING", "CHECKPOINT_TYPE_TRAINING_LORA")
 _SESSION_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 _STEP_NAME = re.compile(r"^step-(\d+)$")
@@ -142,23 +143,15 @@ class TrainingCheckpoints:
         return self.log_path / DATALOADER_FILE
 
     def read_dataloader(self) -> dict[str, int]:
-        if not self.dataloader_path.exists():
-            return {}
         try:
-            data = json.loads(self.dataloader_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{self.dataloader_path} is not valid JSON ({e}); fix or remove it") from None
-        return {str(k): int(v) for k, v in data.items()}
+            return records.DataloaderRecord.load(self.log_path).cursors
+        except records.RecordError as e:
+            raise ConfigError(str(e)) from None
 
     def _write_dataloader(self, name: str, data_consumed: int) -> None:
-        entries = self.read_dataloader()
-        entries.pop(name, None)
-        entries[name] = int(data_consumed)          # insertion order = age; keep the newest
-        entries = dict(list(entries.items())[-DATALOADER_KEEP:])
-        self.log_path.mkdir(parents=True, exist_ok=True)
-        tmp = self.dataloader_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries, indent=2))
-        os.replace(tmp, self.dataloader_path)
+        entries = records.DataloaderRecord(self.read_dataloader())
+        entries.put(name, data_consumed, keep=DATALOADER_KEEP)   # insertion order = age; keep the newest
+        entries.save(self.log_path)
 
     def reset_dataloader(self) -> None:
         """Forget every cursor (the run starts over on a new trainer job)."""

@@ -20,7 +20,6 @@ returns at once for a running trainer and resumes a stopped one (FAILED, PAUSED,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import uuid
@@ -28,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workbench import records
+
 from .config import ConfigError, default_training_shape
 
 logger = logging.getLogger("workbench.recipes")
 
-RUN_FILE = "run.json"
+RUN_FILE = records.RUN_FILE
 
 
 class RecipeError(RuntimeError):
@@ -40,40 +41,33 @@ class RecipeError(RuntimeError):
 
 
 class RunRecord:
-    """`<log_path>/run.json`, rewritten atomically on every change."""
+    """`<log_path>/run.json` as the recipe sees it: the typed `workbench.records.RunRecord`, saved atomically
+    field by field on every change (so a notebook `Run` viewing the same directory keeps its own fields)."""
 
     def __init__(self, log_path: str | os.PathLike):
         self.dir = Path(log_path).expanduser()
         self.path = self.dir / RUN_FILE
-        self.data: dict[str, Any] = {}
-        if self.path.exists():
-            try:
-                self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{self.path} is not valid JSON ({e}); fix or remove it") from None
+        try:
+            self.record = records.RunRecord.load(self.dir)
+        except records.RecordError as e:
+            raise RecipeError(str(e)) from None
 
     @property
     def exists(self) -> bool:
-        return bool(self.data)
+        return self.path.exists() and self.record.recipe is not None
 
     def get(self, key: str, default=None):
-        return self.data.get(key, default)
+        value = getattr(self.record, key, None)
+        return default if value is None else value
 
     def update(self, **values) -> None:
-        self.data.update(values)
-        self.save()
-
-    def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        self.record.update(self.dir, **values)
 
     def trainer_id(self, role: str) -> str | None:
-        return (self.data.get("trainers") or {}).get(role)
+        return self.record.trainers.get(role)
 
     def set_trainer_id(self, role: str, job_id: str | None) -> None:
-        trainers = dict(self.data.get("trainers") or {})
+        trainers = dict(self.record.trainers)
         if job_id is None:
             trainers.pop(role, None)
         else:
@@ -83,17 +77,15 @@ class RunRecord:
 
 def check_run_record(cfg, recipe: str) -> list[str]:
     """Config fields that contradict the run already recorded in log_path (reruns must match)."""
-    run_file = Path(cfg.log_path).expanduser() / RUN_FILE
-    if not run_file.exists():
-        return []
     try:
-        data = json.loads(run_file.read_text())
-    except json.JSONDecodeError:
-        return [f"{run_file} is not valid JSON; fix or remove it"]
+        rec = records.RunRecord.load(cfg.log_path)
+    except records.RecordError as e:
+        return [str(e)]
     errors = []
     for key, value in (("recipe", recipe), ("base_model", cfg.base_model), ("lora_rank", cfg.lora_rank)):
-        if key in data and data[key] != value:
-            errors.append(f"{key}={value!r} but log_path {str(cfg.log_path)!r} holds a run with {key}={data[key]!r}: "
+        held = getattr(rec, key)
+        if rec.recipe is not None and held is not None and held != value:
+            errors.append(f"{key}={value!r} but log_path {str(cfg.log_path)!r} holds a run with {key}={held!r}: "
                           "use a new log_path (optionally with init_from_checkpoint) or the original config")
     return errors
 
@@ -290,17 +282,14 @@ class RecipeInfra:
 
 def completed_summary(log_path) -> dict | None:
     """The summary of a run that already completed in log_path (a rerun returns it without any work)."""
-    run_file = Path(log_path).expanduser() / RUN_FILE
-    if not run_file.exists():
-        return None
     try:
-        data = json.loads(run_file.read_text())
-    except json.JSONDecodeError:
+        rec = records.RunRecord.load(log_path)
+    except records.RecordError:
         return None
-    if data.get("status") == "completed":
+    if rec.status == "completed":
         logger.info("the run in %s already completed: returning its summary (to train further, start a new "
                     "log_path with init_from_checkpoint='<job>:<checkpoint>')", log_path)
-        return dict(data.get("summary") or {}, already_completed=True)
+        return dict(rec.summary or {}, already_completed=True)
     return None
 
 
