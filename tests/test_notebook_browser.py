@@ -1,7 +1,10 @@
 """The quickstart notebook in a real browser: JupyterLab + headless Chromium (Debian's `chromium`, driven by
 Playwright's Python package) runs `notebooks/01_quickstart.ipynb` from a clean copy (no saved outputs, no saved
-widget state) and the dashboard must render: the checkpoint table widget has data rows and the eval chart
-widget shows an image. A screenshot is kept in `test-artifacts/quickstart.png` (plus one per dashboard tab).
+widget state, plus one added cell showing `wb.compare([run], eval="colors")`) and the dashboard must render: the
+weight-sync panel has an image and one row per sync, the checkpoint table widget has data rows, the eval chart and
+the comparison chart show images. The notebook's last cell runs `run.close(stop_backend=True)`; pressing the
+dashboard's Refresh afterwards must say that the backend is stopped. A screenshot is kept in
+`test-artifacts/quickstart.png` (plus one per dashboard tab).
 
 Skipped only when `/usr/bin/chromium` or the `playwright` package is missing (scripts/install.sh installs both
 where it can). Everything the notebook starts — the kernel, its workbench backend, trainers, deployments — runs
@@ -29,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = "01_quickstart.ipynb"
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
-RUN_TIMEOUT_S = 420  # the notebook trains 30 steps and evaluates 4 times on a shared 2-core CI machine
+RUN_TIMEOUT_S = 480  # the notebook trains 60 steps and evaluates 4 times on a shared 2-core CI machine
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # JupyterLab user settings for the test: every cell stays in the DOM (no windowed rendering), no news or
@@ -51,14 +54,19 @@ def _require_browser():
         pytest.skip("the playwright Python package is missing (pip install playwright); the browser test needs it")
 
 
+COMPARE_CELL = 'wb.compare([run], eval="colors")  # added by the browser test: the comparison chart'
+
+
 def _clean_copy(src: Path, dst: Path) -> None:
     """The notebook without outputs, execution counts or saved widget state, so that everything the browser
-    shows afterwards comes from this run."""
+    shows afterwards comes from this run; a comparison-chart cell is added before the clean-up cell."""
     nb = json.loads(src.read_text())
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             cell["outputs"], cell["execution_count"] = [], None
     nb["metadata"].pop("widgets", None)
+    nb["cells"].insert(len(nb["cells"]) - 1, {"cell_type": "code", "execution_count": None, "id": "wb-compare",
+                                              "metadata": {}, "outputs": [], "source": [COMPARE_CELL]})
     dst.write_text(json.dumps(nb, indent=1))
 
 
@@ -138,7 +146,7 @@ def lab(tmp_path):
             time.sleep(0.2)
         base = f"http://127.0.0.1:{info['port']}{info.get('base_url', '/')}"
         yield dict(url=f"{base}lab/tree/{NOTEBOOK}?token={token}", base=base, token=token, proc=proc,
-                   marker=marker, log=tmp_path / "jupyterlab.log", tmp=tmp)
+                   marker=marker, log=tmp_path / "jupyterlab.log", tmp=tmp, root=root)
     finally:
         _stop_lab(proc)
         log.close()
@@ -234,7 +242,18 @@ def test_quickstart_dashboard_renders_in_jupyterlab(lab, tmp_path):
             out = cell.locator(".jp-OutputArea")
             out.scroll_into_view_if_needed()
             tabs = out.locator(".lm-TabBar-tab")
-            expect(tabs).to_have_count(4, timeout=30_000)
+            expect(tabs).to_have_count(5, timeout=30_000)
+
+            tabs.filter(has_text="weight syncs").click()
+            sync_img = out.locator(".widget-tab-contents img:visible").first
+            expect(sync_img).to_be_visible(timeout=30_000)
+            page.wait_for_function("(el) => el.complete && el.naturalWidth > 100", arg=sync_img.element_handle(),
+                                   timeout=30_000)
+            sync_rows = out.locator(".widget-tab-contents table:visible tr:has(td)")
+            expect(sync_rows.first).to_be_visible(timeout=30_000)
+            sync_text = out.locator(".widget-tab-contents table:visible").first.inner_text()
+            assert sync_rows.count() >= 3 and "base" in sync_text and "delta" in sync_text, sync_text
+            out.screenshot(path=str(ARTIFACTS / "quickstart-dashboard-syncs.png"))
 
             tabs.filter(has_text="checkpoints").click()
             rows = out.locator(".widget-tab-contents table:visible tr:has(td)")
@@ -253,8 +272,21 @@ def test_quickstart_dashboard_renders_in_jupyterlab(lab, tmp_path):
             assert size[0] > 100 and size[1] > 100, size
             out.screenshot(path=str(ARTIFACTS / "quickstart-dashboard-evals.png"))
 
-            # The whole page, with the dashboard (evals tab) scrolled into view.
+            # The comparison chart (the added cell) renders an image with data.
+            compare = page.locator(".jp-CodeCell", has=page.locator(".jp-InputArea", has_text="wb.compare("))
+            cmp_img = compare.locator(".jp-OutputArea img:visible").first
+            expect(cmp_img).to_be_visible(timeout=30_000)
+            page.wait_for_function("(el) => el.complete && el.naturalWidth > 100", arg=cmp_img.element_handle(),
+                                   timeout=30_000)
+            assert "1 runs" in compare.locator(".jp-OutputArea").inner_text()
+
+            # The last cell stopped the backend: Refresh on the dashboard must say so.
             out.scroll_into_view_if_needed()
+            out.locator("button:has-text('Refresh')").first.click()
+            expect(out).to_contain_text("the backend is stopped", timeout=60_000)
+            expect(out).to_contain_text("STOPPED", timeout=10_000)
+
+            # The whole page, with the dashboard scrolled into view.
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
@@ -283,4 +315,4 @@ def test_quickstart_dashboard_renders_in_jupyterlab(lab, tmp_path):
         time.sleep(0.5)
     left = _marked_pids(lab["marker"])
     assert not left, "processes left behind by the notebook:\n" + _describe(left)
-    assert not list(lab["tmp"].glob("wb-quickstart-*")), "the notebook did not remove its temporary directory"
+    assert not (lab["root"] / "tutorial-runs" / "01_quickstart").exists(), "the last cell did not remove its folder"

@@ -111,7 +111,7 @@ def test_eval_chart_and_lineage(trained):
     pts = chart.points
     assert [(p["step"], p["snapshot"]) for p in pts] == [(3, base_snap), (6, delta_snap)]
     assert [p["score"] for p in pts] == [pytest.approx(r.score) for r in trained["results"]]
-    title, image = chart.children
+    title, image, table = chart.children
     assert image.value[:8] == b"\x89PNG\r\n\x1a\n" and "2 points" in title.value
     assert base_snap in chart._repr_mimebundle_()["text/plain"]
 
@@ -197,12 +197,13 @@ def test_stale_deployment_is_explained_before_recording(trained):
 def test_dashboard_combines_everything(trained):
     run = trained["run"]
     dash = run.dashboard("colors")
-    top, tabs = dash.children
-    assert [tabs.get_title(i) for i in range(4)] == ["training", "checkpoints", "evals", "lineage"]
-    assert tabs.children[1] is dash.checkpoints.widget
+    top, status, tabs = dash.children
+    assert [tabs.get_title(i) for i in range(5)] == ["training", "weight syncs", "checkpoints", "evals", "lineage"]
+    assert tabs.children[2] is dash.checkpoints.widget
     bundle = dash._repr_mimebundle_()
     text = bundle["text/plain"]
-    for part in ("Run 'colors'", "Training monitor", "Checkpoints of colors", "Eval scores", "Lineage of colors"):
+    for part in ("Run 'colors'", "Training monitor", "Weight syncs of colors", "Checkpoints of colors", "Eval scores",
+                 "Lineage of colors"):
         assert part in text
     assert bundle["text/html"].count("<img") >= 2
 
@@ -229,3 +230,82 @@ def test_another_run_takes_over_the_deployment(trained, backend, tmp_path):
     assert run.deployment_manager.get(DEP).hot_load_trainer_job == trained["trainer"].job_name
     assert run.deployment(DEP).current_snapshot() == back
     assert run.evaluate(items, wb.exact_match("answer"), name="colors", max_tokens=6).snapshot == back
+
+
+def test_sync_panel_shows_each_sync_from_the_backend(trained):
+    run = trained["run"]
+    base_snap, delta_snap = trained["snapshots"]
+    panel = run.syncs(DEP)
+    df = panel.frame
+    first = df[df["snapshot"].isin([base_snap, delta_snap])]
+    assert list(first["checkpoint_type"]) == ["base", "delta"] and list(first["step"]) == [3, 6]
+    assert list(first["chain_length"]) == [0, 1]
+    assert (first["duration_s"] > 0).all() and (first["delta_bytes"] > 0).all()  # the rows' sizeBytes
+    summary, image, table = panel.children
+    assert image.value[:4] == b"\x89PNG" and f"{DEP} holds" in summary.value
+    assert delta_snap[:20] in table.value
+
+
+def test_eval_digest_changed_prompt_set_is_a_different_eval(trained):
+    run, wb, items = trained["run"], trained["wb"], trained["items"]
+    from workbench.notebook.lineage import scorer_digest
+
+    assert scorer_digest(wb.exact_match("answer")) == scorer_digest(wb.exact_match("answer"))
+    assert scorer_digest(wb.exact_match("answer")) != scorer_digest(wb.exact_match("label"))
+    run.sync("digest-check")
+    same = run.evaluate(items, wb.exact_match("answer"), name="digest", max_tokens=6)
+    again = run.evaluate(items, wb.exact_match("answer"), name="digest", max_tokens=6)
+    fewer = run.evaluate(items[:2], wb.exact_match("answer"), name="digest", max_tokens=6)
+    other_scorer = run.evaluate(items, wb.contains("answer"), name="digest", max_tokens=6)
+    assert same.digest == again.digest
+    assert len({same.digest, fewer.digest, other_scorer.digest}) == 3
+    assert run.store.eval_digests("digest") == [same.digest, fewer.digest, other_scorer.digest]
+    assert "different eval sets" in (other_scorer.note or "")
+    chart = run.evals("digest")
+    assert len(chart.series()) == 3 and "more than one eval set" in chart.text()
+    # the best of "digest" is chosen among the newest eval set only
+    assert run.store.best("digest")["eval_id"] == other_scorer.eval_id
+
+
+def test_aliases_move_with_history(trained, backend):
+    run = trained["run"]
+    base_snap = trained["snapshots"][0]
+    first = run.promote(base_snap, output_model_id="nbw-alias-1", alias="champion")
+    run.promote(base_snap, output_model_id="nbw-alias-2", alias="candidate")
+    aliases = run.aliases()
+    assert aliases.get("champion")["model"] == first["name"]
+    second = run.promote(base_snap, output_model_id="nbw-alias-3", alias="champion")
+    assert aliases.get("champion")["model"] == second["name"]
+    hist = aliases.history("champion")
+    assert list(hist["model"]) == [first["name"], second["name"]]
+    assert set(aliases.current()) == {"champion", "candidate"}
+    with pytest.raises(ValueError, match="not valid"):
+        run.promote(base_snap, output_model_id="nbw-alias-4", alias="Bad Alias")
+    assert backend.get("/v1/accounts/workbench/models/nbw-alias-4").status_code == 404
+
+
+def test_fork_starts_from_the_checkpoints_weights(trained, backend):
+    """Last in the module: it loads train state into the parent to read the checkpoint's weights."""
+    import workbench as wb
+
+    run, data, state = trained["run"], trained["data"], trained["state"]
+    child = run.fork("colors-fork", from_checkpoint=state)
+    assert child.record.parent.checkpoint == state and child.record.parent.run == str(run.path.resolve())
+    assert child.step == 6 and child.job_id != run.job_id
+    assert child.record.trainer.init_checkpoint == state
+    fork_loss = child.trainer().client.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    run.load_state(state)
+    parent_loss = trained["client"].forward(data, "cross_entropy").result().metrics["loss:sum"]
+    assert fork_loss == parent_loss  # the fork's first weights are the checkpoint's, bit for bit
+    # opening the fork again gives the same fork (nothing created twice)
+    again = run.fork("colors-fork", from_checkpoint=state)
+    assert again.job_id == child.job_id
+    tree = wb.runs(run.path.parent)
+    order = [(d, r["run"]) for d, r in tree.tree()]
+    assert (0, "colors") in order and (1, "colors-fork") in order
+    assert order.index((1, "colors-fork")) > order.index((0, "colors"))
+    assert "└─ colors-fork" in tree.text()
+    chart = wb.compare([run, child], eval="colors")
+    assert chart.points > 0 and "colors-fork" in chart.excluded
+    child.trainer_manager.delete(child.job_id)
+    child.close()

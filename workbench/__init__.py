@@ -7,7 +7,10 @@
     client = trainer.client               # the official FiretitanTrainingClient (plus TTL on saves)
     ...
     run.sync("step-00020"); run.evaluate(prompts, wb.exact_match("answer"), name="colors")
-    run.checkpoints(); run.evals(); run.lineage("colors"); run.dashboard()
+    run.checkpoints(); run.evals(); run.lineage("colors"); run.syncs(); run.dashboard()
+    child = run.fork("colors-lr-low", from_checkpoint="state-00020")    # a new run from a train state
+    wb.runs("runs"); wb.compare([run, child], eval="colors")          # ancestry tree, curves by data seen
+    run.promote(best, output_model_id="colors-v2", alias="champion"); wb.aliases("runs")
 
 Importing `workbench` is light (no torch, no SDK, no widgets): everything below is loaded on first use.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = ["open", "Run", "LineageStore", "StaleDeploymentError", "PromotionError", "exact_match", "contains",
-           "stop_backend"]
+           "stop_backend", "runs", "compare", "aliases"]
 
 
 def open(run_dir, base_url: str | None = None, api_key: str | None = None, home=None, tokenizer=None):  # noqa: A001
@@ -31,6 +34,28 @@ def open(run_dir, base_url: str | None = None, api_key: str | None = None, home=
     from workbench.notebook.run import open_run
 
     return open_run(run_dir, base_url=base_url, api_key=api_key, home=home, tokenizer=tokenizer)
+
+
+def runs(folder="runs", eval: str | None = None, higher_is_better: bool = True):  # noqa: A002
+    """The runs in `folder` as an ancestry tree (forks under their parents) with their best scores and aliases."""
+    from workbench.notebook.compare import RunTree
+
+    return RunTree(folder, eval=eval, higher_is_better=higher_is_better)
+
+
+def compare(runs, eval: str, digest: str | None = None):  # noqa: A002
+    """Several runs' eval curves on one chart by data seen (runs: Run objects or run directories); only runs
+    evaluated on the same eval set (content digest) are drawn, the others are named and left out."""
+    from workbench.notebook.compare import ComparisonChart
+
+    return ComparisonChart(runs, eval=eval, digest=digest)
+
+
+def aliases(folder="runs"):
+    """The aliases (`champion`, `candidate`, ...) of promoted models in `folder`: `.current()`, `.history()`."""
+    from workbench.notebook.lineage import AliasStore
+
+    return AliasStore(folder)
 
 
 def exact_match(key: str = "answer", normalize: bool = True):

@@ -2,9 +2,10 @@
 
 It starts (or attaches to) the local backend, requests a trainer and a deployment in parallel, trains
 the tiny model to answer a few questions with `forward_backward` + `optim_step`, syncs weights to the
-deployment with `WeightSyncer` (a base snapshot, then XOR deltas), samples through the deployment to
+deployment with `WeightSyncer` (a base snapshot, then deltas), samples through the deployment to
 score each synced step, and promotes the final snapshot to a model. Everything goes through the
-official Fireworks SDK; only the URL, the key and the model names are local.
+official Fireworks SDK; only the URL, the key and the model names are local. At the end it says what it
+leaves running (the backend, the trainer job, the deployment) and how to remove it, and where the tutorials are.
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def run_demo(home=None, steps: int = 30, sync_every: int = 10) -> dict:
     print(f"{len(rows) + 1} checkpoints; promoted {row['name'].split('/')[-1]} -> {model['name']} "
           f"({model.get('localPath')})")
     print(f"done in {time.time() - t0:.1f}s")
-    print(f"the backend keeps running at {backend.base_url} (`workbench status` shows it, `workbench stop` stops it)")
     service.close()
+    home = f" --home {backend.home}" if backend.home else ""
+    print(f"\nleft running: the backend at {backend.base_url}, trainer job {created.job_id} and deployment "
+          f"{deployment_id} (one process each, a few hundred MB of memory).\n"
+          f"  workbench ls{home}          lists them\n"
+          f"  workbench rm --all{home}    deletes the trainer jobs and deployments\n"
+          f"  workbench stop{home}        stops the backend and everything it runs")
+    print("next: the tutorials in notebooks/ (start with notebooks/01_quickstart.ipynb in Jupyter)")
     return {"history": history, "model": model, "job_id": created.job_id, "deployment_id": deployment_id}

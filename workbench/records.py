@@ -4,7 +4,7 @@
     rec = RunRecord.load(run_dir)              # an empty record if run.json does not exist yet
     rec.trainers["policy"] = "sft-1a2b3c4d"    # a recipe's trainer roles
     rec.trainer = TrainerRecord(job_id=..., base_model=..., lora_rank=0)   # the notebook's trainer
-    rec.save(run_dir)                          # atomic (temp file + os.replace)
+    rec.save(run_dir)                          # atomic (workbench.common.write_json_atomic)
 
     cursors = DataloaderRecord.load(log_path)  # {checkpoint name: data consumed}, newest last
     cursors.put("step-40", 320); cursors.save(log_path)
@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from workbench.common import atomic_write_text, write_json_atomic
+
 RUN_FILE = "run.json"
 DATALOADER_FILE = "dataloader.json"
 RUN_FORMAT = 1
@@ -35,13 +37,10 @@ class RecordError(ValueError):
     """A record file that cannot be read (invalid JSON, a newer format); the message names the file."""
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and `os.replace`: a killed writer leaves the old file or the new one."""
-    path = Path(path)
+def _write(path: Path, data: Any) -> None:
+    """Atomic JSON (workbench.common); values JSON cannot hold (a recipe summary's paths) are written as text."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, json.loads(json.dumps(data, default=str)))
 
 
 def _read_json(path: Path) -> Any:
@@ -231,12 +230,12 @@ class RunRecord:
         other writer's), so a notebook and a recipe sharing a directory never drop each other's fields."""
         path = self.path_in(run_dir)
         if only is None:
-            write_json_atomic(path, self.to_dict())
+            _write(path, self.to_dict())
             return
         current = RunRecord.load(run_dir) if path.exists() else RunRecord()
         for name in only:
             setattr(current, name, getattr(self, name))
-        write_json_atomic(path, current.to_dict())
+        _write(path, current.to_dict())
 
     def update(self, run_dir: str | os.PathLike, **values) -> None:
         """Set fields and save just those (the recipes' way: one field group per event)."""
@@ -293,10 +292,8 @@ class DataloaderRecord:
     def save(self, log_path: str | os.PathLike) -> None:
         path = self.path_in(log_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.cursors, indent=2) + "\n")  # insertion order is age: not sorted
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.cursors, indent=2) + "\n")  # insertion order is age: not sorted
 
 
 __all__ = ["RunRecord", "TrainerRecord", "DeploymentRecord", "BackendRecord", "ParentRecord", "DataloaderRecord",
-           "RecordError", "write_json_atomic", "RUN_FILE", "DATALOADER_FILE"]
+           "RecordError", "RUN_FILE", "DATALOADER_FILE"]

@@ -122,6 +122,8 @@ class RunContext:
     """Last step and data consumed."""
     closed: bool = False
     """Set by `run.close()`: every action then refuses with a clear message."""
+    backend_stopped: bool = False
+    """Set by `run.close(stop_backend=True)`: the views say the backend is stopped."""
     listeners: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)
     """Widgets following the run (`on_run_event(kind, data)`)."""
     tokenizer_override: Any = None

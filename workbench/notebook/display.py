@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .common import _short_state
@@ -19,7 +20,15 @@ if TYPE_CHECKING:
 
 
 def _run_summary(run: Run) -> dict:
-    st = run.status() if not run._closed else {"trainer": None, "deployments": {}, "base_url": run.backend.base_url}
+    if run.closed:  # nothing is queried for a closed run: say what it recorded, and that it is closed
+        stopped = run.ctx.backend_stopped
+        gone = "stopped with the backend" if stopped else "not queried: the run is closed"
+        st = {"base_url": run.backend.base_url, "backend": "stopped" if stopped else "closed",
+              "trainer": {"job_id": run.job_id, "state": gone} if run.job_id else None,
+              "deployments": {d: {"state": gone, "holds": None, "expected": None, "closed": True}
+                              for d in run.deployment_ids}}
+    else:
+        st = run.status()
     ev = run.store.evaluations()
     n_ck = len(run.store.checkpoints())
     last_eval = None if ev.empty else ev.iloc[-1].to_dict()
@@ -29,15 +38,24 @@ def _run_summary(run: Run) -> dict:
 def _run_text(run: Run) -> str:
     s = _run_summary(run)
     st = s["status"]
-    lines = [f"Run {run.name!r} at {run.path}", f"  backend     {st['base_url']}"]
+    backend = {"stopped": " (STOPPED: wb.open(run_dir) starts it again)",
+               "closed": " (this run is closed: wb.open(run_dir) opens it again)",
+               "unreachable": " (not answering)"}.get(st.get("backend", "running"), "")
+    lines = [f"Run {run.name!r} at {run.path}", f"  backend     {st['base_url']}{backend}"]
     tr = st.get("trainer")
     lines.append(f"  trainer     {tr['job_id']} {_short_state(tr['state'])}" if tr else "  trainer     (none yet)")
     for dep, info in st["deployments"].items():
+        if info.get("closed") or st.get("backend") in ("stopped", "unreachable"):
+            lines.append(f"  deployment  {dep} {info['state']}")
+            continue
         holds = info["holds"] or "base model"
         flag = "" if info["holds"] == info["expected"] else f"  (STALE: this run expects {info['expected']})"
         lines.append(f"  deployment  {dep} {info['state']} holds {holds}{flag}")
     if not st["deployments"]:
         lines.append("  deployment  (none yet)")
+    if run.record.parent:
+        p = run.record.parent
+        lines.append(f"  forked from {Path(p.run).name} at {p.checkpoint} (step {p.step})")
     lines.append(f"  last step   {run.step}")
     lines.append(f"  checkpoints {s['n_checkpoints']} recorded")
     if s["last_eval"]:

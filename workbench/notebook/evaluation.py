@@ -6,7 +6,7 @@
 `Evaluation.evaluate` (the `Run`'s collaborator; it receives the `RunContext` and the `Provisioning`) compares the snapshot the deployment reports holding with the one this run last
 hot-loaded into it, before sampling and again after; a mismatch is explained in plain words
 (`_stale_text`) and nothing is recorded unless you accept it (`on_stale="warn"` / `"accept"`). Sampling uses
-the official `DeploymentSampler` on a private event loop in a helper thread (`_run_async`), so it works
+the official `DeploymentSampler` on a private event loop in a helper thread (`workbench.common.run_async`), so it works
 inside a Jupyter kernel and Ctrl-C cancels it.
 
 Every evaluation records the content digest of its eval set (`eval_digest`: the prompts, the sampling
@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from workbench.common import run_async
 
 from .common import RunContext, StaleDeploymentError
 from .lineage import eval_digest, prompt_set_hash, scorer_digest
@@ -127,7 +128,7 @@ class Evaluation:
         phash = prompt_set_hash([_jsonable(x) for x in items], params)
         digest = eval_digest(phash, scorer_digest(scorer))
         sampler = d.sampler(tokenizer=tok)
-        completions = _run_async(lambda: _sample_all(sampler, messages, n, max_tokens, temperature, concurrency))
+        completions = run_async(lambda: _sample_all(sampler, messages, n, max_tokens, temperature, concurrency))
         after = d.current_snapshot()
         if after != held:
             raise StaleDeploymentError(
@@ -236,38 +237,3 @@ async def _sample_all(sampler, messages, n, max_tokens, temperature, concurrency
         client = getattr(sampler, "_async_client", None)
         if client is not None and not client.is_closed:
             await client.aclose()
-
-
-def _run_async(make_coro):
-    """Run a coroutine to completion from sync code, also inside a Jupyter kernel (whose loop is running):
-    on a private event loop in a helper thread; Ctrl-C cancels it."""
-    box: dict[str, Any] = {}
-    loop = asyncio.new_event_loop()
-
-    def target():
-        asyncio.set_event_loop(loop)
-        try:
-            box["task"] = loop.create_task(make_coro())
-            box["value"] = loop.run_until_complete(box["task"])
-        except BaseException as e:  # noqa: BLE001
-            box["error"] = e
-        finally:
-            try:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
-
-    t = threading.Thread(target=target, name="workbench-sampling", daemon=True)
-    t.start()
-    try:
-        while t.is_alive():
-            t.join(0.1)
-    except KeyboardInterrupt:
-        task = box.get("task")
-        if task is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(task.cancel)
-        t.join(5)
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["value"]

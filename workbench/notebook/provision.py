@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from workbench.common import default_training_shape
 from workbench.records import DeploymentRecord, TrainerRecord
 
 from .common import POLL_S, RunContext, _now_iso, _short_state, _slug
@@ -215,7 +216,7 @@ class Provisioning:
             if wait:
                 t.wait()
             return t
-        shape = training_shape or self._default_shape(base_model, lora_rank)
+        shape = training_shape or default_training_shape(base_model, lora_rank)
         mgr = ctx.clients.trainers
         created = False
         job = None
@@ -280,14 +281,6 @@ class Provisioning:
         return (f"this run's trainer job {job_id} trains {old_model} with lora_rank={old_rank}, not {model} with "
                 f"lora_rank={rank}. A run has one trainer: open a new run directory for a different model or "
                 f"rank (wb.open('runs/<new-name>')), or call run.trainer() with the recorded settings.")
-
-    @staticmethod
-    def _default_shape(base_model: str, lora_rank: int) -> str | None:
-        prefix = "accounts/workbench/models/"
-        if base_model.startswith(prefix):
-            name = base_model[len(prefix):]
-            return f"accounts/workbench/trainingShapes/{name}{'-lora' if lora_rank else ''}-cpu"
-        return None
 
     def _trainer_waiter(self, t: Trainer, job: dict | None) -> Callable:
         def wait(cancel: threading.Event, status: dict, key: str):

@@ -470,8 +470,12 @@ class Run:
         """Close the run's clients (the trainer job and deployments keep running). `stop_backend=True` also
         stops the local backend (and every trainer and deployment process it runs). Open widgets say so."""
         if self.ctx.closed:
-            if stop_backend:
-                stop_local_backend(self.backend)
+            if stop_backend and not self.ctx.backend_stopped:
+                from workbench.quiet import expect_backend_gone
+
+                expect_backend_gone(self.backend.base_url)
+                self.ctx.backend_stopped = stop_local_backend(self.backend)
+                self.ctx.notify("closed", {"backend_stopped": self.ctx.backend_stopped})
             return
         self.store.flush()
         t = self.provisioning.trainer_handle
@@ -488,9 +492,9 @@ class Run:
             from workbench.quiet import expect_backend_gone
 
             expect_backend_gone(self.backend.base_url)
-            stop_local_backend(self.backend)
-        self.ctx.notify("closed", {"backend_stopped": bool(stop_backend)})
-        self.store.close()
+            self.ctx.backend_stopped = stop_local_backend(self.backend)
+        self.store.flush()  # the store stays readable: the views of a closed run still show its history
+        self.ctx.notify("closed", {"backend_stopped": self.ctx.backend_stopped})
 
     def __repr__(self) -> str:
         return _run_text(self)

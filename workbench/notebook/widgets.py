@@ -42,8 +42,23 @@ def render_png(fig) -> bytes:
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    # "tight" grows the canvas to every label, legend and annotation: nothing is clipped at the edges
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", pad_inches=0.12)
     return buf.getvalue()
+
+
+def _show_image(image: W.Image, png: bytes | None) -> None:
+    """Set an image widget's PNG, hiding it while there is none (an empty Image shows a broken-image icon)."""
+    image.value = png or b""
+    image.layout.display = None if png else "none"
+
+
+SCORE_DIGITS = 3
+"""Scores are shown with this many decimals everywhere: charts, tables, summaries (0.125, never 0.12)."""
+
+
+def _score(v) -> str:
+    return _fmt(v, SCORE_DIGITS)
 
 
 def _figure(w: float = 6.4, h: float = 3.0):
@@ -81,6 +96,35 @@ def _size(n) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _secs(v) -> str:
+    v = _none(v)
+    return "-" if v is None else (f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s")
+
+
+def _pct(v) -> str:
+    v = _none(v)
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def sync_text(s: dict) -> str:
+    """One sync in words: wall time, the deployment's load time and sampler pause, bytes, changed fraction,
+    chain length. What the backend did not report is left out."""
+    parts = []
+    if _none(s.get("duration_s")) is not None:
+        inner = [f"load {_secs(s['load_s'])}" if _none(s.get("load_s")) is not None else None,
+                 f"sampler paused {_secs(s['pause_s'])}" if _none(s.get("pause_s")) is not None else None]
+        inner = [x for x in inner if x]
+        parts.append(f"sync {_secs(s['duration_s'])}" + (f" ({', '.join(inner)})" if inner else ""))
+    if _none(s.get("bytes")):
+        parts.append(f"{_size(s['bytes'])} {s.get('type') or ''}".strip())
+    if _none(s.get("changed_fraction")) is not None:
+        parts.append(f"{_pct(s['changed_fraction'])} of weights changed")
+    if _none(s.get("chain_length")) is not None:
+        n = int(s["chain_length"])
+        parts.append("a base (chain restarts)" if n == 0 else f"delta {n} of the chain since the last base")
+    return " · ".join(parts) or "no sync details reported"
 
 
 def _none(v):
@@ -180,6 +224,11 @@ class CheckpointTable(_View):
         self.refresh()
 
     def refresh(self) -> "CheckpointTable":
+        if self.run.closed:  # the rows come from the control plane: a closed run asks nothing
+            self.table.value = ("<i>the run is closed: its checkpoint rows are not queried (wb.open(run_dir) "
+                                "opens it again)</i>")
+            self.button.disabled = True
+            return self
         self.rows = self.run.checkpoint_rows()
         self.table.value = self.html_table()
         prom = [r["checkpoint_id"] for r in self.rows if r["promotable"]]
@@ -249,8 +298,9 @@ class EvalChart(_View):
         self.run, self.name = run, name
         self.title = W.HTML()
         self.image = W.Image(format="png")
+        self.table = W.HTML()
         self.png: bytes | None = None
-        self.widget = W.VBox([self.title, self.image])
+        self.widget = W.VBox([self.title, self.image, self.table])
         self.refresh()
 
     @property
@@ -259,67 +309,105 @@ class EvalChart(_View):
 
     @property
     def points(self) -> list[dict]:
-        """[{eval, step, score, snapshot, checkpoint_type}] in recording order."""
+        """[{n, eval, set, step, score, snapshot, checkpoint_type}] in recording order; `n` numbers the points
+        (the chart's labels), `set` tells apart eval sets recorded under one name (1, 2, ...)."""
         df = self.frame
-        return [{"eval": r["eval"], "step": None if r["step"] is None else int(r["step"]),
-                 "score": float(r["score"]), "snapshot": r["snapshot"], "checkpoint_type": r["checkpoint_type"]}
-                for r in _records(df)]
+        sets: dict[tuple, int] = {}
+        out = []
+        for i, r in enumerate(_records(df), 1):
+            key = (r["eval"], r.get("eval_digest"))
+            sets.setdefault(key, sum(1 for k in sets if k[0] == r["eval"]) + 1)
+            out.append({"n": i, "eval": r["eval"], "set": sets[key], "digest": r.get("eval_digest"),
+                        "step": None if r["step"] is None else int(r["step"]), "score": float(r["score"]),
+                        "snapshot": r["snapshot"], "checkpoint_type": r["checkpoint_type"]})
+        return out
+
+    def series(self, pts: list[dict] | None = None) -> dict[str, list[dict]]:
+        """Points by series: one per eval name and eval set (a changed prompt set or scorer is a new series,
+        never joined to the old one)."""
+        pts = self.points if pts is None else pts
+        multi = {p["eval"] for p in pts if p["set"] > 1}
+        out: dict[str, list[dict]] = {}
+        for p in pts:
+            label = f"{p['eval']} (set {p['set']})" if p["eval"] in multi else p["eval"]
+            out.setdefault(label, []).append(p)
+        return out
 
     def refresh(self) -> "EvalChart":
         pts = self.points
         what = self.name or "all evals"
-        self.title.value = f"<b>Eval scores</b> ({html.escape(what)}, {len(pts)} points)"
+        n_sets = len(self.series(pts))
+        sets = f", {n_sets} series" if n_sets > 1 else ""
+        self.title.value = f"<b>Eval scores</b> ({html.escape(what)}, {len(pts)} points{sets})"
         self.png = self._draw(pts) if pts else None
-        self.image.value = self.png or b""
+        _show_image(self.image, self.png)
+        note = self._note(pts)
+        self.table.value = ((f"<div style='color:#9a6700'>{html.escape(note)}</div>" if note else "")
+                            + (_html_table(["#", "eval", "step", "score", "snapshot"], self._rows(pts)) if pts
+                               else "<i>no evaluations recorded yet (run.evaluate(...) records them)</i>"))
         return self
 
     def _draw(self, pts: list[dict]) -> bytes:
+        """One line per series; each point carries its number (the table below names its snapshot), and
+        points at the same step are spread sideways so that every point is visible."""
         fig = _figure(6.4, 3.2)
         ax = fig.add_subplot(111)
-        names = sorted({p["eval"] for p in pts})
-        steps = [p["step"] for p in pts if p["step"] is not None]
-        lo, hi = (min(steps), max(steps)) if steps else (0, 0)
-        labelled: set[tuple] = set()
-        for name in names:
-            mine = [p for p in pts if p["eval"] == name and p["step"] is not None]
+        steps = sorted({p["step"] for p in pts if p["step"] is not None})
+        gap = min((b - a for a, b in zip(steps, steps[1:])), default=1) or 1
+        at_step: dict[int, int] = {}
+        for p in pts:
+            if p["step"] is not None:
+                at_step[p["step"]] = at_step.get(p["step"], 0) + 1
+        placed: dict[int, int] = {}
+        for label, mine in self.series(pts).items():
+            mine = [p for p in mine if p["step"] is not None]
             if not mine:
                 continue
-            ax.plot([p["step"] for p in mine], [p["score"] for p in mine], marker="o", label=name)
-            for i, p in enumerate(mine):
-                label = _short(p["snapshot"], 22)
-                if (p["step"], p["score"], label) in labelled:
-                    continue  # the same snapshot scored the same by another eval: one label is enough
-                labelled.add((p["step"], p["score"], label))
-                # alternate above/below so neighbours do not overlap; anchor the outermost labels inwards so
-                # they stay inside the figure; the y margin keeps them clear of the title and the x axis
-                ha = "left" if p["step"] == lo and lo != hi else "right" if p["step"] == hi and lo != hi else "center"
-                ax.annotate(label, (p["step"], p["score"]), textcoords="offset points",
-                            xytext=(0, 7) if i % 2 == 0 else (0, -11), ha=ha,
-                            va="bottom" if i % 2 == 0 else "top", fontsize=6, color="#444",
-                            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
-        ax.margins(x=0.06, y=0.28)
+            xs = []
+            for p in mine:
+                k, total = placed.get(p["step"], 0), at_step[p["step"]]
+                placed[p["step"]] = k + 1
+                xs.append(p["step"] + (k - (total - 1) / 2) * gap * 0.12)
+            line = ax.plot(xs, [p["score"] for p in mine], marker="o", label=label)[0]
+            for x, p in zip(xs, mine):
+                ax.annotate(f"{p['n']}: {_score(p['score'])}", (x, p["score"]), textcoords="offset points",
+                            xytext=(0, 6), ha="center", va="bottom", fontsize=6, color=line.get_color())
+        ax.margins(x=0.08, y=0.25)
         ax.set_xlabel("training step (of the snapshot evaluated)")
         ax.set_ylabel("score")
-        ax.set_title(f"{self.run.name}: eval score by snapshot", fontsize=10)
+        ax.set_title(f"{self.run.name}: eval score by snapshot (numbers: rows of the table)", fontsize=9)
         ax.grid(alpha=0.3)
-        if len(names) > 1:
-            ax.legend(fontsize=8)
+        if len(self.series(pts)) > 1:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return render_png(fig)
+
+    def _rows(self, pts):
+        return [[p["n"], p["eval"] + (f" (set {p['set']})" if p["set"] > 1 else ""), p["step"], _score(p["score"]),
+                 p["snapshot"] or "base model"] for p in pts]
+
+    def _note(self, pts) -> str:
+        multi = sorted({p["eval"] for p in pts if p["set"] > 1})
+        if not multi:
+            return ""
+        return (f"{', '.join(multi)}: recorded on more than one eval set (prompts, sampling or scorer changed); "
+                "each set is its own series and scores are compared only within a set.")
 
     def text(self) -> str:
         pts = self.points
         if not pts:
             return "Eval scores: none recorded yet (run.evaluate(...) records them)"
-        rows = [[p["eval"], p["step"], p["score"], p["snapshot"] or "base model"] for p in pts]
-        return "Eval scores by snapshot\n" + _text_table(["eval", "step", "score", "snapshot"], rows)
+        note = self._note(pts)
+        return ("Eval scores by snapshot\n" + _text_table(["#", "eval", "step", "score", "snapshot"], self._rows(pts))
+                + (f"\nnote: {note}" if note else ""))
 
     def html(self) -> str:
         pts = self.points
         if not pts:
             return "<i>no evaluations recorded yet</i>"
-        rows = [[p["eval"], p["step"], p["score"], p["snapshot"] or "base model"] for p in pts]
+        note = self._note(pts)
         return (f"<div><b>Eval scores</b> by snapshot</div>{_img_html(self.png)}"
-                + _html_table(["eval", "step", "score", "snapshot"], rows))
+                + (f"<div style='color:#9a6700'>{html.escape(note)}</div>" if note else "")
+                + _html_table(["#", "eval", "step", "score", "snapshot"], self._rows(pts)))
 
 
 # ---- lineage -------------------------------------------------------------------------------------
@@ -366,17 +454,37 @@ class LineageView(_View):
                 f"at step {_fmt(b['step'])}{data}, served by deployment {b['deployment_id']}")
         if b["snapshot"] is not None:
             if b.get("promotable"):
-                text += "; it is promotable (run.promote(...))"
+                text += f"; it is promotable: run.promote('{b['checkpoint_id']}', output_model_id=...)"
             elif b.get("promotable") is False:
-                text += "; it is a delta, not promotable - promote a base snapshot of the same step instead"
+                text += "; it is a delta, not promotable - " + self._promotable_advice(b)
         return text
+
+    def _promotable_advice(self, b: dict) -> str:
+        """Name a promotable snapshot that exists (the same step if there is one, else the nearest earlier),
+        or say how to make one."""
+        rows = [r for r in _records(self.run.store.checkpoints()) if r.get("promotable") == 1]
+        same = [r for r in rows if r.get("step") == b.get("step")]
+        earlier = [r for r in rows if r.get("step") is not None and b.get("step") is not None
+                   and r["step"] < b["step"]]
+        if same:
+            return f"{same[-1]['checkpoint_id']} holds the same weights (step {b['step']}) and is promotable"
+        if b.get("step") is not None and b["step"] == self.run.step:
+            return (f"the trainer is still at step {b['step']}: run.sync('final', checkpoint_type='base') saves "
+                    "these weights as a promotable snapshot")
+        if earlier:
+            r = max(earlier, key=lambda r: r["step"])
+            return (f"the nearest promotable snapshot is {r['checkpoint_id']} (step {r['step']}); to keep the "
+                    f"weights of step {b['step']}, load a train state of that step and "
+                    "run.sync(name, checkpoint_type='base')")
+        return ("no promotable snapshot exists yet; run.sync(name, checkpoint_type='base') saves the current "
+                "weights as one")
 
     def refresh(self) -> "LineageView":
         df = self.frame
         self.summary.value = f"<b>Lineage</b>: {html.escape(self.best_text())}"
         self.table.value = _html_table(self.COLUMNS, self._rows(df)) if len(df) else "<i>no evaluations yet</i>"
         self.png = self._draw(df) if len(df) else None
-        self.image.value = self.png or b""
+        _show_image(self.image, self.png)
         return self
 
     def _rows(self, df) -> list[list]:
@@ -385,7 +493,7 @@ class LineageView(_View):
         return [[_int(r["step"]), _int(r["data_consumed"]), r["checkpoint"],
                  _short_type(r["checkpoint_type"]) if r["checkpoint_type"] else "-",
                  {1: "yes", 0: "no"}.get(r["promotable"], "-"),
-                 r["deployment"], r["eval"], r["score"], r["samples"]] for r in _records(df)]
+                 r["deployment"], r["eval"], _score(r["score"]), r["samples"]] for r in _records(df)]
 
     def _draw(self, df) -> bytes:
         """Lanes over training steps: loss, checkpoints (base/delta), hot-loads, eval scores, joined per eval."""
@@ -417,7 +525,7 @@ class LineageView(_View):
                     lw=1.5 if is_best else 0.8, alpha=0.8)
             ax.plot([step], [lanes["deployment"]], marker="D", color="#8250df", ms=5)
             ax.plot([step], [lanes["eval"]], marker="*", color=color, ms=10 if is_best else 7)
-            ax.annotate(f"{_fmt(r['score'], 2)}", (step, lanes["eval"]), textcoords="offset points", xytext=(0, 7),
+            ax.annotate(_score(r["score"]), (step, lanes["eval"]), textcoords="offset points", xytext=(0, 7),
                         ha="center", fontsize=7, color=color)
         ax.set_yticks(list(lanes.values()))
         ax.set_yticklabels(["eval score", "deployment\n(hot-load)", "checkpoint\n(■ base ● delta ▲ state)",
@@ -462,7 +570,9 @@ class TrainingMonitor(_View):
         self.run, self.metric, self.total = run, metric, total
         self.redraw_s, self.max_draw_fraction = redraw_s, max_draw_fraction
         self.header = W.HTML()
-        self.progress = W.IntProgress(min=0, max=max(total or 1, 1), value=0, layout=W.Layout(width="60%"))
+        # no total, no bar: an empty grey bar would say "0% done" about a loop that is not running
+        self.progress = W.IntProgress(min=0, max=max(total or 1, 1), value=0,
+                                      layout=W.Layout(width="60%", display=None if total else "none"))
         self.image = W.Image(format="png")
         self.footer = W.HTML()
         self.widget = W.VBox([self.header, self.progress, self.image, self.footer])
@@ -479,7 +589,7 @@ class TrainingMonitor(_View):
         self.last_sync: dict | None = None
         self.last_eval: dict | None = None
         self.message = ""
-        run._listeners.add(self)
+        run._listeners.add(self)  # until its loop ends (steps() detaches it)
         self._load_last_events()
         self.refresh()
 
@@ -493,8 +603,12 @@ class TrainingMonitor(_View):
             last = self.run.store.last_hotload(dep)
             if last:
                 ck = self.run.store.checkpoint(last["snapshot"]) or {}
-                self.last_sync = {"snapshot": last["snapshot"], "deployment": dep, "step": ck.get("step"),
-                                  "type": last["checkpoint_type"]}
+                self.last_sync = {"snapshot": last["snapshot"], "deployment": dep,
+                                  "step": last.get("step") if last.get("step") is not None else ck.get("step"),
+                                  "type": last["checkpoint_type"], "duration_s": last.get("duration_s"),
+                                  "load_s": last.get("load_s"), "pause_s": last.get("pause_s"),
+                                  "bytes": last.get("delta_bytes"), "changed_fraction": last.get("changed_fraction"),
+                                  "chain_length": last.get("chain_length")}
 
     # -- the loop --
     def steps(self, total: int | None = None, start: int | None = None):
@@ -503,7 +617,10 @@ class TrainingMonitor(_View):
         if total is None:
             raise ValueError("steps(total) needs the number of the last step")
         self.total = total
+        self.run._check_open()
+        self.run._listeners.add(self)
         start = (self.run.step + 1) if start is None else start
+        self.progress.layout.display = None
         self.progress.max = max(total, 1)
         self.progress.value = max(0, min(start - 1, total))
         self._t0, self._first_step, self._loop_steps = time.monotonic(), start, 0
@@ -532,6 +649,8 @@ class TrainingMonitor(_View):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+            # the loop is over: this display keeps showing what happened in it, not later cells' syncs
+            self.run._listeners.discard(self)
             self.run.store.flush()
             self.refresh()
             self.update_displays()
@@ -558,6 +677,11 @@ class TrainingMonitor(_View):
         elif kind == "eval":
             self.last_eval = data
             self._update_text(force=True)
+        elif kind == "closed":
+            self.message = ("run closed; the backend was stopped" if data.get("backend_stopped")
+                            else "run closed (wb.open(run_dir) opens it again)")
+            self._update_text(force=True)
+            self.update_displays()
 
     # -- drawing --
     def _maybe_redraw(self) -> None:
@@ -583,7 +707,7 @@ class TrainingMonitor(_View):
             ax.set_title(f"{self.run.name}: {self.metric} (purple: weight syncs)", fontsize=9)
             ax.grid(alpha=0.3)
             self.png = render_png(fig)
-            self.image.value = self.png
+        _show_image(self.image, self.png)
         self.draws += 1
         self.draw_time += time.perf_counter() - t
         self._last_draw = time.monotonic()
@@ -606,6 +730,12 @@ class TrainingMonitor(_View):
         self.header.value = self._header_html()
         self.footer.value = self._footer_html()
 
+    def _lag_text(self, s: dict) -> str:
+        step = s.get("step")
+        if step is None or self.run.step is None or self.run.step <= step:
+            return ""
+        return f", {self.run.step - step} steps behind the trainer"
+
     def _status_parts(self) -> dict:
         steps, values = self.run.store.metric_series(self.metric, self.run.job_id)
         last = values[-1] if values else None
@@ -625,7 +755,8 @@ class TrainingMonitor(_View):
         if self.last_sync:
             s = self.last_sync
             parts.append(f"deployment <code>{html.escape(str(s['deployment']))}</code> holds "
-                         f"<code>{html.escape(str(s['snapshot']))}</code> (step {s.get('step')}, {s.get('type')})")
+                         f"<code>{html.escape(str(s['snapshot']))}</code> (step {s.get('step')}, {s.get('type')}"
+                         f"{self._lag_text(s)}) · {html.escape(sync_text(s))}")
         if self.last_eval:
             e = self.last_eval
             parts.append(f"last eval {html.escape(str(e['name']))} = <b>{e['score']:.3f}</b> on "
@@ -643,7 +774,8 @@ class TrainingMonitor(_View):
             lines.append(f"  {self.message}")
         if self.last_sync:
             s = self.last_sync
-            lines.append(f"  deployment {s['deployment']} holds {s['snapshot']} (step {s.get('step')}, {s.get('type')})")
+            lines.append(f"  deployment {s['deployment']} holds {s['snapshot']} (step {s.get('step')}, {s.get('type')}"
+                         f"{self._lag_text(s)}); {sync_text(s)}")
         if self.last_eval:
             e = self.last_eval
             lines.append(f"  last eval {e['name']} = {e['score']:.3f} on {_short(e['snapshot'], 40)} (step {e.get('step')})")
@@ -653,44 +785,187 @@ class TrainingMonitor(_View):
         return f"<div>{self._header_html()}</div>{_img_html(self.png)}<div>{self._footer_html()}</div>"
 
 
+# ---- weight syncs ----------------------------------------------------------------------------------
+class SyncPanel(_View):
+    """The train-to-serve loop, one row per weight sync: when, which step, base or delta, the sync's wall
+    time, the deployment's load time and sampler pause, bytes, fraction of weights changed, the chain length
+    since the last base; above it, what the deployment holds now and how many steps it lags the trainer.
+
+    The numbers come from the backend: the hot-load status the deployment reports and the snapshot's
+    checkpoint row (see `sync.sync_detail`); a "-" is a number this backend does not report."""
+
+    COLUMNS = ["step", "snapshot", "type", "sync", "load", "sampler pause", "bytes", "changed", "chain"]
+
+    def __init__(self, run: "Run", deployment: str | None = None):
+        self.run, self.deployment = run, deployment
+        self.summary = W.HTML()
+        self.image = W.Image(format="png")
+        self.table = W.HTML()
+        self.png: bytes | None = None
+        self.widget = W.VBox([self.summary, self.image, self.table])
+        self.refresh()
+
+    @property
+    def frame(self):
+        """One row per hot-load (see `LineageStore.syncs`)."""
+        return self.run.store.syncs(self.deployment)
+
+    def held(self) -> dict:
+        """{deployment: {holds, expected, step, lag}} from the deployments' live status (nothing if closed)."""
+        out = {}
+        status = self.run.status() if not self.run.closed else {"deployments": {}, "backend": "closed"}
+        for dep, info in status["deployments"].items():
+            if self.deployment and dep != self.deployment:
+                continue
+            step = info.get("expected_step")
+            lag = None if step is None or info.get("holds") != info.get("expected") else max(self.run.step - step, 0)
+            out[dep] = {**info, "lag": lag}
+        self._backend = status.get("backend")
+        return out
+
+    def _rows(self, df) -> list[list]:
+        return [[_int(r["step"]), _short(r["snapshot"], 32), r["checkpoint_type"] or "-", _secs(r["duration_s"]),
+                 _secs(r["load_s"]), _secs(r["pause_s"]), _size(r["delta_bytes"]) if _none(r["delta_bytes"]) else "-",
+                 _pct(r["changed_fraction"]), "-" if _none(r["chain_length"]) is None else int(r["chain_length"])]
+                for r in _records(df)]
+
+    def summary_text(self) -> str:
+        if self.run.closed:
+            return "run closed: no live deployment status (wb.open(run_dir) opens it again)"
+        held = self.held()
+        if self._backend == "stopped":
+            return "the backend is stopped: deployments hold nothing"
+        if not held:
+            return "no deployment yet"
+        parts = []
+        for dep, h in held.items():
+            what = h.get("holds") or "the base model (no snapshot)"
+            lag = "" if h.get("lag") is None else (", in step with the trainer" if h["lag"] == 0
+                                                   else f", {h['lag']} steps behind the trainer")
+            stale = "" if h.get("holds") == h.get("expected") else f" (this run expects {h.get('expected')})"
+            parts.append(f"{dep} holds {what}{lag}{stale}")
+        return "; ".join(parts)
+
+    def refresh(self) -> "SyncPanel":
+        df = self.frame
+        n = len(df)
+        self.summary.value = (f"<b>Weight syncs</b> ({n}): {html.escape(self.summary_text())}")
+        self.png = self._draw(df) if n else None
+        _show_image(self.image, self.png)
+        self.table.value = (_html_table(self.COLUMNS, self._rows(df)) if n
+                            else "<i>no weight syncs yet (run.sync() hot-loads the trainer's weights)</i>")
+        return self
+
+    def _draw(self, df) -> bytes:
+        """Per sync: wall time split into the deployment's load and the rest (bars), bytes on a second axis."""
+        rows = [r for r in _records(df)]
+        fig = _figure(6.4, 2.8)
+        ax = fig.add_subplot(111)
+        xs = list(range(len(rows)))
+        total = [_none(r["duration_s"]) or 0.0 for r in rows]
+        load = [min(_none(r["load_s"]) or 0.0, t) for r, t in zip(rows, total)]
+        colors = ["#0969da" if (r["checkpoint_type"] or "") == "base" else "#8250df" for r in rows]
+        ax.bar(xs, total, color=colors, alpha=0.35, label="sync wall time")
+        if any(load):
+            ax.bar(xs, load, color=colors, alpha=0.9, label="deployment load")
+        ax.set_ylabel("seconds")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{_int(r['step'])}\n{(r['checkpoint_type'] or '?')[:5]}" for r in rows], fontsize=7)
+        ax.set_xlabel("sync (training step, base/delta)")
+        sizes = [_none(r["delta_bytes"]) for r in rows]
+        if any(sizes):
+            ax2 = ax.twinx()
+            ax2.plot(xs, [(v or 0) / 1e6 for v in sizes], color="#cf222e", marker="o", lw=1, label="MB")
+            ax2.set_ylabel("MB written", color="#cf222e", fontsize=8)
+            ax2.set_ylim(bottom=0)
+        ax.set_title(f"{self.run.name}: weight syncs (blue: base, purple: delta)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        return render_png(fig)
+
+    def text(self) -> str:
+        df = self.frame
+        head = f"Weight syncs of {self.run.name} ({len(df)}): {self.summary_text()}"
+        return head + ("\n" + _text_table(self.COLUMNS, self._rows(df)) if len(df) else "")
+
+    def html(self) -> str:
+        df = self.frame
+        return (f"<div><b>Weight syncs</b> ({len(df)}): {html.escape(self.summary_text())}</div>"
+                f"{_img_html(self.png)}" + (_html_table(self.COLUMNS, self._rows(df)) if len(df) else ""))
+
+
 # ---- dashboard -----------------------------------------------------------------------------------
 class Dashboard(_View):
-    """The run at a glance: summary, training curve, checkpoints (with promote), eval chart, lineage."""
+    """The run at a glance: summary, training curve, weight syncs, checkpoints (with promote), evals, lineage.
+
+    Refresh re-reads everything; a part that cannot be read (the backend was stopped, the run closed) says so
+    in the status line instead of failing silently, and the summary shows the backend as stopped."""
+
+    TABS = ["training", "weight syncs", "checkpoints", "evals", "lineage"]
 
     def __init__(self, run: "Run", name: str | None = None):
         self.run, self.name = run, name
         self.summary = W.HTML()
+        self.status = W.HTML()
         self.monitor = TrainingMonitor(run)
+        self.syncs = SyncPanel(run)
         self.checkpoints = CheckpointTable(run)
         self.evals = EvalChart(run, name)
         self.lineage = LineageView(run, name)
-        self.tabs = W.Tab(children=[p.widget for p in (self.monitor, self.checkpoints, self.evals, self.lineage)])
-        for i, title in enumerate(["training", "checkpoints", "evals", "lineage"]):
+        self.tabs = W.Tab(children=[p.widget for p in self.parts])
+        for i, title in enumerate(self.TABS):
             self.tabs.set_title(i, title)
         self.refresh_button = W.Button(description="Refresh", icon="refresh")
         self.refresh_button.on_click(lambda _b: self.refresh())
-        self.widget = W.VBox([W.HBox([self.summary, self.refresh_button]), self.tabs])
+        self.widget = W.VBox([W.HBox([self.summary, self.refresh_button]), self.status, self.tabs])
+        run._listeners.add(self)
         self._summary()
+
+    @property
+    def parts(self) -> list:
+        return [self.monitor, self.syncs, self.checkpoints, self.evals, self.lineage]
 
     def _summary(self) -> None:
         from .display import _run_html
 
         self.summary.value = _run_html(self.run)
 
+    def on_run_event(self, kind: str, data: dict) -> None:
+        if kind == "closed":
+            self.refresh()
+
     def refresh(self) -> "Dashboard":
+        problems = []
         self._summary()
-        for part in (self.monitor, self.checkpoints, self.evals, self.lineage):
-            part.refresh()
+        for title, part in zip(self.TABS, self.parts):
+            if self.run.closed and part is self.checkpoints:
+                continue  # the checkpoint rows come from the control plane: nothing to ask a closed run
+            try:
+                part.refresh()
+            except Exception as e:  # noqa: BLE001 - one unreadable part must not blank the others
+                problems.append(f"{title}: {_first_line(e)}")
+        if self.run.closed:
+            state = ("the backend is stopped" if self.run.ctx.backend_stopped else "the run is closed")
+            self.status.value = (f"<div style='color:#cf222e'><b>{html.escape(state)}</b>: the trainer and "
+                                 "deployments are not being queried; wb.open(run_dir) opens the run again.</div>")
+        elif problems:
+            self.status.value = ("<div style='color:#cf222e'>could not refresh " + html.escape("; ".join(problems))
+                                 + "</div>")
+        else:
+            self.status.value = f"<span style='color:#666'>refreshed {time.strftime('%H:%M:%S')}</span>"
+        self.update_displays()
         return self
 
     def text(self) -> str:
         from .display import _run_text
 
-        return "\n\n".join([_run_text(self.run), self.monitor.text(), self.checkpoints.text(), self.evals.text(),
-                            self.lineage.text()])
+        return "\n\n".join([_run_text(self.run)] + [p.text() for p in self.parts])
 
     def html(self) -> str:
         from .display import _run_html
 
-        return "<hr>".join([_run_html(self.run), self.monitor.html(), self.checkpoints.html(), self.evals.html(),
-                            self.lineage.html()])
+        return "<hr>".join([_run_html(self.run)] + [p.html() for p in self.parts])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
