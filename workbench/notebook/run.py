@@ -76,7 +76,7 @@ from .sync import WeightSync
 RUN_FILE = "run.json"
 
 _OPEN_RUNS: dict[Path, "Run"] = {}
-_OPEN_LOCK = threading.Lock()
+_OPEN_LOCK = threading.RLock()  # re-entrant: open_run closes the run it replaces while holding it
 
 
 # ---------------------------------------------------------------------------------------------------
