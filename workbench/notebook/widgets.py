@@ -363,15 +363,19 @@ class EvalChart(_View):
             mine = [p for p in mine if p["step"] is not None]
             if not mine:
                 continue
-            xs = []
+            xs, ranks = [], []
             for p in mine:
                 k, total = placed.get(p["step"], 0), at_step[p["step"]]
                 placed[p["step"]] = k + 1
+                ranks.append(k)
                 xs.append(p["step"] + (k - (total - 1) / 2) * gap * 0.12)
             line = ax.plot(xs, [p["score"] for p in mine], marker="o", label=label)[0]
-            for x, p in zip(xs, mine):
+            for x, p, k in zip(xs, mine, ranks):
+                # points sharing a step alternate their labels above and below, so no two labels overlap
+                above = k % 2 == 0
                 ax.annotate(f"{p['n']}: {_score(p['score'])}", (x, p["score"]), textcoords="offset points",
-                            xytext=(0, 6), ha="center", va="bottom", fontsize=6, color=line.get_color())
+                            xytext=(0, 6 + 8 * (k // 2)) if above else (0, -8 - 8 * (k // 2)), ha="center",
+                            va="bottom" if above else "top", fontsize=6, color=line.get_color())
         ax.margins(x=0.08, y=0.25)
         ax.set_xlabel("training step (of the snapshot evaluated)")
         ax.set_ylabel("score")
