@@ -9,10 +9,15 @@ Every child binds 127.0.0.1 on a port of its own choosing and writes it to `<run
 ready; the control plane proxies to that port. Children get the API key in their environment and
 check it too, so the loopback ports are not an unauthenticated side door.
 
-Children are asked to die with the control plane (PR_SET_PDEATHSIG on Linux): a crashed or killed
-`workbench serve` must not leave orphaned trainers holding memory. A watcher thread notices children
-that exit on their own and calls `on_exit(kind, key, returncode, log_tail)` so the control plane can
-mark a job FAILED or restart a deployment replica.
+Children die with the control plane: each runs in its own process group and gets SIGKILL from the
+kernel when the control plane dies (PR_SET_PDEATHSIG, set through prctl between fork and exec), so a
+crashed or killed `workbench serve` never leaves a trainer running on a job directory that a later
+resume will own. The signal follows the *thread* that forked the child, so every child is forked from
+one long-lived spawner thread. A normal stop sends SIGTERM to the child's group and waits for the exit
+(an idle child exits in well under a second); SIGKILL is only the fallback after `STOP_GRACE_S`.
+
+A watcher thread notices children that exit on their own and calls `on_exit(kind, key, returncode,
+log_tail)` so the control plane can mark a job FAILED or restart a deployment replica.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,13 +37,20 @@ from typing import Callable
 from workbench.checkpoints.layout import HomeLayout
 
 PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 5.0
+"""Seconds a child gets between SIGTERM and SIGKILL (an idle trainer or replica exits well within it)."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: children then outlive a crashed control plane; `workbench stop` still works
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:  # runs in the child between fork and exec: no locks, no allocation-heavy work
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # not Linux: children then outlive a crashed control plane; `workbench stop` still works
+        if os.getppid() != parent_pid:
+            os._exit(1)  # the parent died before prctl took effect: nobody would ever stop us
+
+    return preexec
 
 
 @dataclass
@@ -98,6 +111,9 @@ class Supervisor:
         self._children: dict[tuple[str, str], ChildProcess] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        # PR_SET_PDEATHSIG fires when the forking *thread* exits: fork from one thread that lives as long
+        # as the supervisor (a ThreadPoolExecutor worker never retires while the executor is open).
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor-spawn")
         self._watcher = threading.Thread(target=self._watch, name="supervisor-watch", daemon=True)
         self._watcher.start()
 
@@ -118,12 +134,14 @@ class Supervisor:
         # cores. Give each trainer half the cores unless the user chose; replicas default to 1.
         env.setdefault("WORKBENCH_TRAINER_THREADS", str(default_trainer_threads()))
         env.update(extra_env or {})
-        with open(log_path, "ab") as log:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # logs may quote requests
+        with os.fdopen(fd, "ab") as log:
             log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {kind} {key}\n".encode())
             log.flush()
-            popen = subprocess.Popen([python or sys.executable, *args, "--port-file", str(run_dir / "port")],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=str(run_dir), preexec_fn=_die_with_parent)
+            popen = self._spawner.submit(
+                subprocess.Popen, [python or sys.executable, *args, "--port-file", str(run_dir / "port")],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(run_dir),
+                process_group=0, preexec_fn=_die_with_parent(os.getpid())).result()
         child = ChildProcess(kind, key, popen, run_dir, log_path)
         with self._lock:
             self._children[(kind, key)] = child
@@ -136,7 +154,7 @@ class Supervisor:
             return None
         return child
 
-    def stop(self, kind: str, key: str, timeout: float = 10.0) -> None:
+    def stop(self, kind: str, key: str, timeout: float = STOP_GRACE_S) -> None:
         with self._lock:
             child = self._children.pop((kind, key), None)
         if child is None:
@@ -150,13 +168,14 @@ class Supervisor:
         with self._lock:
             children = list(self._children.values())
             self._children.clear()
-        for child in children:
+        for child in children:  # all at once: the stops overlap instead of adding up
             child.stopping = True
-            if child.popen.poll() is None:
-                child.popen.terminate()
+            _signal_group(child.popen, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
         for child in children:
-            _terminate(child.popen, 10.0)
+            _terminate(child.popen, max(0.0, deadline - time.monotonic()))
             child.port_file.unlink(missing_ok=True)
+        self._spawner.shutdown(wait=False)
 
     def children(self) -> list[ChildProcess]:
         with self._lock:
@@ -177,12 +196,23 @@ class Supervisor:
                         print(f"supervisor: on_exit callback failed: {e!r}", file=sys.stderr)
 
 
-def _terminate(popen: subprocess.Popen, timeout: float) -> None:
+def _signal_group(popen: subprocess.Popen, sig: int) -> None:
+    """Signal the child's process group (it leads one: process_group=0), while the child is unreaped."""
     if popen.poll() is not None:
         return
-    popen.terminate()
+    try:
+        os.killpg(popen.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        popen.send_signal(sig)
+
+
+def _terminate(popen: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, wait for the exit (not a fixed sleep), SIGKILL only if it has not exited after `timeout`."""
+    _signal_group(popen, signal.SIGTERM)
     try:
         popen.wait(timeout)
     except subprocess.TimeoutExpired:
-        popen.kill()
-        popen.wait(5)
+        _signal_group(popen, signal.SIGKILL)
+        popen.wait(10)

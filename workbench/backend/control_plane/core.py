@@ -18,11 +18,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
 
-from workbench.checkpoints.layout import DELETING_PREFIX, HomeLayout, JobLayout
+from workbench.checkpoints.layout import DELETING_PREFIX, HomeLayout, JobLayout, job_lock_owner
 from workbench.common import ACCOUNT_ID, parse_rfc3339, rfc3339, write_json_atomic
 
 from ..store import Store
@@ -112,14 +113,24 @@ class ControlPlane:
             "max_context_length": config.get("maxContextLength"), "home": str(self.home),
             **trainer_topology(job)})
         self.set_job_state(job_id, "JOB_STATE_CREATING", "starting trainer process")
-        child = self.supervisor.start("trainer", job_id, ["-m", "workbench.backend.trainer", "--job-dir", str(job_dir)],
-                                      job_dir)
+        args = ["-m", "workbench.backend.trainer", "--job-dir", str(job_dir)]
+        own = {c.pid for c in self.supervisor.children()}
+        owner = job_lock_owner(layout)
+        # The common case spawns at once; a directory still owned by a process we did not start (a
+        # trainer of a crashed control plane, still shutting down) is first waited for or killed, in the
+        # background thread: a job directory has one live trainer at a time.
+        stale = owner is not None and owner not in own
+        child = None if stale else self.supervisor.start("trainer", job_id, args, job_dir)
 
         def wait() -> None:
+            nonlocal child
             try:
+                if child is None:
+                    evict_stale_owner(layout)
+                    child = self.supervisor.start("trainer", job_id, args, job_dir)
                 child.wait_ready(TRAINER_START_TIMEOUT_S)
             except Exception as e:  # exited or timed out: the job failed to start
-                if self.supervisor.get("trainer", job_id) is child:
+                if child is not None and self.supervisor.get("trainer", job_id) is child:
                     self.supervisor.stop("trainer", job_id)
                 current = self.store.get("jobs", job_id)
                 if current and current["state"] == "JOB_STATE_CREATING":
@@ -236,6 +247,43 @@ class ControlPlane:
                         expire = meta.get("expire_time") if meta else None
                         if isinstance(expire, (int, float)) and expire <= now:
                             delete_checkpoint_dir(ckpt_dir)
+
+
+STALE_OWNER_WAIT_S = 10.0
+"""How long a resume waits for the previous owner of a job directory to exit before killing it."""
+
+
+def evict_stale_owner(layout: JobLayout) -> None:
+    """Return once no live process holds the job's lock: wait for the owner to exit, then SIGKILL it if it
+    is a workbench trainer of this directory. RuntimeError if the directory stays owned."""
+    deadline = time.monotonic() + STALE_OWNER_WAIT_S
+    owner = job_lock_owner(layout)
+    while owner is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        owner = job_lock_owner(layout)
+    if owner is None:
+        return
+    if owner > 0 and _is_trainer_of(owner, layout.root):
+        log.warning("job %s: killing stale trainer pid %d that still owns %s", layout.job_id, owner, layout.root)
+        try:
+            os.kill(owner, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 60
+        while job_lock_owner(layout) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if job_lock_owner(layout) is None:
+            return
+    raise RuntimeError(f"job directory {layout.root} is still owned by process {owner} "
+                       f"(see {layout.lock_file}); stop it and resume again")
+
+
+def _is_trainer_of(pid: int, job_dir: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"workbench.backend.trainer" in argv and str(job_dir).encode() in argv
 
 
 def delete_checkpoint_dir(path: Path) -> None:
