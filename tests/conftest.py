@@ -3,6 +3,11 @@
     def test_something(backend):            # one backend per test module
         backend.base_url, backend.api_key, backend.home
         backend.trainer_manager()            # official TrainerJobManager on it
+
+Every test is marked `unit` or `e2e` (registered in pyproject.toml) when collected: `e2e` if it says so,
+uses a real backend fixture, or lives in a module of E2E_MODULES (tests that start trainers, replicas,
+kernels or browsers themselves); `unit` otherwise. `pytest` runs both; `pytest -m unit` only the fast,
+in-process ones.
 """
 
 from __future__ import annotations
@@ -31,6 +36,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+E2E_MODULES = {"test_cli", "test_deployment_process", "test_notebook_browser", "test_notebook_restart",
+               "test_notebook_widgets", "test_recipes_learning", "test_recipes_sft", "test_sdk_checkpoints",
+               "test_sdk_research_loop", "test_sdk_trainer", "test_trainer_process"}
+E2E_FIXTURES = {"backend", "recipe_backend"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        e2e = (item.get_closest_marker("e2e") is not None or module in E2E_MODULES
+               or bool(E2E_FIXTURES & set(getattr(item, "fixturenames", ()))))
+        item.add_marker(pytest.mark.e2e if e2e else pytest.mark.unit)
+
 
 TINY = "accounts/workbench/models/qwen3-tiny"
 TINY_SHAPE = "accounts/workbench/trainingShapes/qwen3-tiny-cpu"
@@ -72,7 +91,7 @@ def start_backend(home: Path, env: dict | None = None) -> Backend:
     log = open(home / "serve.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--port", "0"],
                             stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, WORKBENCH_HOME=str(home), **(env or {})))
+                            env={**os.environ, "WORKBENCH_HOME": str(home), **(env or {})})
     deadline = time.time() + 60
     while time.time() < deadline:
         info_file = home / "server.json"

@@ -133,6 +133,50 @@ def error_body(status: int, message: str) -> dict:
     return {"error": {"code": code, "message": message, "status": name, "details": []}}
 
 
+# ---- request bodies ------------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting a request body may have (no wire object nests beyond a handful of levels)."""
+
+
+class BodyError(ValueError):
+    """A request body that is not a JSON object workbench can read; the message says why."""
+
+
+def _reject_constant(name: str):
+    raise BodyError(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_json_object(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """`raw` (UTF-8 JSON) as a dict; BodyError naming the problem for anything else: invalid UTF-8,
+    invalid JSON, NaN/Infinity, nesting deeper than `max_depth`, or a top level that is not an object.
+    An empty body is `{}`."""
+    if not raw:
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BodyError(f"request body is not valid UTF-8 (invalid byte at offset {e.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BodyError(f"request body nests deeper than {max_depth} levels") from None
+    except BodyError:
+        raise
+    except ValueError as e:
+        raise BodyError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BodyError(f"request body must be a JSON object (got a JSON {type(body).__name__})")
+    stack = [(body, 1)]
+    while stack:  # iterative: a deep body must not exhaust the stack of the code that checks it
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise BodyError(f"request body nests deeper than {max_depth} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return body
+
+
 # ---- names ---------------------------------------------------------------------------------------
 
 RESOURCE_ID_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")

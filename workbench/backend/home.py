@@ -25,9 +25,13 @@ from workbench.common import ACCOUNT_ID, write_json_atomic  # noqa: F401  (re-ex
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
-    """`home` if given, else `$WORKBENCH_HOME`, else `~/.workbench` (created if missing)."""
+    """`home` if given, else `$WORKBENCH_HOME`, else `~/.workbench` (created if missing; mode 0700)."""
     path = Path(home or os.environ.get("WORKBENCH_HOME") or Path.home() / ".workbench").expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.chmod(path, 0o700)  # it holds the API key, the state and every checkpoint: owner only
+    except PermissionError:
+        pass  # not ours (a shared directory given explicitly): leave its mode to its owner
     return path
 
 

@@ -31,6 +31,10 @@ def serve_foreground(home: Path, host: str = "127.0.0.1", port: int = 0, log_lev
 
     from .control_plane.app import create_app
 
+    # One home, however it was given (--home, $WORKBENCH_HOME or the default): everything in this process
+    # that resolves the home itself (the model catalog `models.json`, the promoted-model registry) and
+    # every process it starts must see the same one.
+    os.environ["WORKBENCH_HOME"] = str(home)
     info = read_server_info(home)
     if info and pid_alive(info.get("pid")) and info.get("pid") != os.getpid() and _healthy(info, home):
         raise SystemExit(f"a workbench backend already runs for {home} at {info['base_url']} (pid {info['pid']}); "
@@ -49,7 +53,8 @@ def serve_foreground(home: Path, host: str = "127.0.0.1", port: int = 0, log_lev
         async def startup(self, sockets=None):
             await super().startup(sockets=sockets)
             write_json_atomic(server_file(home), {"base_url": base_url, "pid": os.getpid(), "host": host,
-                                                  "port": bound_port, "home": str(home), "started_at": time.time()})
+                                                  "port": bound_port, "home": str(home), "started_at": time.time()},
+                              mode=0o600)
             print(f"workbench backend serving at {base_url} (home {home})", flush=True)
 
     config = uvicorn.Config(create_app(home, api_key), log_level=log_level, timeout_keep_alive=75,
@@ -86,7 +91,7 @@ def start_detached(home: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
     ensure_api_key(home)
     log_path = HomeLayout(home).control_plane_log
     log_path.parent.mkdir(exist_ok=True)
-    log = open(log_path, "ab")
+    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--host", host, "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,

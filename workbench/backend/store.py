@@ -14,6 +14,7 @@ One connection guarded by a lock: the control plane is a single process and ever
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -25,6 +26,9 @@ TABLES = ("jobs", "deployments", "models", "operations")
 class Store:
     def __init__(self, path: Path):
         self._lock = threading.Lock()
+        # Owner-only from the start (sqlite gives its -wal/-shm files the database file's mode).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         for table in TABLES:

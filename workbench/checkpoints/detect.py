@@ -20,8 +20,10 @@ snapshots). Only committed directories (with a readable manifest) are listed; st
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+import math
 from pathlib import Path
+
+from workbench.common import rfc3339
 
 from .layout import SAMPLER_DIR, TRAIN_STATE_DIR  # one spelling of the directory names, in layout.py
 from .manifest import read_manifest
@@ -65,15 +67,6 @@ def is_resumable(checkpoint_type) -> bool:
     return checkpoint_type in (TRAINING, TRAINING_LORA)
 
 
-def rfc3339(epoch_seconds: float) -> str:
-    """UTC timestamp with fixed microsecond precision, e.g. 2026-01-02T03:04:05.000000Z.
-
-    Fixed precision keeps string order equal to time order (a lexicographic sort of mixed-precision
-    timestamps once picked stale checkpoints in the real cookbook).
-    """
-    return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def list_checkpoints(job_dir: Path) -> list[dict]:
     """Committed checkpoints of a trainer job, oldest first by created_time (then id)."""
     job_dir = Path(job_dir)
@@ -95,9 +88,14 @@ def list_checkpoints(job_dir: Path) -> list[dict]:
                 continue
             try:
                 created = float(meta.get("created_time"))
-            except (TypeError, ValueError):
-                created = directory.stat().st_mtime  # a manifest without a time: fall back to the directory's
+                rfc3339(created)
+            except (TypeError, ValueError, OverflowError, OSError):
+                created = directory.stat().st_mtime  # a manifest without a usable time: the directory's
             expire = meta.get("expire_time")
+            if isinstance(expire, bool) or not isinstance(expire, (int, float)) or not math.isfinite(expire):
+                if expire is not None:
+                    log.warning("%s: ignoring invalid expire_time %r in its manifest", directory, expire)
+                expire = None
             rows.append({
                 "id": directory.name,
                 "path": str(directory),
@@ -107,7 +105,7 @@ def list_checkpoints(job_dir: Path) -> list[dict]:
                 "createTime": rfc3339(created),
                 "updateTime": rfc3339(created),
                 "created_time": created,
-                "expire_time": float(expire) if isinstance(expire, (int, float)) else None,
+                "expire_time": float(expire) if expire is not None else None,
                 "manifest": meta,
             })
     rows.sort(key=lambda row: (row["created_time"], row["id"]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
@@ -73,10 +74,25 @@ def registry_dir(home: Path | None = None) -> Path:
     return (home or workbench_home()) / "models"
 
 
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _is_segment(value: str) -> bool:
+    """One path segment of a model name: no separators, no `..`, nothing that can leave its directory."""
+    return _SEGMENT_RE.fullmatch(value) is not None and ".." not in value
+
+
 def local_path(name: str) -> Path:
     """The local Hugging Face directory of model `name` (materializing embedded weights if needed)."""
-    if name.startswith(EMBEDDED_ACCOUNT) and (EMBEDDED_DIR / name[len(EMBEDDED_ACCOUNT):] / "config.json").exists():
-        return materialize(name)
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ModelNotFoundError(f"model name must be a non-empty string (got {name!r})")
+    if name.startswith(EMBEDDED_ACCOUNT):
+        short = name[len(EMBEDDED_ACCOUNT):]
+        if not _is_segment(short):
+            raise ModelNotFoundError(f"model name {name!r} is invalid: the model id must be one segment of "
+                                     "letters, digits, '.', '_' and '-' (no '/' and no '..')")
+        if (EMBEDDED_DIR / short / "config.json").exists():
+            return materialize(name)
     configured = configured_models()
     if name in configured:
         path = Path(configured[name]).expanduser()
@@ -85,7 +101,8 @@ def local_path(name: str) -> Path:
                 f"model {name!r} is mapped to {path} in {catalog_file()}, but that directory has no config.json")
         return path
     parts = name.split("/")
-    if len(parts) == 4 and parts[0] == "accounts" and parts[2] == "models":
+    if len(parts) == 4 and parts[0] == "accounts" and parts[2] == "models" and _is_segment(parts[1]) \
+            and _is_segment(parts[3]):
         promoted = registry_dir() / parts[1] / parts[3]
         if (promoted / "config.json").exists():
             return promoted
@@ -106,6 +123,8 @@ def materialize(name: str) -> Path:
     import tempfile
 
     short = name[len(EMBEDDED_ACCOUNT):]
+    if not _is_segment(short) or not (EMBEDDED_DIR / short / "config.json").is_file():
+        raise ModelNotFoundError(f"{name!r} is not an embedded model; embedded models: {embedded_names()}")
     src = EMBEDDED_DIR / short
     config_text = (src / "config.json").read_text()
     import hashlib

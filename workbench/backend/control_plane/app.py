@@ -15,16 +15,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import errno
+import logging
+import sqlite3
+
 import httpx
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from workbench.checkpoints.layout import HomeLayout
 from workbench.common import api_key_ok
 
 from ..home import ensure_api_key
 from . import checkpoints, deployments, gateway, jobs
 from .core import ControlPlane
-from .errors import ApiError, api_error_handler, error_response, validation_error_handler
+from .errors import ApiError, api_error_handler, error_response, http_exception_handler, validation_error_handler
 from .gateway import strip_trainer_prefix
 
 
@@ -35,6 +41,7 @@ def create_app(home: Path, api_key: str | None = None) -> FastAPI:
     app.state.cp = cp
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
 
     @app.on_event("startup")
     async def _startup() -> None:
@@ -48,7 +55,9 @@ def create_app(home: Path, api_key: str | None = None) -> FastAPI:
         await app.state.http.aclose()
         cp.shutdown()
 
-    app.add_middleware(AuthAndPrefixMiddleware, api_key=api_key, key_file=home / "api_key")
+    # Added last = outermost: the boundary also covers the auth middleware.
+    app.add_middleware(AuthAndPrefixMiddleware, api_key=api_key, key_file=HomeLayout(home).api_key_file)
+    app.add_middleware(ErrorBoundaryMiddleware)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -84,3 +93,50 @@ class AuthAndPrefixMiddleware:
         if rewritten is not None:
             scope = dict(scope, path=rewritten, raw_path=rewritten.encode())
         return await self.app(scope, receive, send)
+
+
+log = logging.getLogger("workbench.control_plane")
+
+
+def failure_status(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, message) for an exception no route turned into an ApiError: a full disk is 507 (the
+    client can free space and retry), a busy or unavailable database 503, anything else 500."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507, f"the workbench home's disk is full ({exc.strerror}); free space and retry"
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "full" in text:
+            return 507, f"the workbench state database cannot grow: {text}; free disk space and retry"
+        return 503, f"the workbench state database is unavailable ({text}); retry"
+    if isinstance(exc, sqlite3.Error):
+        return 503, f"the workbench state database failed ({type(exc).__name__}: {exc}); retry"
+    return 500, f"internal error ({type(exc).__name__}: {exc}); see the control-plane log"
+
+
+class ErrorBoundaryMiddleware:
+    """Pure ASGI: an exception escaping a route before its response started becomes a JSON error body
+    (never a text 500 that drops the keep-alive connection); `failure_status` picks the status. Errors
+    inside a streaming (proxied) response that already started cannot be answered and are re-raised."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            status, message = failure_status(exc)
+            log.exception("%s %s failed with %d", scope.get("method"), scope.get("path"), status)
+            await error_response(status, message)(scope, receive, send)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import os
 import re
 import secrets
@@ -33,6 +35,7 @@ from .core import ControlPlane, check_account, delete_checkpoint_dir, read_body_
 from .errors import ApiError, require
 
 router = APIRouter()
+log = logging.getLogger("workbench.control_plane")
 MAX_PAGE_SIZE = 200
 PROMOTE_INLINE_WAIT_S = 25.0
 
@@ -50,19 +53,25 @@ def job_rows(cp: ControlPlane, job_id: str) -> list[dict]:
     for row in detect.list_checkpoints(cp.job_dir(job_id)):
         if row.get("expire_time") and row["expire_time"] <= now:
             continue  # expired: the sweeper deletes it; it must already be gone for clients
-        wire = {
-            "name": f"{cp.job_name(job_id)}/checkpoints/{row['id']}",
-            "createTime": row["createTime"],
-            "updateTime": row["updateTime"],
-            "checkpointType": row["checkpointType"],
-            "promotable": bool(row["promotable"]),
-        }
-        manifest = row.get("manifest") or {}
-        wire["sizeBytes"] = sum(f.stat().st_size for f in Path(row["path"]).rglob("*") if f.is_file())
-        if manifest.get("step") is not None:
-            wire["step"] = manifest["step"]
-        if row.get("expire_time"):
-            wire["expireTime"] = rfc3339(row["expire_time"])
+        try:
+            wire = {
+                "name": f"{cp.job_name(job_id)}/checkpoints/{row['id']}",
+                "createTime": row["createTime"],
+                "updateTime": row["updateTime"],
+                "checkpointType": row["checkpointType"],
+                "promotable": bool(row["promotable"]),
+            }
+            manifest = row.get("manifest") or {}
+            wire["sizeBytes"] = sum(f.stat().st_size for f in Path(row["path"]).rglob("*") if f.is_file())
+            if isinstance(manifest.get("step"), int) and not isinstance(manifest["step"], bool):
+                wire["step"] = manifest["step"]
+            if row.get("expire_time"):
+                wire["expireTime"] = rfc3339(row["expire_time"])
+        except (OSError, ValueError, OverflowError) as e:
+            # One unreadable checkpoint must not hide the others (resume and promotion list them).
+            log.warning("checkpoint listing of job %s: skipping %s (%s: %s)", job_id, row.get("path"),
+                        type(e).__name__, e)
+            continue
         wire["_path"] = row["path"]
         rows.append(wire)
     return rows
@@ -98,15 +107,21 @@ async def list_checkpoint_rows(request: Request, account: str, job_id: str) -> d
     return {"checkpoints": [_public(r) for r in page], "nextPageToken": next_token, "totalSize": len(rows)}
 
 
+MAX_TTL_S = 10 * 365 * 24 * 3600.0
+"""Longest TTL a checkpoint may be given (ten years): its expiry must stay a representable time."""
+
+
 def parse_duration(value) -> float:
-    """`"3600s"`, `"3600"` or a number -> seconds."""
+    """`"3600s"`, `"3600"` or a number -> seconds in (0, MAX_TTL_S]; a 400 naming `ttl` otherwise.
+    Validated before anything is written."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?s?", value.strip()):
+    elif isinstance(value, str) and re.fullmatch(r"\d{1,12}(\.\d{1,9})?s?", value.strip()):
         seconds = float(value.strip().rstrip("s"))
     else:
         raise ApiError(400, f"ttl must be a duration like '3600s' (got {value!r})")
-    require(seconds > 0, 400, f"ttl must be positive (got {value!r})")
+    require(math.isfinite(seconds) and 0 < seconds <= MAX_TTL_S, 400,
+            f"ttl must be a positive duration of at most {MAX_TTL_S:.0f}s (got {value!r})")
     return seconds
 
 
@@ -119,9 +134,10 @@ async def update_checkpoint(request: Request, account: str, job_id: str, checkpo
 
     body = read_body_json(await request.body())
     require("ttl" in body, 400, "ttl is required (e.g. {\"ttl\": \"3600s\"})")
+    expire_time = time.time() + parse_duration(body["ttl"])
     path = Path(row["_path"])
     manifest = read_manifest(path) or {}
-    manifest["expire_time"] = time.time() + parse_duration(body["ttl"])
+    manifest["expire_time"] = expire_time
     write_manifest(path, manifest)
     return _public(_find_row(cp, job_id, checkpoint_id))
 

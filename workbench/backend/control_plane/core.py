@@ -14,8 +14,8 @@ deployment replica, pausing jobs across a control-plane restart). Paths come fro
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -23,8 +23,10 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
 from workbench.checkpoints.layout import DELETING_PREFIX, HomeLayout, JobLayout, job_lock_owner
-from workbench.common import ACCOUNT_ID, parse_rfc3339, rfc3339, write_json_atomic
+from workbench.common import ACCOUNT_ID, BodyError, parse_json_object, parse_rfc3339, rfc3339, write_json_atomic
 
 from ..store import Store
 from ..supervisor import Supervisor
@@ -34,7 +36,7 @@ from .errors import ApiError, require
 
 log = logging.getLogger("workbench.control_plane")
 
-__all__ = ["ControlPlane", "rfc3339", "read_body_json", "check_account", "settled", "delete_checkpoint_dir",
+__all__ = ["ControlPlane", "rfc3339", "read_body_json", "field", "check_account", "settled", "delete_checkpoint_dir",
            "desired_replicas", "job_id_of", "JOB_STOPPED_STATES"]
 
 TRAINER_START_TIMEOUT_S = 300
@@ -61,13 +63,20 @@ class ControlPlane:
 
     # ---- paths -------------------------------------------------------------------------------
     def job_layout(self, job_id: str) -> JobLayout:
-        return self.layout.job(job_id)
+        """The job's paths; 404 for an id that cannot name a job (so it never becomes a path)."""
+        try:
+            return self.layout.job(job_id)
+        except ValueError:
+            raise ApiError(404, f"rlorTrainerJob {job_id!r} not found") from None
 
     def job_dir(self, job_id: str) -> Path:
-        return self.layout.job(job_id).root
+        return self.job_layout(job_id).root
 
     def deployment_dir(self, deployment_id: str) -> Path:
-        return self.layout.deployment(deployment_id).root
+        try:
+            return self.layout.deployment(deployment_id).root
+        except ValueError:
+            raise ApiError(404, f"deployment {deployment_id!r} not found") from None
 
     def job_name(self, job_id: str) -> str:
         return f"accounts/{self.account}/rlorTrainerJobs/{job_id}"
@@ -111,7 +120,7 @@ class ControlPlane:
             "job_id": job_id, "account": self.account, "base_model": config["baseModel"],
             "lora_rank": int(config.get("loraRank") or 0), "learning_rate": config.get("learningRate"),
             "max_context_length": config.get("maxContextLength"), "home": str(self.home),
-            **trainer_topology(job)})
+            "forward_only": bool(job.get("forwardOnly")), **trainer_topology(job)})
         self.set_job_state(job_id, "JOB_STATE_CREATING", "starting trainer process")
         args = ["-m", "workbench.backend.trainer", "--job-dir", str(job_dir)]
         own = {c.pid for c in self.supervisor.children()}
@@ -169,7 +178,8 @@ class ControlPlane:
 
         def wait() -> None:
             try:
-                child.wait_ready(DEPLOYMENT_START_TIMEOUT_S)
+                port = child.wait_ready(DEPLOYMENT_START_TIMEOUT_S)
+                self._wait_replica_ready(child, port, DEPLOYMENT_START_TIMEOUT_S)
             except Exception as e:
                 if self.supervisor.get("deployment", deployment_id) is child:
                     self.supervisor.stop("deployment", deployment_id)
@@ -180,6 +190,27 @@ class ControlPlane:
                 self.set_deployment_state(deployment_id, "READY", "")
 
         threading.Thread(target=wait, name=f"start-deployment-{deployment_id}", daemon=True).start()
+
+    def _wait_replica_ready(self, child, port: int, timeout: float) -> None:
+        """Return once the replica's /healthz says `ready` (its weights are loaded and it samples); raise
+        with its `startup_error` if it reports one, or if it exits or times out first. The port file only
+        means "HTTP is up": the model loads in the background after it."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=10.0) as client:
+            while time.monotonic() < deadline:
+                if child.popen.poll() is not None:
+                    raise RuntimeError(f"replica exited with code {child.popen.returncode}")
+                try:
+                    health = client.get(f"http://127.0.0.1:{port}/healthz", headers={"X-Api-Key": self.api_key}).json()
+                except (httpx.HTTPError, ValueError):
+                    health = {}
+                if health.get("startup_error"):
+                    raise RuntimeError(f"replica reported a startup error: {health['startup_error']}")
+                if health.get("ready"):
+                    return
+                if self._closed.wait(0.1):
+                    raise RuntimeError("control plane shutting down")
+        raise TimeoutError(f"replica not ready after {timeout:.0f}s")
 
     def reconcile_replicas(self, deployment_id: str) -> None:
         """Start or stop the replica so it matches the deployment's replica counts."""
@@ -305,15 +336,41 @@ def desired_replicas(dep: dict) -> int:
 
 
 def read_body_json(raw: bytes) -> dict:
-    if not raw:
-        return {}
+    """The request body as a JSON object, or a 400 saying what is wrong with it (see `parse_json_object`)."""
     try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return body
+        return parse_json_object(raw)
+    except BodyError as e:
+        raise ApiError(400, str(e)) from None
+
+
+_KIND_TYPES = {"string": str, "boolean": bool, "object": dict, "array": list}
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def field(body: dict, name: str, kind: str, *, where: str = "", default=None, minimum=None, maximum=None):
+    """`body[name]` checked to be a JSON `kind` ("string", "boolean", "integer", "number", "object", "array")
+    within [minimum, maximum]; `default` when absent or null. A 400 naming the field otherwise."""
+    label = f"{where}.{name}" if where else name
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, _KIND_TYPES[kind])
+    article = "an" if kind[0] in "aeiou" else "a"
+    require(ok, 400, f"{label} must be {article} {'finite ' if kind == 'number' else ''}{kind} (got {_show(value)})")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = (f"between {minimum} and {maximum}" if minimum is not None and maximum is not None
+                  else f">= {minimum}" if minimum is not None else f"<= {maximum}")
+        raise ApiError(400, f"{label} must be {bounds} (got {_show(value)})")
+    return value
 
 
 SETTLE_WAIT_S = 20.0

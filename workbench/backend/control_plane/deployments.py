@@ -20,7 +20,7 @@ from workbench.common import is_resource_id
 from workbench.models import ModelNotFoundError, local_path
 
 from ..deployment.engines import shape_engine, vllm_available
-from .core import ControlPlane, check_account, read_body_json, rfc3339, settled
+from .core import ControlPlane, check_account, field, read_body_json, rfc3339, settled
 from .errors import ApiError, require
 
 router = APIRouter()
@@ -53,12 +53,29 @@ def _check_trainer_link(cp: ControlPlane, value) -> None:
     require(cp.store.get("jobs", parts[3]) is not None, 400, f"hotLoadTrainerJob {value!r} does not exist")
 
 
-def _check_replicas(body: dict) -> None:
-    for field in ("minReplicaCount", "maxReplicaCount"):
-        if field in body:
-            v = body[field]
-            require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, 400,
-                    f"{field} must be a non-negative integer (got {v!r})")
+MAX_REPLICAS = 100
+# Every field a client may send, with its JSON type (validated on create and on update).
+_FIELD_KINDS = {
+    "displayName": "string", "description": "string", "baseModel": "string", "minReplicaCount": "integer",
+    "maxReplicaCount": "integer", "enableHotLoad": "boolean", "hotLoadBucketType": "string",
+    "hotLoadTrainerJob": "string", "hotLoadTransitionType": "string", "acceleratorType": "string",
+    "deploymentShape": "string", "annotations": "object", "extraArgs": "array", "extraValues": "object",
+    "placement": "object",
+}
+
+
+_ZERO = {"string": "", "integer": 0, "boolean": False, "object": {}, "array": []}
+
+
+def _check_fields(body: dict) -> None:
+    """Each known field has its JSON type (replica counts within 0..MAX_REPLICAS): a 400 naming it otherwise."""
+    for name, kind in _FIELD_KINDS.items():
+        bounds = {"minimum": 0, "maximum": MAX_REPLICAS} if name.endswith("ReplicaCount") else {}
+        field(body, name, kind, **bounds)
+    if body.get("minReplicaCount") is not None and body.get("maxReplicaCount") is not None:
+        require(body["minReplicaCount"] <= body["maxReplicaCount"], 400,
+                f"minReplicaCount ({body['minReplicaCount']}) must not exceed maxReplicaCount "
+                f"({body['maxReplicaCount']})")
 
 
 @router.post("/v1/accounts/{account}/deployments")
@@ -70,14 +87,14 @@ async def create_deployment(request: Request, account: str) -> dict:
     require(bool(deployment_id), 400, "deploymentId (query parameter) is required")
     require(is_resource_id(deployment_id), 400,
             f"deploymentId {deployment_id!r} is invalid: use 1-63 lowercase letters, digits and hyphens")
+    _check_fields(body)
     base_model = body.get("baseModel")
-    require(isinstance(base_model, str) and bool(base_model), 400, "baseModel is required")
+    require(bool(base_model), 400, "baseModel is required")
     try:
         local_path(base_model)
     except ModelNotFoundError as e:
         raise ApiError(400, f"baseModel: {e}") from e
     _check_trainer_link(cp, body.get("hotLoadTrainerJob"))
-    _check_replicas(body)
     if shape_engine(body.get("deploymentShape")) == "vllm":
         ok, why = vllm_available()
         require(ok, 400, f"deploymentShape {body['deploymentShape']!r} runs on vLLM, but {why}")
@@ -141,19 +158,20 @@ async def update_deployment(request: Request, account: str, deployment_id: str) 
     mask = request.query_params.get("updateMask")
     if mask:
         by_snake = {_snake(f): f for f in _MUTABLE}
-        fields = []
+        names = []
         for item in (m.strip() for m in mask.split(",") if m.strip()):
-            field = by_snake.get(item) or (item if item in _MUTABLE else None)
-            require(field is not None, 400, f"updateMask: field {item!r} cannot be updated "
-                                            f"(updatable: {sorted(by_snake)})")
-            fields.append(field)
-        changes = {f: body.get(f) for f in fields}
+            name = by_snake.get(item) or (item if item in _MUTABLE else None)
+            require(name is not None, 400, f"updateMask: field {item!r} cannot be updated "
+                                           f"(updatable: {sorted(by_snake)})")
+            names.append(name)
+        # A masked field absent from the body is cleared to its zero value (protobuf field-mask semantics).
+        changes = {n: body[n] if body.get(n) is not None else _ZERO[_FIELD_KINDS[n]] for n in names}
     else:
         # No mask (DeploymentManager.scale_to_zero): merge the given fields, never replace the whole object.
         unknown = [k for k in body if k not in _MUTABLE]
         require(not unknown, 400, f"fields {unknown} cannot be updated (updatable: {list(_MUTABLE)})")
-        changes = body
-    _check_replicas(changes)
+        changes = {k: v for k, v in body.items() if v is not None}
+    _check_fields(changes)
     if "hotLoadTrainerJob" in changes:
         _check_trainer_link(cp, changes["hotLoadTrainerJob"])
     dep.update(changes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workbench.common import error_body
 
@@ -28,6 +29,12 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 async def api_error_handler(_: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message)
+
+
+async def http_exception_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own 404/405 (no such route, wrong method) in the same error shape as every other error."""
+    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                          headers=getattr(exc, "headers", None))
 
 
 async def validation_error_handler(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,7 +11,6 @@ is exactly what a client should do while a trainer resumes or a crashed replica 
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -19,6 +18,8 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
+
+from workbench.common import BodyError, parse_json_object
 
 from .core import ControlPlane, desired_replicas
 from .errors import error_response
@@ -64,7 +65,7 @@ def _cp(request: Request) -> ControlPlane:
 async def trainer_gateway(request: Request, account: str, job_id: str, rest: str):
     cp = _cp(request)
     job = cp.store.get("jobs", job_id)
-    if job is None or account != cp.account:
+    if job is None or account != cp.account or job["state"] == "JOB_STATE_DELETED":
         return error_response(404, f"rlorTrainerJob {account}/{job_id} not found")
     cp.last_activity[job_id] = time.time()
     child = cp.supervisor.get("trainer", job_id)
@@ -117,10 +118,13 @@ async def completions(request: Request):
     cp = _cp(request)
     raw = await request.body()
     try:
-        model = json.loads(raw).get("model", "")
-    except (json.JSONDecodeError, AttributeError):
-        return error_response(400, "request body must be a JSON object with a `model` field")
-    parts = str(model).split("#")[0].split("/")
+        model = parse_json_object(raw).get("model")
+    except BodyError as e:
+        return error_response(400, str(e))
+    if not isinstance(model, str) or not model:
+        return error_response(400, f"model must name a deployment (accounts/{cp.account}/deployments/<id>), "
+                                   f"got {model!r}")
+    parts = model.split("#")[0].split("/")
     if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments":
         return error_response(400, f"model must name a deployment (accounts/{cp.account}/deployments/<id>), "
                                    f"got {model!r}")

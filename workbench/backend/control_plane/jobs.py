@@ -2,7 +2,9 @@
 
     POST   /v1/accounts/{a}/rlorTrainerJobs?rlorTrainerJobId=ID[&trainingShape=...]   create (409 if ID exists)
     GET    /v1/accounts/{a}/rlorTrainerJobs[/{id}]                                     list / get
-    DELETE /v1/accounts/{a}/rlorTrainerJobs/{id}                                       stop, keep the row (DELETED)
+    DELETE /v1/accounts/{a}/rlorTrainerJobs/{id}                                       stop; the id answers 404 and
+                                                                                       may be created again (the row
+                                                                                       stays, for promotion)
     POST   /v1/accounts/{a}/rlorTrainerJobs/{id}:resume                                restart a stopped trainer
 
 A GET of a job that is still CREATING waits (up to ~20 s) for it to settle, so the SDK's
@@ -19,7 +21,7 @@ from fastapi import APIRouter, Request
 from workbench.common import is_resource_id
 from workbench.models import ModelNotFoundError, local_path
 
-from .core import JOB_STOPPED_STATES, ControlPlane, check_account, read_body_json, rfc3339, settled
+from .core import JOB_STOPPED_STATES, ControlPlane, check_account, field, read_body_json, rfc3339, settled
 from .errors import ApiError, require
 from .shapes import SHAPES, shape_for_ref, shape_version
 
@@ -66,6 +68,11 @@ async def get_shape_version(account: str, shape: str, version_id: str) -> dict:
 
 
 # ---- trainer jobs -----------------------------------------------------------------------------
+MAX_LORA_RANK = 1024
+MAX_CONTEXT_LENGTH = 1 << 20
+_DURATION_RE = re.compile(r"\d{1,9}(\.\d{1,9})?s")
+
+
 @router.post("/v1/accounts/{account}/rlorTrainerJobs")
 async def create_job(request: Request, account: str) -> dict:
     cp = _cp(request)
@@ -75,10 +82,10 @@ async def create_job(request: Request, account: str) -> dict:
     job_id = q.get("rlorTrainerJobId") or f"training-api-service-{secrets.token_hex(4)}"
     require(is_resource_id(job_id), 400,
             f"rlorTrainerJobId {job_id!r} is invalid: use 1-63 lowercase letters, digits and hyphens")
-    config = dict(body.get("trainingConfig") or {})
-    require(isinstance(body.get("trainingConfig", {}), dict), 400, "trainingConfig must be an object")
+    config = dict(field(body, "trainingConfig", "object", default={}))
+    forward_only = field(body, "forwardOnly", "boolean", default=False)
 
-    shape_ref = q.get("trainingShape") or body.get("trainingShape")
+    shape_ref = q.get("trainingShape") or field(body, "trainingShape", "string")
     shape_context = None
     # Trainer ranks: nodeCount x acceleratorCount (the SDK's manual path; a shape pins both).
     nodes, ranks_per_node = body.get("nodeCount", 1), config.get("acceleratorCount") or 1
@@ -90,27 +97,31 @@ async def create_job(request: Request, account: str) -> dict:
         config.setdefault("baseModel", snapshot["baseModel"])
         shape_context = snapshot["maxSupportedContextLength"]
         nodes, ranks_per_node = snapshot["nodeCount"], snapshot["acceleratorCount"] or 1
-        if snapshot["trainerMode"] == "LORA_TRAINER" and not config.get("loraRank"):
-            raise ApiError(400, f"trainingShape {shape_ref!r} is a LoRA shape: trainingConfig.loraRank must be > 0")
+        mode = snapshot["trainerMode"]
+        # As the service: a LoRA shape trains adapters (loraRank > 0) or hosts a frozen rank-0 reference
+        # (forwardOnly, what the SDK provisions for KL/DPO references); a FORWARD_ONLY shape hosts only those.
+        if mode == "LORA_TRAINER" and not config.get("loraRank") and not forward_only:
+            raise ApiError(400, f"trainingShape {shape_ref!r} is a LoRA shape: trainingConfig.loraRank must be > 0 "
+                                "(or forwardOnly must be true, for a frozen reference trainer)")
+        if mode == "FORWARD_ONLY":
+            require(forward_only, 400, f"trainingShape {shape_ref!r} is a FORWARD_ONLY shape: forwardOnly must be true")
+            require(not config.get("loraRank"), 400,
+                    f"trainingShape {shape_ref!r} is a FORWARD_ONLY shape: trainingConfig.loraRank must be 0")
 
-    base_model = config.get("baseModel")
-    require(isinstance(base_model, str) and bool(base_model), 400, "trainingConfig.baseModel is required")
+    base_model = field(config, "baseModel", "string", where="trainingConfig")
+    require(bool(base_model), 400, "trainingConfig.baseModel is required")
     try:
         local_path(base_model)
     except ModelNotFoundError as e:
         raise ApiError(400, f"trainingConfig.baseModel: {e}") from e
-    lora_rank = config.get("loraRank", 0) or 0
-    require(isinstance(lora_rank, int) and lora_rank >= 0, 400,
-            f"trainingConfig.loraRank must be a non-negative integer (got {lora_rank!r})")
-    lr = config.get("learningRate")
-    require(lr is None or (isinstance(lr, (int, float)) and lr >= 0), 400,
-            f"trainingConfig.learningRate must be a non-negative number (got {lr!r})")
-    max_context = config.get("maxContextLength") or shape_context or 2048
-    require(isinstance(max_context, int) and max_context > 0, 400,
-            f"trainingConfig.maxContextLength must be a positive integer (got {max_context!r})")
-    for field, value in (("nodeCount", nodes), ("trainingConfig.acceleratorCount", ranks_per_node)):
+    lora_rank = field(config, "loraRank", "integer", where="trainingConfig", default=0, minimum=0,
+                      maximum=MAX_LORA_RANK)
+    field(config, "learningRate", "number", where="trainingConfig", minimum=0)
+    max_context = field(config, "maxContextLength", "integer", where="trainingConfig", minimum=0,
+                        maximum=MAX_CONTEXT_LENGTH) or shape_context or 2048
+    for name, value in (("nodeCount", nodes), ("trainingConfig.acceleratorCount", ranks_per_node)):
         require(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64, 400,
-                f"{field} must be an integer in 1..64 (got {value!r})")
+                f"{name} must be an integer in 1..64 (got {value!r})")
     config.update(baseModel=base_model, loraRank=lora_rank, maxContextLength=max_context)
     if ranks_per_node > 1:
         config["acceleratorCount"] = ranks_per_node
@@ -118,30 +129,38 @@ async def create_job(request: Request, account: str) -> dict:
     now = rfc3339()
     job = {
         "name": cp.job_name(job_id),
-        "displayName": body.get("displayName") or job_id,
+        "displayName": field(body, "displayName", "string") or job_id,
         "createTime": now,
         "updateTime": now,
         "state": "JOB_STATE_CREATING",
         "status": {"code": "OK", "message": "queued"},
-        "serviceMode": bool(body.get("serviceMode", True)),
-        "keepAlive": bool(body.get("keepAlive", False)),
-        "dataset": body.get("dataset", ""),
+        "serviceMode": field(body, "serviceMode", "boolean", default=True),
+        "keepAlive": field(body, "keepAlive", "boolean", default=False),
+        "dataset": field(body, "dataset", "string", default=""),
         "trainingConfig": config,
         "nodeCount": nodes,
     }
+    if forward_only:
+        job["forwardOnly"] = True
     if shape_ref:
         job["trainingShape"] = shape_ref
-    if body.get("hotLoadDeploymentId"):
+    if field(body, "hotLoadDeploymentId", "string"):
         job["hotLoadDeploymentId"] = body["hotLoadDeploymentId"]
-    if body.get("inactivityTimeout") is not None:
-        timeout = body["inactivityTimeout"]
-        require(isinstance(timeout, str) and bool(re.fullmatch(r"\d+(\.\d+)?s", timeout)), 400,
+    timeout = field(body, "inactivityTimeout", "string")
+    if timeout is not None:
+        require(bool(_DURATION_RE.fullmatch(timeout)), 400,
                 f"inactivityTimeout must be a duration like '1800s' (got {timeout!r})")
         job["inactivityTimeout"] = timeout
-    if body.get("disableInactivityCleanup"):
+    if field(body, "disableInactivityCleanup", "boolean"):
         job["disableInactivityCleanup"] = True
     if not cp.store.insert("jobs", job_id, job):
-        raise ApiError(409, f"rlorTrainerJob {job_id!r} already exists")
+        # A deleted job's row is kept (promotion of its checkpoints needs it) but the id is free again, as
+        # on the service (GET answers 404): the cookbook deletes its trainer after one phase and creates
+        # the same id in the next, which then resumes from the checkpoints still in the job directory.
+        previous = cp.store.get("jobs", job_id)
+        require(previous is not None and previous["state"] == "JOB_STATE_DELETED", 409,
+                f"rlorTrainerJob {job_id!r} already exists")
+        cp.store.put("jobs", job_id, job)
     cp.start_trainer(job_id)
     return cp.store.get("jobs", job_id)
 
@@ -150,7 +169,7 @@ async def create_job(request: Request, account: str) -> dict:
 async def list_jobs(request: Request, account: str) -> dict:
     cp = _cp(request)
     check_account(cp, account)
-    jobs = cp.store.list("jobs")
+    jobs = [j for j in cp.store.list("jobs") if j["state"] != "JOB_STATE_DELETED"]
     return {"rlorTrainerJobs": jobs, "totalSize": len(jobs), "nextPageToken": ""}
 
 
@@ -162,8 +181,9 @@ async def get_job(request: Request, account: str, job_id: str) -> dict:
 
 
 def _get_job(cp: ControlPlane, job_id: str) -> dict:
+    """The job's row; 404 if there is none or the job was deleted (its row stays only for promotion)."""
     job = cp.store.get("jobs", job_id)
-    require(job is not None, 404, f"rlorTrainerJob {job_id!r} not found")
+    require(job is not None and job["state"] != "JOB_STATE_DELETED", 404, f"rlorTrainerJob {job_id!r} not found")
     return job
 
 
@@ -184,7 +204,7 @@ async def job_action(request: Request, account: str, job_action: str) -> dict:
     job_id, _, action = job_action.partition(":")
     require(action == "resume", 404, f"unknown trainer job action {action!r} (supported: resume)")
     job = _get_job(cp, job_id)
-    require(job["state"] not in ("JOB_STATE_DELETED", "JOB_STATE_ARCHIVED"), 412,
+    require(job["state"] != "JOB_STATE_ARCHIVED", 412,
             f"rlorTrainerJob {job_id!r} is {job['state']} and cannot be resumed")
     running = cp.supervisor.get("trainer", job_id) is not None
     if job["state"] in JOB_STOPPED_STATES or not running:

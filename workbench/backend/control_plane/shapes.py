@@ -1,15 +1,21 @@
 """Training shapes: named trainer configurations that `resolve_training_profile` looks up.
 
 On the Fireworks service a shape pins accelerators, image tags and sharding for a base model. Locally a
-shape names a base model, a context length and whether the trainer is full-parameter or LoRA, so
-seed code that starts from `rlor_mgr.resolve_training_profile(shape_id)` runs unchanged.
+shape names a base model, a context length and the trainer mode, so seed code that starts from
+`rlor_mgr.resolve_training_profile(shape_id)` runs unchanged. Modes, as the SDK knows them:
+
+    POLICY_TRAINER   full-parameter training                        <model>-cpu
+    LORA_TRAINER     LoRA training (loraRank > 0), or a frozen rank-0  <model>-lora-cpu
+                     reference (forwardOnly) -- the SDK's preferred reference shape
+    FORWARD_ONLY     frozen reference trainers only (forwardOnly)     <model>-ref-cpu
+
+`workbench.common.default_training_shape` names the right one for a model, rank and role.
 """
 
 from __future__ import annotations
 
+from workbench.common import ACCOUNT_ID
 from workbench.models import DEFAULT_MODEL, SMALL_MODEL
-
-from ..home import ACCOUNT_ID
 
 # shape id -> (base model, trainer mode, max context length)
 SHAPES = {
@@ -20,6 +26,8 @@ SHAPES = {
     "qwen3-tiny-cpu-2r": (DEFAULT_MODEL, "POLICY_TRAINER", 2048),
     "qwen3-tiny-lora-cpu-2r": (DEFAULT_MODEL, "LORA_TRAINER", 2048),
     "qwen3-small-cpu-2r": (SMALL_MODEL, "POLICY_TRAINER", 2048),
+    "qwen3-tiny-ref-cpu": (DEFAULT_MODEL, "FORWARD_ONLY", 2048),
+    "qwen3-small-ref-cpu": (SMALL_MODEL, "FORWARD_ONLY", 2048),
 }
 # Shapes whose trainer runs as several torch.distributed ranks (FSDP2) on this machine: shape id ->
 # ranks, advertised as acceleratorCount (CPU ranks here, one per accelerator on a GPU machine).
