@@ -16,10 +16,7 @@ PACKAGES = ("workbench",)
 
 # Cycles other helpers are still removing: (frozenset of modules) -> why it is tolerated for now.
 # Empty is the goal; each entry must still be a cycle (the test fails on a stale entry too).
-KNOWN_CYCLES: dict[frozenset, str] = {
-    frozenset({"workbench.backend.deployment.engine", "workbench.backend.deployment.weights"}):
-        "a 7-line helper in the wrong file; the deployment-seam work (issue 9, item 2) moves it",
-}
+KNOWN_CYCLES: dict[frozenset, str] = {}
 
 
 def module_files() -> dict[str, Path]:
