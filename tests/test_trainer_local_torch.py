@@ -339,3 +339,10 @@ def test_resave_refused_while_a_delta_or_deployment_depends_on_it(tmp_path):
     with pytest.raises(UserError, match="deployment 'dep-a' holds it"):
         eng.save_sampler("m", p.parse_save_sampler({"path": "s1"}))
     assert (eng.sampler_dir / "s1").is_dir()
+
+
+def test_overwrite_flag_means_what_every_save_does():
+    assert p.parse_save_state({"path": "step-1", "overwrite": True}) == "step-1"
+    assert p.parse_save_sampler({"path": "s_1", "overwrite": False}).name == "s_1"
+    with pytest.raises(UserError, match="ttl_seconds"):
+        p.parse_save_state({"path": "step-1", "ttl_seconds": 5})

@@ -500,15 +500,15 @@ def parse_train_state_ref(path: Any, field: str = "path") -> TrainStateRef:
 
 
 def _reject_unsupported_save_options(body: dict) -> None:
-    # The SDK refuses these client-side (NotImplementedError), so only a hand-made request has them.
+    # The SDK refuses ttl client-side (NotImplementedError), so only a hand-made request has it. (TTLs
+    # are set through the control plane.) `overwrite` needs no check: an existing name is always
+    # replaced, unless a live dependant makes the backend refuse.
     if body.get("ttl_seconds") is not None:
         raise UserError("ttl_seconds is not supported by this trainer (checkpoints never expire)")
-    if body.get("overwrite"):
-        raise UserError("overwrite=true is not supported: save under a new name")
 
 
 def parse_save_state(body: dict) -> str:
-    """save_weights: the train-state name."""
+    """save_weights: the train-state name (an existing state of that name is replaced)."""
     _reject_unsupported_save_options(body)
     return parse_state_name(body.get("path"))
 
