@@ -298,32 +298,34 @@ def test_base_plus_two_deltas_reconstruct_bit_for_bit(tmp_path, model, model_dir
     assert same_bits(ck.apply_delta(root / "s-2", step1, "s-1"), w2)
 
 
-def test_bad_deltas_raise_and_leave_the_current_weights_intact(tmp_path, model, model_dir):
+@pytest.mark.parametrize("delta_format", ck.DELTA_FORMATS)
+def test_bad_deltas_raise_and_leave_the_current_weights_intact(tmp_path, model, model_dir, delta_format):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train_step(model, optimizer, 1)
     w0 = ck.bf16_state(model)
     train_step(model, optimizer, 2)
     w1 = ck.bf16_state(model)
     root = tmp_path / "sampler"
-    ck.save_sampler_delta(root / "s-1", w1, w0, "s-0", {})
+    stats = ck.save_sampler_delta(root / "s-1", w1, w0, "s-0", {}, delta_format=delta_format)
+    delta_file = root / "s-1" / stats["file"]
     current = {k: v.clone() for k, v in w0.items()}
 
     with pytest.raises(ck.DeltaError, match="'s-0'.*'s-9'"):
         ck.apply_delta(root / "s-1", current, "s-9")
-    blob = (root / "s-1" / sampler.DELTA_FILE).read_bytes()
+    blob = delta_file.read_bytes()
     corrupted = bytearray(blob)
     corrupted[len(blob) // 2] ^= 0x5A
-    (root / "s-1" / sampler.DELTA_FILE).write_bytes(bytes(corrupted))
+    delta_file.write_bytes(bytes(corrupted))
     with pytest.raises(ck.DeltaError):
         ck.apply_delta(root / "s-1", current, "s-0")
-    (root / "s-1" / sampler.DELTA_FILE).write_bytes(blob[: len(blob) - 100])
+    delta_file.write_bytes(blob[: len(blob) - 100])
     with pytest.raises(ck.DeltaError, match="truncated"):
         ck.apply_delta(root / "s-1", current, "s-0")
-    (root / "s-1" / sampler.DELTA_FILE).unlink()
+    delta_file.unlink()
     with pytest.raises(ck.DeltaError, match="missing"):
         ck.apply_delta(root / "s-1", current, "s-0")
     # Right name, wrong bytes: the per-tensor checksum notices.
-    (root / "s-1" / sampler.DELTA_FILE).write_bytes(blob)
+    delta_file.write_bytes(blob)
     other = {k: v.clone() for k, v in w0.items()}
     other["model.norm.weight"][0] += 1
     with pytest.raises(ck.DeltaError, match="checksum"):

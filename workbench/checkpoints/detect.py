@@ -3,11 +3,19 @@
 The control plane's checkpoint rows carry `checkpointType` and `promotable`; the real service derives
 both from the blob's contents, not from what the client claimed when saving, and so does this module:
 
-  DCP .metadata whose model keys are LoRA adapter keys  -> CHECKPOINT_TYPE_TRAINING_LORA   (resumable)
+  DCP .metadata, train-state manifest with "lora": true -> CHECKPOINT_TYPE_TRAINING_LORA   (resumable)
   DCP .metadata otherwise                               -> CHECKPOINT_TYPE_TRAINING        (resumable)
-  model.safetensors (full bf16 HF directory)            -> CHECKPOINT_TYPE_INFERENCE_BASE  (promotable)
+  model.safetensors (full HF directory: readable header
+    matching the file size, and config.json)            -> CHECKPOINT_TYPE_INFERENCE_BASE  (promotable)
   adapter_model.safetensors (PEFT adapter)              -> CHECKPOINT_TYPE_INFERENCE_LORA  (promotable)
-  delta.wbd (delta over a previous snapshot)            -> CHECKPOINT_TYPE_INFERENCE_ARC_V2 (neither)
+  a delta in any format (delta.safetensors: arc_v1/v2/v3,
+    delta.wbd: workbench_v1)                            -> CHECKPOINT_TYPE_INFERENCE_ARC_V2 (neither)
+
+Every delta format is ARC_V2 on the wire (the type the real service reports for incremental
+snapshots); the row's `deltaFormat` says which one it is. Listing never unpickles anything: a DCP
+checkpoint's LoRA-ness comes from the manifest workbench wrote (a crafted `.metadata` pickle in a job
+directory is never read here), and safetensors are judged by their JSON headers. A directory whose
+files are unreadable or truncated is skipped with a warning rather than listed as promotable.
 
     rows = list_checkpoints(job_dir)     # committed checkpoints, oldest first
     rows[-1]["checkpointType"], rows[-1]["promotable"], rows[-1]["createTime"]
@@ -25,10 +33,10 @@ from pathlib import Path
 
 from workbench.common import rfc3339
 
+from . import formats
 from .layout import SAMPLER_DIR, TRAIN_STATE_DIR  # one spelling of the directory names, in layout.py
 from .manifest import read_manifest
-from .sampler import ADAPTER_FILE, BASE_FILE, DELTA_FILE
-from .train_state import dcp_keys, is_lora_key
+from .sampler import ADAPTER_FILE, BASE_FILE, delta_format_of, snapshot_kind
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +49,34 @@ CHECKPOINT_TYPES = (TRAINING, TRAINING_LORA, INFERENCE_BASE, INFERENCE_LORA, INF
 
 
 def detect_checkpoint_type(directory: Path) -> str:
-    """The checkpoint type of `directory`, from its files. ValueError if it holds no known checkpoint."""
+    """The checkpoint type of `directory`, from its files (and, for DCP, workbench's manifest); never unpickles.
+
+    ValueError if it holds no known checkpoint, or its files are unreadable, truncated or incomplete.
+    """
     directory = Path(directory)
     if (directory / ".metadata").is_file():
-        try:
-            keys = dcp_keys(directory)
-        except Exception as e:  # unreadable/corrupted .metadata: not something we can resume from
-            raise ValueError(f"{directory}: unreadable DCP metadata ({type(e).__name__}: {e})") from e
-        model_keys = [k for k in keys if k.startswith("model.")]
-        return TRAINING_LORA if any(is_lora_key(k) for k in model_keys) else TRAINING
-    if (directory / BASE_FILE).is_file():
-        return INFERENCE_BASE
-    if (directory / ADAPTER_FILE).is_file():
+        # save_train_state records whether it saved only LoRA adapter keys; reading the keys themselves
+        # would unpickle .metadata.
+        meta = read_manifest(directory) or {}
+        return TRAINING_LORA if meta.get("lora") is True else TRAINING
+    if not any(directory.glob("*.safetensors")) and not (directory / formats.WORKBENCH_DELTA_FILE).is_file():
+        raise ValueError(f"{directory} holds no checkpoint files (.metadata, {BASE_FILE}, {ADAPTER_FILE}, "
+                         f"{formats.LIBRARY_DELTA_FILE} or {formats.WORKBENCH_DELTA_FILE})")
+    try:
+        kind = snapshot_kind(directory)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory}: {e}") from e
+    if kind == "lora":
+        if not (directory / "adapter_config.json").is_file():
+            raise ValueError(f"{directory}: {ADAPTER_FILE} without adapter_config.json")
         return INFERENCE_LORA
-    if (directory / DELTA_FILE).is_file():
+    if kind == "delta":
         return INFERENCE_ARC_V2
-    raise ValueError(f"{directory} holds no checkpoint files (.metadata, {BASE_FILE}, {ADAPTER_FILE} or {DELTA_FILE})")
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory}: weights without config.json are not a Hugging Face model directory")
+    for f in directory.glob("*.safetensors"):       # every shard's header must match its size
+        formats.safetensors_header(f)
+    return INFERENCE_BASE
 
 
 def is_promotable(checkpoint_type) -> bool:
@@ -67,8 +87,29 @@ def is_resumable(checkpoint_type) -> bool:
     return checkpoint_type in (TRAINING, TRAINING_LORA)
 
 
+def _wire_extras(directory: Path, checkpoint_type: str, meta: dict) -> dict:
+    """Fields a checkpoint row adds for a delta: its format and what the notebook shows per sync."""
+    if checkpoint_type != INFERENCE_ARC_V2:
+        return {}
+    try:
+        extras = {"deltaFormat": delta_format_of(directory)}
+    except (OSError, ValueError) as e:
+        log.warning("%s: delta format unreadable: %s", directory, e)
+        extras = {"deltaFormat": "unknown"}
+    for key, wire_key in (("delta_bytes", "deltaBytes"), ("changed_fraction", "changedFraction"),
+                          ("chain_length", "chainLength"), ("base_identity", "baseSnapshot")):
+        if meta.get(key) is not None:
+            extras[wire_key] = meta[key]
+    return extras
+
+
 def list_checkpoints(job_dir: Path) -> list[dict]:
-    """Committed checkpoints of a trainer job, oldest first by created_time (then id)."""
+    """Committed checkpoints of a trainer job, oldest first by created_time (then id).
+
+    Each row: id, path, checkpointType, promotable, resumable, createTime/updateTime, created_time,
+    expire_time, manifest, and `wire` (fields for the wire row: deltaFormat, deltaBytes,
+    changedFraction, chainLength, baseSnapshot for a delta; empty otherwise).
+    """
     job_dir = Path(job_dir)
     rows = []
     for sub in (TRAIN_STATE_DIR, SAMPLER_DIR):
@@ -107,6 +148,7 @@ def list_checkpoints(job_dir: Path) -> list[dict]:
                 "created_time": created,
                 "expire_time": float(expire) if expire is not None else None,
                 "manifest": meta,
+                "wire": _wire_extras(directory, checkpoint_type, meta),
             })
     rows.sort(key=lambda row: (row["created_time"], row["id"]))
     return rows

@@ -2,12 +2,15 @@
 
 Three kinds, told apart by the files they hold (`snapshot_kind`):
 
-  base   a Hugging Face model directory: model.safetensors (bf16, tied lm_head omitted), config.json
-         (dtype bfloat16) and the base model's tokenizer files and chat template, so
-         `AutoModelForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)` work as is.
-         Promotable.
-  delta  delta.wbd: the new bf16 weights encoded against the previous snapshot (see delta_codec).
-         Only meaningful on top of that snapshot; not promotable.
+  base   a Hugging Face model directory: model.safetensors (bf16, tied lm_head omitted; a foreign base
+         may be sharded), config.json (dtype bfloat16) and the base model's tokenizer files and chat
+         template, so `AutoModelForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)`
+         work as is. Promotable.
+  delta  the new bf16 weights encoded against the previous snapshot, in the trainer job's delta format
+         (formats.py: delta.safetensors for arc_v1/arc_v2/arc_v3 via fireworks_delta_compression,
+         delta.wbd for workbench_v1). Only meaningful on top of that snapshot; not promotable. A
+         directory of library-written *.safetensors patches without a manifest (Fireworks' own
+         pipeline) is a delta too.
   lora   a PEFT adapter directory (adapter_config.json + adapter_model.safetensors, bf16) plus the
          tokenizer files; loads with `PeftModel.from_pretrained(base, dir)`. Promotable.
 
@@ -15,13 +18,19 @@ Trainer side:
 
     weights = bf16_state(model)                                    # after an optimizer step
     save_sampler_base(root / "step-1-ab12cd34", weights, model_dir, meta)
-    stats = save_sampler_delta(root / "step-2-ab12cd34", weights2, weights, "step-1-ab12cd34", meta)
+    stats = save_sampler_delta(root / "step-2-ab12cd34", weights2, weights, "step-1-ab12cd34", meta,
+                               delta_format="arc_v2")
 
 Deployment side:
 
     current = load_base_weights(root / "step-1-ab12cd34")
-    current = apply_delta(root / "step-2-ab12cd34", current, current_identity="step-1-ab12cd34")
+    current = apply_delta(root / "step-2-ab12cd34", current, current_identity="step-1-ab12cd34",
+                          compression_format="arc_v2")   # the hot-load request's; must match the snapshot's
     same = reconstruct([root / "step-1-ab12cd34", root / "step-2-ab12cd34"])
+
+A delta's manifest records what the notebook shows per sync: delta_format, delta_bytes, raw_bytes,
+changed_elements / total_elements (changed_fraction) and chain_length (deltas since the base,
+this one included) with chain_base.
 
 A snapshot's identity is its name (the manifest's "name", which is the directory name). Every save
 is atomic (staging directory, manifest last, rename: see staging.py) and refuses to overwrite.
@@ -38,20 +47,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import delta_codec
+from . import formats
 from .delta_codec import DeltaError
+from .formats import DeltaFormatError
 from .manifest import read_manifest
 from .staging import staged_checkpoint
 
 BASE_FILE = "model.safetensors"
-DELTA_FILE = "delta.wbd"
+DELTA_FILE = formats.WORKBENCH_DELTA_FILE       # workbench_v1; arc_* deltas are formats.LIBRARY_DELTA_FILE
 ADAPTER_FILE = "adapter_model.safetensors"
 
 # Files copied from the base model's directory so a base/LoRA snapshot is a complete HF directory.
 _TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                        "*.jinja", "chat_template.json", "generation_config.json", "preprocessor_config.json")
 
-__all__ = ["DeltaError", "bf16_state", "save_sampler_base", "save_sampler_delta", "save_sampler_lora",
+__all__ = ["DeltaError", "DeltaFormatError", "bf16_state", "save_sampler_base", "save_sampler_delta", "save_sampler_lora",
            "snapshot_kind", "load_base_weights", "apply_delta", "reconstruct", "snapshot_identity"]
 
 
@@ -103,34 +113,28 @@ def save_sampler_base(dest: Path, weights_bf16: dict, model_dir: Path, meta: dic
 
 
 def save_sampler_delta(dest: Path, weights_bf16: dict, previous_bf16: dict, previous_identity: str,
-                       meta: dict) -> dict:
-    """Write `weights_bf16` as a delta over `previous_bf16` (the snapshot named `previous_identity`).
-
-    Returns size stats: raw_bytes (bf16 size of the weights), delta_bytes, ratio, changed_elements,
-    total_elements, layouts ({layout: tensor count}), encode_seconds.
-    """
+                       meta: dict, delta_format: str = formats.DEFAULT_DELTA_FORMAT) -> dict:
+    """Write `weights_bf16` as a delta over `previous_bf16` (the snapshot named `previous_identity`, a
+    sibling of `dest`) in `delta_format`. Returns the stats its manifest records (see module docstring)
+    plus encode_seconds."""
     started = time.perf_counter()
-    blob = delta_codec.encode(weights_bf16, previous_bf16, previous_identity)
-    encode_seconds = time.perf_counter() - started
-    records = delta_codec.read_header(blob)["tensors"]
-    raw = sum(t.numel() * 2 for t in weights_bf16.values())
-    layouts: dict[str, int] = {}
-    for rec in records:
-        layouts[rec["layout"]] = layouts.get(rec["layout"], 0) + 1
-    stats = {
-        "raw_bytes": raw,
-        "delta_bytes": len(blob),
-        "ratio": raw / len(blob) if blob else 0.0,
-        "changed_elements": sum(rec["changed"] for rec in records),
-        "total_elements": raw // 2,
-        "layouts": layouts,
-        "encode_seconds": encode_seconds,
-    }
-    full_meta = _sampler_meta(meta, "delta", base_identity=previous_identity,
-                              delta_format_version=delta_codec.FORMAT_VERSION,
-                              delta_bytes=len(blob), raw_bytes=raw)
+    previous = read_manifest(Path(dest).parent / previous_identity) or {}
+    if previous.get("snapshot_kind") == "delta":
+        chain_length = int(previous.get("chain_length") or 0) + 1
+        chain_base = previous.get("chain_base") or previous.get("base_identity")
+    else:
+        chain_length, chain_base = 1, previous_identity
+    stats = None
+    # The stats go into the manifest, which is written when the block exits: fill them in first.
+    full_meta = _sampler_meta(meta, "delta", base_identity=previous_identity, chain_base=chain_base,
+                              chain_length=chain_length, checksum_format=formats.CHECKSUM_FORMAT)
     with staged_checkpoint(dest, full_meta) as tmp:
-        (tmp / DELTA_FILE).write_bytes(blob)
+        stats = formats.write_delta(tmp, weights_bf16, previous_bf16, previous_identity, delta_format)
+        stats["changed_fraction"] = stats["changed_elements"] / max(1, stats["total_elements"])
+        stats["ratio"] = stats["raw_bytes"] / max(1, stats["delta_bytes"])
+        full_meta.update({k: v for k, v in stats.items() if k != "file"}, delta_file=stats["file"])
+    stats["encode_seconds"] = time.perf_counter() - started
+    stats.update(chain_length=chain_length, chain_base=chain_base)
     return stats
 
 
@@ -158,16 +162,28 @@ def save_sampler_lora(dest: Path, peft_model, model_dir: Path, meta: dict) -> No
         _copy_tokenizer_files(Path(model_dir), tmp)
 
 
+def _weight_files(src: Path) -> list[Path]:
+    return sorted(p for p in Path(src).glob("*.safetensors") if p.is_file() and p.name != ADAPTER_FILE)
+
+
 def snapshot_kind(src: Path) -> str:
-    """"base", "delta" or "lora", from the files in `src`. Raises ValueError if it is none of them."""
+    """"base", "delta" or "lora", from the files in `src`. Raises ValueError if it is none of them.
+
+    A safetensors file counts only if its header is readable and matches its size: a truncated or
+    garbled model.safetensors is not a base.
+    """
     src = Path(src)
-    if (src / BASE_FILE).is_file():
-        return "base"
     if (src / DELTA_FILE).is_file():
         return "delta"
     if (src / ADAPTER_FILE).is_file():
+        formats.safetensors_header(src / ADAPTER_FILE)
         return "lora"
-    raise ValueError(f"{src} is not a sampler snapshot (no {BASE_FILE}, {DELTA_FILE} or {ADAPTER_FILE})")
+    if formats.library_delta_files(src):         # raises ValueError on an unreadable file
+        return "delta"
+    if (src / BASE_FILE).is_file() or _weight_files(src):
+        return "base"
+    raise ValueError(f"{src} is not a sampler snapshot (no {BASE_FILE}, {DELTA_FILE}, "
+                     f"{formats.LIBRARY_DELTA_FILE} or {ADAPTER_FILE})")
 
 
 def snapshot_identity(src: Path) -> str:
@@ -176,29 +192,55 @@ def snapshot_identity(src: Path) -> str:
     return str(meta.get("name") or Path(src).name)
 
 
+def delta_format_of(src: Path) -> str:
+    """The format a delta snapshot was written in: its manifest's delta_format, else what its files are."""
+    meta = read_manifest(src) or {}
+    recorded = meta.get("delta_format")
+    if recorded is None and meta.get("delta_format_version") == 1 and (Path(src) / DELTA_FILE).is_file():
+        recorded = formats.WORKBENCH_DELTA_FORMAT          # written before formats were recorded
+    return recorded if isinstance(recorded, str) else formats.sniff_delta_format(src)
+
+
 def load_base_weights(src: Path) -> dict[str, torch.Tensor]:
-    """The bf16 weights of a base snapshot, keyed like bf16_state()."""
+    """The weights of a base snapshot (bf16 for workbench's own), keyed like bf16_state(); shards merged."""
     src = Path(src)
-    if not (src / BASE_FILE).is_file():
+    files = _weight_files(src)
+    if not files:
         raise ValueError(f"{src} is not a base snapshot (no {BASE_FILE})")
-    return load_file(str(src / BASE_FILE))
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
 
 
-def apply_delta(src: Path, current_bf16: dict, current_identity: str) -> dict:
+def apply_delta(src: Path, current_bf16: dict, current_identity: str, compression_format: str | None = None,
+                checksum_format: str | None = None) -> dict:
     """NEW bf16 dict: the delta snapshot at `src` applied to `current_bf16` (the snapshot `current_identity`).
 
-    Raises DeltaError if the delta was made against another snapshot, its version is unknown, its
-    file is missing, truncated or corrupted, or a tensor fails its checksum. `current_bf16` is never
-    modified.
+    `compression_format` / `checksum_format` are what the hot-load request named (None: not named);
+    one that disagrees with the snapshot raises DeltaFormatError (http_status 400) naming both.
+    Raises DeltaError if the delta was made against another snapshot, its files are missing,
+    truncated or corrupted, or a tensor fails its checksum. `current_bf16` is never modified.
     """
-    path = Path(src) / DELTA_FILE
+    src = Path(src)
+    name = snapshot_identity(src)
     try:
-        blob = path.read_bytes()
-    except FileNotFoundError as e:
-        raise DeltaError(f"{src} is not a delta snapshot: {DELTA_FILE} is missing") from e
-    except OSError as e:
-        raise DeltaError(f"cannot read {path}: {e}") from e
-    return delta_codec.decode(blob, current_bf16, current_identity)
+        recorded = delta_format_of(src)
+    except DeltaError as e:
+        raise DeltaError(f"{src} is not a readable delta snapshot: {e}") from e
+    if compression_format is not None and compression_format != recorded:
+        raise DeltaFormatError(f"incremental_snapshot_metadata.compression_format is {compression_format!r}, but "
+                               f"snapshot {name!r} was written as {recorded!r}: hot-load it with "
+                               f"compression_format={recorded!r}, or {formats.HOW_TO_CHOOSE}")
+    if checksum_format is not None and checksum_format not in formats.CHECKSUM_FORMATS:
+        raise DeltaFormatError(f"incremental_snapshot_metadata.checksum_format is {checksum_format!r}, but snapshot "
+                               f"{name!r} carries {formats.CHECKSUM_FORMAT!r} checksums (the only kind every delta "
+                               f"format uses): send checksum_format={formats.CHECKSUM_FORMAT!r}")
+    base = (read_manifest(src) or {}).get("base_identity")
+    if isinstance(base, str) and base != current_identity:
+        raise DeltaError(f"delta applies to snapshot {base!r}, but the current weights are {current_identity!r}: "
+                         "load that snapshot (or a full base) first")
+    return formats.read_delta(src, current_bf16, recorded, current_identity)
 
 
 def reconstruct(chain: list[Path]) -> dict:

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .manifest import read_manifest
+from .safe_pickle import check_dcp_metadata
 from .staging import cleanup_partial, staged_checkpoint
 
 
@@ -91,9 +92,13 @@ def _state_dicts(model, optimizer):
 
 
 def dcp_keys(directory: Path) -> list[str]:
-    """The state-dict keys recorded in a DCP checkpoint's .metadata (raises if there is none)."""
-    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
-    return list(metadata.state_dict_metadata)
+    """The state-dict keys recorded in a DCP checkpoint's .metadata (raises if there is none).
+
+    Read with safe_pickle's DCP-only unpickler: a .metadata naming anything but DCP's own classes
+    raises UnsafePickleError before anything runs, so load_train_state never hands torch's plain
+    pickle.load a crafted file (dcp.load reads the same bytes only after this check passed).
+    """
+    return list(check_dcp_metadata(directory).state_dict_metadata)
 
 
 def save_train_state(dest: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict) -> None:
