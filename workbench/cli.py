@@ -2,6 +2,7 @@
 
     workbench serve [--home DIR] [--host 127.0.0.1] [--port N] [--detach]   run the local backend
                     [--deployment-engine builtin|vllm]                    default engine of deployments
+                    [--compression-format F]                              default delta format of trainer jobs
     workbench status [--home DIR] [--json]                                  the backend, its jobs and deployments
     workbench ls [--home DIR] [--all] [--json]                              trainer jobs and deployments
     workbench rm ID [ID ...] | --all [--home DIR]                           delete jobs / deployments (stops them)
@@ -74,6 +75,15 @@ def cmd_serve(args) -> int:
     home = _home(args)
     if args.deployment_engine:   # read by the control plane (deployment/engines.py); children inherit it
         os.environ["WORKBENCH_DEPLOYMENT_ENGINE"] = args.deployment_engine
+    if args.compression_format:
+        from workbench.checkpoints.formats import DEFAULT_ENV, check_format
+
+        try:
+            check_format(args.compression_format, "--compression-format")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        os.environ[DEFAULT_ENV] = args.compression_format   # read by the control plane; a detached one inherits it
     if args.detach:
         info = server.start_detached(home, args.host, args.port)
         print(f"workbench backend serving at {info['base_url']} (pid {info['pid']}, home {home})")
@@ -241,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deployment-engine", choices=["builtin", "vllm"], default=None,
                    help="engine of deployments whose shape does not choose one (default builtin, or "
                         "$WORKBENCH_DEPLOYMENT_ENGINE); vllm needs scripts/install_vllm.sh")
+    p.add_argument("--compression-format", help="sampler-delta format of trainer jobs that do not choose one "
+                   "(arc_v2 default, arc_v1, arc_v3, workbench_v1; see README 'Delta formats')")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stop", parents=[common], help="stop the backend and every process it started")

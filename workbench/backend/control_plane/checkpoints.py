@@ -67,6 +67,7 @@ def job_rows(cp: ControlPlane, job_id: str) -> list[dict]:
                 wire["step"] = manifest["step"]
             if row.get("expire_time"):
                 wire["expireTime"] = rfc3339(row["expire_time"])
+            wire.update(row.get("wire") or {})      # a delta's deltaFormat and per-sync stats
         except (OSError, ValueError, OverflowError) as e:
             # One unreadable checkpoint must not hide the others (resume and promotion list them).
             log.warning("checkpoint listing of job %s: skipping %s (%s: %s)", job_id, row.get("path"),

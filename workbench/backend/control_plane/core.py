@@ -120,6 +120,7 @@ class ControlPlane:
             "job_id": job_id, "account": self.account, "base_model": config["baseModel"],
             "lora_rank": int(config.get("loraRank") or 0), "learning_rate": config.get("learningRate"),
             "max_context_length": config.get("maxContextLength"), "home": str(self.home),
+            "delta_format": (job.get("extraValues") or {}).get("compression_format"),
             "forward_only": bool(job.get("forwardOnly")), **trainer_topology(job)})
         self.set_job_state(job_id, "JOB_STATE_CREATING", "starting trainer process")
         args = ["-m", "workbench.backend.trainer", "--job-dir", str(job_dir)]

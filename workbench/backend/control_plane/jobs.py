@@ -125,6 +125,15 @@ async def create_job(request: Request, account: str) -> dict:
     config.update(baseModel=base_model, loraRank=lora_rank, maxContextLength=max_context)
     if ranks_per_node > 1:
         config["acceleratorCount"] = ranks_per_node
+    # The sampler-delta format this job writes (README "Delta formats"): extraValues.compression_format,
+    # else --compression-format in extraArgs, else the `workbench serve --compression-format` default.
+    from workbench.checkpoints.formats import EXTRA_VALUES_KEY, choose_job_format
+
+    extra_values = body.get("extraValues")
+    try:
+        delta_format = choose_job_format(extra_values, config.get("extraArgs"))
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
 
     now = rfc3339()
     job = {
@@ -139,6 +148,7 @@ async def create_job(request: Request, account: str) -> dict:
         "dataset": field(body, "dataset", "string", default=""),
         "trainingConfig": config,
         "nodeCount": nodes,
+        "extraValues": {**(extra_values or {}), EXTRA_VALUES_KEY: delta_format},
     }
     if forward_only:
         job["forwardOnly"] = True

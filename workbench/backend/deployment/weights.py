@@ -74,8 +74,6 @@ SWAP_WAIT_DRAIN_S = 600.0     # a draining swap waits for the requests in flight
 # what the hot-load GET reports about the last load (replicas[0].last_load; the notebook shows it)
 _LAST_LOAD_KEYS = ("identity", "kind", "noop", "load_seconds", "max_sampler_pause_seconds", "bytes_read",
                    "deltas_since_base", "drained", "restored")
-COMPRESSION_FORMATS = {"arc_v2"}
-CHECKSUM_FORMATS = {"alder32", "adler32"}   # "alder32" is the SDK's spelling
 
 
 def _ckpt():
@@ -343,7 +341,7 @@ class WeightManager:
             if prev != self.current_identity:
                 raise HotloadError(409, f"delta {identity!r} applies to {prev!r}, but this replica holds "
                                         f"{self.current_identity!r}; hot-load a full (base) snapshot first")
-            weights = decode_delta(src, self.current_bf16, self.current_identity)
+            weights = decode_delta(src, self.current_bf16, self.current_identity, meta)
             chain = self.chain + [entry]
             since_base = self.deltas_since_base + 1
         elif kind == "base":
@@ -528,11 +526,18 @@ class WeightManager:
             self.engine.stop()
 
 
-def decode_delta(src: Path, held_bf16: dict, held_identity: str | None) -> dict:
+def decode_delta(src: Path, held_bf16: dict, held_identity: str | None, request_meta: dict | None = None) -> dict:
     """The one place a delta snapshot is decoded: the new bf16 weights from the weights held now.
-    Verifies the delta's base and checksum (raises checkpoints.DeltaError). A new delta format
-    changes this function only."""
-    return _ckpt().apply_delta(src, held_bf16, held_identity)
+    Decodes by the format the snapshot records (workbench.checkpoints.formats), verifies the delta's
+    base and checksums (raises checkpoints.DeltaError). A request naming another compression_format
+    or checksum_format than the snapshot's is a 400 naming both (HotloadError)."""
+    ck = _ckpt()
+    meta = request_meta or {}
+    try:
+        return ck.apply_delta(src, held_bf16, held_identity, compression_format=meta.get("compression_format"),
+                              checksum_format=meta.get("checksum_format"))
+    except ck.DeltaFormatError as e:
+        raise HotloadError(e.http_status, f"delta snapshot {Path(src).name!r} refused: {e}") from e
 
 
 def check_finite(weights: dict, identity: str | None) -> None:
@@ -599,12 +604,14 @@ def _check_metadata(meta) -> dict | None:
     prev = meta.get("previous_snapshot_identity")
     if not isinstance(prev, str) or not prev:
         raise HotloadError(400, "incremental_snapshot_metadata.previous_snapshot_identity is required")
+    from workbench.checkpoints.formats import CHECKSUM_FORMATS, DELTA_FORMATS
+
     cf = meta.get("compression_format", "arc_v2")
-    if cf not in COMPRESSION_FORMATS:
+    if cf not in DELTA_FORMATS:
         raise HotloadError(400, f"incremental_snapshot_metadata.compression_format {cf!r} is not supported "
-                                f"(supported: {sorted(COMPRESSION_FORMATS)})")
+                                f"(supported: {', '.join(DELTA_FORMATS)})")
     sf = meta.get("checksum_format", "alder32")
     if sf not in CHECKSUM_FORMATS:
         raise HotloadError(400, f"incremental_snapshot_metadata.checksum_format {sf!r} is not supported "
-                                f"(supported: {sorted(CHECKSUM_FORMATS)})")
+                                f"(supported: {', '.join(CHECKSUM_FORMATS)})")
     return dict(meta)

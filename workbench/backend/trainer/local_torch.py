@@ -570,8 +570,8 @@ class LocalTorchTrainer:
             return "lora"
         if ctype == "delta" and self._last_sampler is not None and not self.is_lora:
             prev_weights, prev_identity = self._last_sampler
-            ckpt.save_sampler_delta(dest, weights, prev_weights, prev_identity, meta)
-            return f"delta over {prev_identity}"
+            ckpt.save_sampler_delta(dest, weights, prev_weights, prev_identity, meta, delta_format=self.job.delta_format)
+            return f"{self.job.delta_format} delta over {prev_identity}"
         # No previous snapshot in this process: a delta has nothing to be relative to, so the snapshot
         # is written as a full base (and its row honestly shows BASE).
         ckpt.save_sampler_base(dest, weights, self.model_dir, meta)

@@ -175,6 +175,8 @@ class JobConfig:
     learning_rate: float
     max_context_length: int | None
     home: Path
+    delta_format: str = "arc_v2"
+    """Format of the sampler deltas this job writes (workbench.checkpoints.formats; chosen at job creation)."""
 
     @classmethod
     def load(cls, path: Path) -> "JobConfig":
@@ -188,6 +190,7 @@ class JobConfig:
             learning_rate=float(raw.get("learning_rate") or 1e-4),
             max_context_length=int(max_ctx) if max_ctx else None,
             home=Path(raw["home"]).expanduser() if raw.get("home") else Path(path).parent.parent.parent,
+            delta_format=str(raw.get("delta_format") or "arc_v2"),
         )
 
 
