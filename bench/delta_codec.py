@@ -1,32 +1,39 @@
-"""Sampler delta size and speed: workbench's delta codec vs plain XOR + zstd-1, on a real AdamW trajectory.
+"""Every sampler-delta format side by side on the same tensors: arc_v1, arc_v2, arc_v3 (fireworks-delta-compression)
+and workbench_v1, on a real AdamW trajectory.
 
-    python bench/delta_codec.py [--model accounts/workbench/models/qwen3-small] [--warmup 20] [--repeats 5]
+    python bench/delta_codec.py [--model small|75m|<catalog name>] [--warmup 20] [--repeats 3] [--arc3-runs 3]
 
-Trains the ~5M model (fp32 AdamW, batches of random tokens) at lr 1e-4, 1e-5 and 1e-6, takes bf16
+Trains the model (fp32 AdamW, batches of 8 x 64 random tokens) at lr 1e-4, 1e-5 and 1e-6, takes bf16
 snapshots after `warmup` steps, one step later and ten steps later, and for the 1-step and 10-step
-deltas prints, measured side by side in one run on one thread (torch.set_num_threads(1)):
+deltas prints, per format, measured in one run through the code a trainer and a deployment run
+(`formats.write_delta` into a directory, `formats.read_delta` back with every checksum verified, arc_v3
+envelopes checked by the restricted unpickler first):
 
-  raw bf16 size; workbench delta size and ratio vs raw; plain XOR + zstd-1 size and ratio;
-  workbench vs plain (target >= 1.5x); the workbench layout with XOR values instead of differences
-  (why differences); encode and decode MB/s of raw bf16 bytes for both (best of `repeats`, per
-  CPU-second of the one thread: the machine is shared, so wall time would measure the neighbours).
+  the delta file's size, its ratio vs raw bf16 and vs arc_v2; workbench_v1 vs arc_v3;
+  encode and decode MB/s of raw bf16 per CPU-second (time.process_time: all threads of this process,
+  since arc_v3 encodes its candidates in a thread pool; one torch thread), best of `repeats`.
 
-Both decoders return new bf16 tensors; workbench's also verifies every tensor's adler32, plain does
-not, so a third decode column times plain plus that same check (the like-for-like cost).
-The output is the markdown table docs/delta-format.md quotes. Takes about a minute.
+arc_v3 races its candidate encodings against a deadline, so its size depends on timing and free
+cores: it is encoded `arc3-runs` times and the min and max sizes are reported. "75m" builds the ~75M
+Qwen3 of bench/hotload.py (random init, registered through a temporary catalog). Every decode is
+checked bit for bit against the trainer's weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
-import zstandard
 
 LRS = (1e-4, 1e-5, 1e-6)
+FORMATS = ("arc_v1", "arc_v2", "arc_v3", "workbench_v1")
 
 
 def trajectory(model_name: str, lr: float, warmup: int, seed: int = 0) -> dict[int, dict]:
@@ -50,127 +57,102 @@ def trajectory(model_name: str, lr: float, warmup: int, seed: int = 0) -> dict[i
     return snapshots
 
 
-def plain_encode(new: dict, old: dict) -> bytes:
-    """The baseline: XOR of the bf16 bit patterns, all tensors concatenated, one zstd-1 frame."""
-    from workbench.checkpoints.delta_codec import bf16_bits
-
-    xor = np.concatenate([bf16_bits(new[k]) ^ bf16_bits(old[k]) for k in new])
-    return zstandard.ZstdCompressor(level=1).compress(xor)
-
-
-def plain_decode(blob: bytes, old: dict) -> dict:
-    from workbench.checkpoints.delta_codec import bf16_bits, bits_to_bf16
-
-    xor = np.frombuffer(zstandard.ZstdDecompressor().decompress(blob), np.uint16)
-    out, offset = {}, 0
-    for name, t in old.items():
-        n = t.numel()
-        out[name] = bits_to_bf16(np.bitwise_xor(xor[offset:offset + n], bf16_bits(t)), t.shape)
-        offset += n
-    return out
-
-
-def plain_decode_checked(blob: bytes, old: dict, checksums: dict) -> dict:
-    """plain_decode plus the per-tensor adler32 check workbench's decoder always does: the like-for-like cost."""
-    import zlib
-
-    from workbench.checkpoints.delta_codec import bf16_bits
-
-    out = plain_decode(blob, old)
-    for name, t in out.items():
-        if zlib.adler32(bf16_bits(t)) != checksums[name]:
-            raise ValueError(f"{name}: checksum mismatch")
-    return out
-
-
-def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Run each function `repeats` times, alternating between them so machine noise hits all alike.
-
-    Returns (last result, best time) per name. The time is this thread's CPU time, not wall time:
-    the machine is shared, and waiting for a core is not the codec's cost (everything runs on this
-    one thread). The previous result is freed before each run, as a deployment frees the weights a
-    new snapshot replaces.
-    """
-    results, times = {}, {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            results[name] = None
-            gc.collect()
-            start = time.thread_time()
-            results[name] = fn()
-            times[name].append(time.thread_time() - start)
-    return results, {name: min(t) for name, t in times.items()}
-
-
 def same_bits(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
 
 
-def measure(new: dict, old: dict, repeats: int) -> dict:
-    from workbench.checkpoints import delta_codec
+def timed(fn):
+    gc.collect()
+    start = time.process_time()
+    out = fn()
+    return out, time.process_time() - start
+
+
+def measure(new: dict, old: dict, repeats: int, arc3_runs: int, scratch: Path) -> dict:
+    from workbench.checkpoints import formats
 
     raw = sum(t.numel() * 2 for t in new.values())
-    blobs, enc = best_times({"wb": lambda: delta_codec.encode(new, old, "prev"),
-                             "plain": lambda: plain_encode(new, old)}, repeats)
-    checksums = {rec["name"]: rec["adler32"] for rec in delta_codec.read_header(blobs["wb"])["tensors"]}
-    outs, dec = best_times({"wb": lambda: delta_codec.decode(blobs["wb"], old, "prev"),
-                            "plain": lambda: plain_decode(blobs["plain"], old),
-                            "plain_checked": lambda: plain_decode_checked(blobs["plain"], old, checksums)}, repeats)
-    assert same_bits(outs["wb"], new), "workbench delta did not reconstruct bit for bit"
-    assert same_bits(outs["plain"], new), "plain XOR delta did not reconstruct bit for bit"
-    blob = blobs["wb"]
-    xor_values = delta_codec.encode(new, old, "prev", transform="xor")
-    records = delta_codec.read_header(blob)["tensors"]
-    layouts: dict[str, int] = {}
-    for rec in records:
-        layouts[rec["layout"]] = layouts.get(rec["layout"], 0) + 1
-    return {
-        "raw": raw, "changed": sum(r["changed"] for r in records) / (raw // 2),
-        "wb": len(blob), "plain": len(blobs["plain"]), "wb_xor": len(xor_values),
-        "wb_enc": raw / enc["wb"] / 1e6, "wb_dec": raw / dec["wb"] / 1e6,
-        "plain_enc": raw / enc["plain"] / 1e6, "plain_dec": raw / dec["plain"] / 1e6,
-        "plain_checked_dec": raw / dec["plain_checked"] / 1e6,
-        "layouts": layouts,
-    }
+    out = {"raw": raw}
+    for fmt in FORMATS:
+        sizes, enc_times, dec_times = [], [], []
+        runs = max(repeats, arc3_runs if fmt == "arc_v3" else 0)
+        for i in range(runs):
+            d = scratch / f"{fmt}-{i}"
+            d.mkdir()
+            stats, seconds = timed(lambda: formats.write_delta(d, new, old, "prev", fmt))
+            sizes.append(stats["delta_bytes"])
+            enc_times.append(seconds)
+            out["changed"] = stats["changed_elements"] / stats["total_elements"]
+            if i < repeats:
+                result, seconds = timed(lambda: formats.read_delta(d, old, fmt, "prev"))
+                dec_times.append(seconds)
+                assert same_bits(result, new), f"{fmt} did not reconstruct bit for bit"
+                del result
+        out[fmt] = {"min": min(sizes), "max": max(sizes), "enc": raw / min(enc_times) / 1e6,
+                    "dec": raw / min(dec_times) / 1e6}
+    return out
 
 
 def kb(n: int) -> str:
     return f"{n / 1024:,.0f} KiB" if n >= 10 * 1024 else f"{n / 1024:.1f} KiB"
 
 
-def main() -> None:
-    from workbench.models import SMALL_MODEL
+def resolve_model(name: str, where: Path) -> str:
+    from workbench import models
 
+    if name == "small":
+        return models.SMALL_MODEL
+    if name == "75m":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from hotload import MEDIUM, make_medium
+
+        catalog = where / "models.json"
+        catalog.write_text(json.dumps({MEDIUM: str(make_medium(where))}))
+        os.environ["WORKBENCH_MODEL_CATALOG"] = str(catalog)
+        return MEDIUM
+    return name
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=SMALL_MODEL)
+    ap.add_argument("--model", default="small", help="small (qwen3-small, ~5M), 75m, or a catalog model name")
     ap.add_argument("--warmup", type=int, default=20, help="AdamW steps before the first snapshot")
-    ap.add_argument("--repeats", type=int, default=5, help="timing runs per measurement, alternating workbench and plain (best is reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed encode/decode runs per format (best is reported)")
+    ap.add_argument("--arc3-runs", type=int, default=3, help="arc_v3 encodings per delta (min and max size reported)")
+    ap.add_argument("--lrs", default=",".join(str(x) for x in LRS))
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     rows = []
     started = time.perf_counter()
-    for lr in LRS:
-        snaps = trajectory(args.model, lr, args.warmup)
-        w = args.warmup
-        for label, a, b in (("1 step", w, w + 1), ("10 steps", w, w + 10)):
-            rows.append((lr, label, measure(snaps[b], snaps[a], args.repeats)))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = resolve_model(args.model, Path(tmp))
+        for lr in (float(x) for x in args.lrs.split(",")):
+            snaps = trajectory(model, lr, args.warmup)
+            w = args.warmup
+            for label, a, b in (("1 step", w, w + 1), ("10 steps", w, w + 10)):
+                with tempfile.TemporaryDirectory(dir=tmp) as scratch:
+                    rows.append((lr, label, measure(snaps[b], snaps[a], args.repeats, args.arc3_runs, Path(scratch))))
+            del snaps
 
     params = rows[0][2]["raw"] // 2
-    print(f"model {args.model} ({params / 1e6:.2f}M bf16 values), AdamW fp32, batch 8x64 random tokens, "
-          f"snapshots after step {args.warmup}; one thread, MB/s per CPU-second; best of {args.repeats}; "
-          f"{time.perf_counter() - started:.0f} s in all\n")
-    print("| lr | delta | changed | raw bf16 | workbench | ratio | plain XOR+zstd-1 | ratio | workbench vs plain "
-          "| XOR values instead | encode MB/s wb / plain | decode MB/s wb / plain / plain+adler32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    load = os.getloadavg()
+    print(f"model {model} ({params / 1e6:.2f}M bf16 values), AdamW fp32, batch 8x64 random tokens, snapshots after "
+          f"step {args.warmup}; MB/s of raw bf16 per CPU-second (one torch thread; all threads counted), best of "
+          f"{args.repeats}; arc_v3 size min-max of {max(args.repeats, args.arc3_runs)} encodings; "
+          f"{time.perf_counter() - started:.0f} s in all; load average {load[0]:.1f}\n")
+    print("| lr | delta | changed | raw bf16 | arc_v1 | arc_v2 | arc_v3 (min-max) | workbench_v1 | raw / size "
+          "v1 / v2 / v3 / wb | wb vs arc_v2 | wb vs arc_v3 | encode MB/s v1 / v2 / v3 / wb "
+          "| decode MB/s v1 / v2 / v3 / wb |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lr, label, m in rows:
-        print(f"| {lr:g} | {label} | {m['changed']:.1%} | {kb(m['raw'])} | {kb(m['wb'])} | {m['raw'] / m['wb']:.1f}x "
-              f"| {kb(m['plain'])} | {m['raw'] / m['plain']:.1f}x | **{m['plain'] / m['wb']:.2f}x** "
-              f"| {m['plain'] / m['wb_xor']:.2f}x | {m['wb_enc']:.0f} / {m['plain_enc']:.0f} "
-              f"| {m['wb_dec']:.0f} / {m['plain_dec']:.0f} / {m['plain_checked_dec']:.0f} |")
-    print("\nlayouts chosen (tensors per layout):")
-    for lr, label, m in rows:
-        print(f"  lr {lr:g}, {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(m["layouts"].items())))
+        v1, v2, v3, wb = (m[f] for f in FORMATS)
+        ratios = " / ".join(f"{m['raw'] / m[f]['min']:.1f}x" for f in FORMATS)
+        print(f"| {lr:g} | {label} | {m['changed']:.1%} | {kb(m['raw'])} | {kb(v1['min'])} | {kb(v2['min'])} "
+              f"| {kb(v3['min'])}-{kb(v3['max'])} | {kb(wb['min'])} | {ratios} | **{v2['min'] / wb['min']:.2f}x** "
+              f"| **{v3['min'] / wb['min']:.2f}-{v3['max'] / wb['min']:.2f}x** "
+              f"| {v1['enc']:.0f} / {v2['enc']:.0f} / {v3['enc']:.0f} / {wb['enc']:.0f} "
+              f"| {v1['dec']:.0f} / {v2['dec']:.0f} / {v3['dec']:.0f} / {wb['dec']:.0f} |")
 
 
 if __name__ == "__main__":

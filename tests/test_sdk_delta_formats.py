@@ -234,3 +234,41 @@ def test_foreign_chain_written_by_the_library_hot_loads(backend, runs):
     assert load_file(str(base_dir / "model.safetensors")).keys() == weights[0].keys()   # the chain was not modified
     sample_once(backend, run)
     run["syncer"].reset_delta_chain()
+
+
+def test_crafted_pickles_in_a_job_directory_run_nothing(backend, runs, tmp_path):
+    """A crafted arc_v3 patch is refused by the deployment; a crafted DCP .metadata is listed from the
+    manifest and refused by load_state; the pickle, which would create a marker file, never runs."""
+    import pickle
+
+    from fireworks.training.sdk import FireworksClient
+
+    from test_delta_formats import _Marker, _replace_patch
+
+    if "arc_v3" not in runs:
+        pytest.skip("needs the arc_v3 run of test_base_and_three_deltas_hot_load_bit_for_bit")
+    run = runs["arc_v3"]
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Marker(marker), protocol=pickle.HIGHEST_PROTOCOL)
+    job_dir = backend.home / "jobs" / run["job_id"]
+
+    held = run["syncer"].check_deployment_state()
+    name = run["client"].save_weights_for_sampler_ext("crafted", checkpoint_type="delta").snapshot_name
+    delta_file = job_dir / "sampler" / name / "delta.safetensors"
+    from workbench.checkpoints.formats import safetensors_header
+
+    _replace_patch(delta_file, next(iter(safetensors_header(delta_file)[0])), b"ARC3_ENVELOPE\0" + evil)
+    meta = {"previous_snapshot_identity": held, "compression_format": "arc_v3", "checksum_format": "alder32"}
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        run["deploy"].hotload(run["deployment_id"], TINY, name, incremental_snapshot_metadata=meta)
+    assert 400 <= refused.value.response.status_code < 500 and "import or call" in refused.value.response.text
+    assert run["deploy"].hotload_check_status(run["deployment_id"], TINY)["replicas"][0]["current_snapshot_identity"] == held
+
+    run["client"].save_state("crafted-state").result()
+    (job_dir / "checkpoints" / "crafted-state" / ".metadata").write_bytes(evil)
+    rows = FireworksClient(api_key=backend.api_key, base_url=backend.base_url).list_checkpoints(run["job_id"])
+    assert any(r["name"].endswith("/crafted-state") for r in rows)
+    with pytest.raises(Exception, match="open"):
+        run["client"].load_state("crafted-state").result()
+    assert not marker.exists()
+    sample_once(backend, run)
