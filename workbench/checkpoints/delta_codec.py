@@ -1,10 +1,10 @@
-"""The bytes of a workbench sampler delta: bf16 weights encoded against the previous snapshot.
+"""The bytes of the `workbench_v1` sampler delta format: bf16 weights encoded against the previous snapshot.
 
 A delta turns the weights a deployment already holds (`old`, identified by its snapshot name) into
-the trainer's new weights, bit for bit. The SDK calls this format "arc_v2" on the wire; Fireworks'
-own arc_v2 layout is not public, so this is workbench's format, versioned and documented byte by
-byte in docs/delta-format.md together with the measurements that chose it (`bench/delta_codec.py`
-repeats them).
+the trainer's new weights, bit for bit. This is workbench's own format, one of the four a trainer
+job can write (formats.py; Fireworks' arc_v1/arc_v2/arc_v3 come from fireworks-delta-compression),
+documented byte by byte in docs/delta-format.md together with the measurements that chose it
+(`bench/delta_codec.py` compares it with the others).
 
     blob = encode(new_bf16, old_bf16, base_identity="step-1-1a2b3c4d")   # bytes
     new = decode(blob, old_bf16, base_identity="step-1-1a2b3c4d")        # NEW dict; old untouched
