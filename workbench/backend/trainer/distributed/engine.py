@@ -56,6 +56,10 @@ class ShardedTrainer(LocalTorchTrainer):
         super().__init__(*args, **kwargs)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        # Every rank must plan the same passes: rank 0's setting wins (another node's environment may differ).
+        box = [self.exact_max_datums]
+        dist.broadcast_object_list(box, src=0)
+        self.exact_max_datums = int(box[0])
         self._replica: torch.nn.Module | None = None    # rank 0's unsharded PEFT copy (LoRA exports)
         self._announced = False   # save_sampler: whether rank 0 told the others to join its gather
 
