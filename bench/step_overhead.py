@@ -1,6 +1,6 @@
 """Training-step overhead of the backend: the same model and batch, in-process vs through the SDK.
 
-    python bench/step_overhead.py [--steps 10] [--model accounts/workbench/models/qwen3-small]
+    python bench/step_overhead.py [--steps 10] [--model tiny|small|<model name>]
 
 Trains N steps with plain PyTorch in this process and N steps through the official SDK ->
 control plane -> trainer process, alternating blocks so machine noise hits both alike, and prints
@@ -38,8 +38,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--blocks", type=int, default=3)
-    ap.add_argument("--model", default="accounts/workbench/models/qwen3-small")
+    ap.add_argument("--model", default="small", help="tiny (~1M), small (~5M) or a full model name")
     args = ap.parse_args()
+    args.model = {"tiny": "accounts/workbench/models/qwen3-tiny",
+                  "small": "accounts/workbench/models/qwen3-small"}.get(args.model, args.model)
 
     from fireworks.training.sdk import FiretitanServiceClient, TrainerJobConfig, TrainerJobManager
 
@@ -108,6 +110,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         local_ms = statistics.median(local_times) * 1e3
         sdk_ms = statistics.median(sdk_times) * 1e3
+        print(f"load average at end {' '.join(open('/proc/loadavg').read().split()[:3])}")
         print(f"model {args.model} ({params / 1e6:.2f}M params), {threads} torch thread(s) each side, batch 16 x 128 tokens, "
               f"{args.blocks} x {args.steps} steps each, medians")
         print(f"{'path':28s} {'ms/step':>10s}")

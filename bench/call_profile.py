@@ -1,0 +1,242 @@
+"""Where the fixed cost of one trainer call goes: a 1x4-token `forward` through the SDK, layer by layer.
+
+    python bench/call_profile.py [--model tiny|small|<model name>] [--calls 40]
+
+Starts `workbench serve` in a temporary home and one trainer, then times (medians of --calls each,
+interleaved so machine noise hits all alike):
+  - in-process torch forward of the same 1x4 tokens (the compute floor)
+  - raw httpx GET /api/v1/healthz straight to the trainer (one loopback HTTP round trip + uvicorn/FastAPI)
+  - the same GET through the control plane's gateway (adds the proxy hop)
+  - SDK forward(...).result() straight to the trainer's port (SDK client + trainer, no gateway)
+  - SDK forward(...).result() through the gateway (what a user's loop pays)
+then, per SDK call, the HTTP requests the SDK makes (counted and timed by wrapping httpx's
+AsyncClient.send in this process), the client-side cProfile of the calling thread, and with --py-spy
+a sampled profile of the trainer and the control plane (py-spy, non-idle samples) grouped by the
+innermost package on the stack (torch, fastapi/starlette, uvicorn, json, httpx, ...).
+Prints the load average at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import re
+import shutil
+import subprocess
+import io
+import os
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {"tiny": "accounts/workbench/models/qwen3-tiny", "small": "accounts/workbench/models/qwen3-small"}
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# Innermost package on a sampled stack -> what that time is spent on (first match from the leaf up).
+CATEGORIES = [("torch", "torch compute"), ("transformers", "torch compute"), ("workbench/models", "torch compute"),
+              ("json", "JSON"), ("orjson", "JSON"), ("pydantic", "pydantic"), ("httpx", "httpx/httpcore (proxy client)"),
+              ("httpcore", "httpx/httpcore (proxy client)"), ("h11", "HTTP parsing (h11/httptools)"),
+              ("httptools", "HTTP parsing (h11/httptools)"), ("uvicorn", "uvicorn"), ("starlette", "fastapi/starlette"),
+              ("fastapi", "fastapi/starlette"), ("anyio", "anyio/threads hand-off"), ("concurrent/futures", "threads"),
+              ("threading", "threads"), ("asyncio", "asyncio loop"), ("sqlite3", "sqlite"), ("workbench", "workbench code")]
+
+
+def categorize(raw: str) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        files = re.findall(r"\(([^)]*)\)", stack)
+        leaf = stack.rsplit(";", 1)[-1]
+        # py-spy counts a thread inside a syscall as busy; on a loaded machine these are mostly waits for a CPU.
+        if "_SelectorSocketTransport.write" in leaf or "sock_sendall" in leaf or "SocketStream.send" in leaf:
+            counts["socket send syscalls"] += int(n)
+            continue
+        if "Selector.select" in leaf:
+            counts["epoll wait (event loop)"] += int(n)
+            continue
+        if "_write_to_self" in leaf:
+            counts["waking the event loop from a worker thread"] += int(n)
+            continue
+        label = "other"
+        for f in reversed(files):
+            hit = next((cat for key, cat in CATEGORIES if f"/{key}" in f or f.startswith(key)), None)
+            if hit:
+                label = hit
+                break
+        counts[label] += int(n)
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny", help="tiny, small or a full model name")
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
+                    help="also sample the trainer and the control plane with py-spy for this long")
+    args = ap.parse_args()
+    model_name = MODELS.get(args.model, args.model)
+    os.environ.setdefault("WORKBENCH_TRAINER_THREADS", "1")
+
+    import httpx
+    import tinker
+    import torch
+    from fireworks.training.sdk import FiretitanServiceClient, TrainerJobConfig, TrainerJobManager
+
+    from workbench.backend.home import ensure_api_key, resolve_home
+    from workbench.backend.server import start_detached, stop
+    from workbench.models import load_model
+
+    torch.set_num_threads(int(os.environ["WORKBENCH_TRAINER_THREADS"]))
+    load_start = loadavg()
+    home = resolve_home(tempfile.mkdtemp(prefix="wb-callprof-"))
+    info = start_detached(home)
+    key = ensure_api_key(home)
+    services = []
+    try:
+        mgr = TrainerJobManager(api_key=key, base_url=info["base_url"])
+        created = mgr.create(TrainerJobConfig(base_model=model_name, lora_rank=0, learning_rate=1e-4))
+        endpoint = mgr.wait_for_ready(created.job_id, poll_interval_s=0.2, timeout_s=300)
+        port_files = [p for p in home.rglob("port") if created.job_id in str(p)]
+        direct_url = f"http://127.0.0.1:{int(port_files[0].read_text().strip())}"
+
+        via_gateway = FiretitanServiceClient(base_url=endpoint.base_url, api_key=key)
+        direct = FiretitanServiceClient(base_url=direct_url, api_key=key)
+        services += [via_gateway, direct]
+        gw_client = via_gateway.create_training_client(base_model=model_name, lora_rank=0)
+        direct_client = direct.create_training_client(base_model=model_name, lora_rank=0)
+        datum = [tinker.Datum(model_input=tinker.ModelInput.from_ints([11, 12, 13, 14]),
+                              loss_fn_inputs={"target_tokens": tinker.TensorData(data=[12, 13, 14, 15],
+                                                                                 dtype="int64", shape=[4])})]
+        model = load_model(model_name)
+        ids = torch.tensor([[11, 12, 13, 14]])
+        http = httpx.Client(headers={"X-Api-Key": key}, timeout=60)
+
+        def local():
+            with torch.no_grad():
+                model(input_ids=ids)
+
+        paths = {
+            "in-process torch forward 1x4": local,
+            "httpx GET healthz, direct": lambda: http.get(direct_url + "/api/v1/healthz").raise_for_status(),
+            "httpx GET healthz, via gateway": lambda: http.get(endpoint.base_url + "/api/v1/healthz")
+            .raise_for_status(),
+            "SDK forward 1x4, direct": lambda: direct_client.forward(datum, "cross_entropy").result(),
+            "SDK forward 1x4, via gateway": lambda: gw_client.forward(datum, "cross_entropy").result(),
+        }
+        times = {name: [] for name in paths}
+        for fn in paths.values():
+            fn()   # warm up every path
+        for _ in range(args.calls):
+            for name, fn in paths.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+        # The HTTP requests one SDK forward makes, and how long each takes end to end.
+        sent: list[tuple[str, float]] = []
+        original_send = httpx.AsyncClient.send
+
+        async def timed_send(self, request, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return await original_send(self, request, *a, **kw)
+            finally:
+                sent.append((request.url.path.rsplit("/api/v1/", 1)[-1], time.perf_counter() - t))
+
+        httpx.AsyncClient.send = timed_send
+        per_call = []
+        for _ in range(args.calls):
+            sent.clear()
+            t = time.perf_counter()
+            direct_client.forward(datum, "cross_entropy").result()
+            per_call.append((time.perf_counter() - t, list(sent)))
+        httpx.AsyncClient.send = original_send
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.calls):
+            direct_client.forward(datum, "cross_entropy").result()
+        prof.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out)
+        stats.sort_stats("cumulative").print_stats(30)
+
+        spy = {}
+        if args.py_spy and not shutil.which("py-spy"):
+            print("py-spy not found on PATH (pip install py-spy); skipping the sampled profile")
+        elif args.py_spy:
+            children = subprocess.run(["pgrep", "-P", str(info["pid"])], capture_output=True, text=True).stdout.split()
+            trainer_pid = next((int(c) for c in children
+                                if created.job_id in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")),
+                               None)
+            pids = {"control plane": info["pid"]}
+            if trainer_pid:
+                pids["trainer"] = trainer_pid
+            procs = {name: subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(args.py_spy)),
+                                             "--rate", "250", "--format", "raw", "--nonblocking",
+                                             "-o", str(home / f"spy-{pid}.txt")],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for name, pid in pids.items()}
+            n_spy, t_end = 0, time.time() + args.py_spy
+            while time.time() < t_end:
+                gw_client.forward(datum, "cross_entropy").result()
+                n_spy += 1
+            for name, proc in procs.items():
+                proc.wait(60)
+                out_file = home / f"spy-{pids[name]}.txt"
+                spy[name] = categorize(out_file.read_text()) if out_file.exists() else None
+
+        load_end = loadavg()
+        print(f"model {model_name}, {args.calls} calls per path, medians; load average at start {load_start}, "
+              f"at end {load_end}")
+        for name, ms in med.items():
+            print(f"{name:34s} {ms:8.2f} ms")
+        local_ms = med["in-process torch forward 1x4"]
+        print("split of the SDK call's fixed cost (SDK via gateway minus in-process compute):")
+        print(f"  total fixed cost                    {med['SDK forward 1x4, via gateway'] - local_ms:8.2f} ms")
+        print(f"  gateway proxy hop                   "
+              f"{med['SDK forward 1x4, via gateway'] - med['SDK forward 1x4, direct']:8.2f} ms "
+              f"(healthz: {med['httpx GET healthz, via gateway'] - med['httpx GET healthz, direct']:.2f} ms)")
+        print(f"  one bare loopback HTTP round trip   {med['httpx GET healthz, direct']:8.2f} ms")
+        print(f"  SDK direct beyond compute           {med['SDK forward 1x4, direct'] - local_ms:8.2f} ms "
+              f"(SDK + trainer server: request building, 2+ round trips, worker hand-off)")
+        n_req = statistics.median(len(reqs) for _, reqs in per_call)
+        in_http = statistics.median(sum(d for _, d in reqs) for _, reqs in per_call) * 1e3
+        total = statistics.median(t for t, _ in per_call) * 1e3
+        by_path = collections.defaultdict(list)
+        for _, reqs in per_call:
+            for path, d in reqs:
+                by_path[path].append(d)
+        print(f"per direct SDK forward: {n_req:.0f} HTTP request(s), {in_http:.2f} ms inside httpx send, "
+              f"{total:.2f} ms in all -> {total - in_http:.2f} ms in the SDK outside HTTP (futures, thread hand-off)")
+        for path, ds in by_path.items():
+            print(f"    {path:28s} x{len(ds) / len(per_call):.1f} per call, median {statistics.median(ds) * 1e3:7.2f} ms")
+        for name, counts in spy.items():
+            if not counts:
+                print(f"py-spy: no samples of the {name}")
+                continue
+            tot = sum(counts.values())
+            print(f"py-spy, {name}: {tot} non-idle samples at 250 Hz over {args.py_spy:.0f} s "
+                  f"({n_spy} SDK calls via gateway, {tot / 250 / max(n_spy, 1) * 1e3:.1f} ms CPU-busy per call):")
+            for label, n in counts.most_common(10):
+                print(f"    {label:36s} {100 * n / tot:5.1f} %")
+        print("cProfile of the client side of the direct SDK call (cumulative, top functions):")
+        print("\n".join(out.getvalue().splitlines()[:45]))
+    finally:
+        for s in services:
+            s.close()
+        stop(home)
+
+
+if __name__ == "__main__":
+    main()
