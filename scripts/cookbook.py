@@ -173,7 +173,7 @@ def item_env(base_url: str, api_key: str, hf_home: Path, work: Path) -> dict:
 def command_for(item: str, py: Path, src: Path) -> list:
     if item.startswith("test_"):
         path, _, sel = item.partition("::")
-        cmd = [py, "-m", "pytest", "-x", "-q", "-p", "cookbook_plugin", "-o", "addopts=", "-rA",
+        cmd = [py, "-m", "pytest", "-x", "-q", "-s", "-p", "cookbook_plugin", "-o", "addopts=", "-rA",
                f"training/tests/e2e/{path}"]
         if sel:
             cmd += ["-k", sel.replace("*[", "").rstrip("]")]
