@@ -92,7 +92,7 @@ def start_backend(home: Path, env: dict | None = None) -> Backend:
     proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--port", "0"],
                             stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "WORKBENCH_HOME": str(home), **(env or {})})
-    deadline = time.time() + 60
+    deadline = time.time() + 300   # a loaded CI machine can take minutes to import torch + FastAPI
     while time.time() < deadline:
         info_file = home / "server.json"
         if info_file.exists():
