@@ -253,3 +253,26 @@ def run_async(make_coro: Callable[[], Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+class LazyModule:
+    """A module imported on first attribute access: `torch = LazyModule("torch")`.
+
+    The control plane imports the checkpoint modules for detection and manifests; importing torch (and numpy)
+    there only when a function needs tensors keeps it ~200 MiB smaller and seconds faster to start. The real
+    module is fetched through `importlib` (nothing is put in `sys.modules` that is not the real module) and each
+    attribute is cached on this object, so later accesses cost a plain attribute lookup.
+    """
+
+    def __init__(self, name: str):
+        self.__dict__["_name"] = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        value = getattr(importlib.import_module(self.__dict__["_name"]), attr)
+        self.__dict__[attr] = value
+        return value
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self.__dict__['_name']!r}>"

@@ -26,43 +26,57 @@ promotability come from the files (detect.py), never from what a client claimed.
     rows = ck.list_checkpoints(job)
 """
 
-from .delta_codec import DeltaError
-from .formats import (
-    DEFAULT_DELTA_FORMAT,
-    DELTA_FORMATS,
-    WORKBENCH_DELTA_FORMAT,
-    DeltaFormatError,
-    check_format,
-    choose_job_format,
-)
-from .detect import (
-    CHECKPOINT_TYPES,
-    INFERENCE_ARC_V2,
-    INFERENCE_BASE,
-    INFERENCE_LORA,
-    TRAINING,
-    TRAINING_LORA,
-    detect_checkpoint_type,
-    is_promotable,
-    is_resumable,
-    list_checkpoints,
-)
-from .manifest import MANIFEST_FILE, read_manifest, write_manifest
-from .names import NAME_RE, CheckpointNameError, validate_checkpoint_name
-from .sampler import (
-    apply_delta,
-    bf16_state,
-    delta_format_of,
-    load_base_weights,
-    reconstruct,
-    save_sampler_base,
-    save_sampler_delta,
-    save_sampler_lora,
-    snapshot_identity,
-    snapshot_kind,
-)
-from .staging import cleanup_partial
-from .train_state import load_train_state, save_train_state
+# Lazy: the control plane imports this package for names, manifests and detection and must not pay for
+# torch and torch.distributed.checkpoint (~15 s and ~200 MiB) that the train-state and codec modules import.
+_LAZY = {
+    'DeltaError': 'delta_codec',
+    'DEFAULT_DELTA_FORMAT': 'formats',
+    'DELTA_FORMATS': 'formats',
+    'WORKBENCH_DELTA_FORMAT': 'formats',
+    'DeltaFormatError': 'formats',
+    'check_format': 'formats',
+    'choose_job_format': 'formats',
+    'CHECKPOINT_TYPES': 'detect',
+    'INFERENCE_ARC_V2': 'detect',
+    'INFERENCE_BASE': 'detect',
+    'INFERENCE_LORA': 'detect',
+    'TRAINING': 'detect',
+    'TRAINING_LORA': 'detect',
+    'detect_checkpoint_type': 'detect',
+    'is_promotable': 'detect',
+    'is_resumable': 'detect',
+    'list_checkpoints': 'detect',
+    'MANIFEST_FILE': 'manifest',
+    'read_manifest': 'manifest',
+    'write_manifest': 'manifest',
+    'NAME_RE': 'names',
+    'CheckpointNameError': 'names',
+    'validate_checkpoint_name': 'names',
+    'apply_delta': 'sampler',
+    'bf16_state': 'sampler',
+    'delta_format_of': 'sampler',
+    'load_base_weights': 'sampler',
+    'reconstruct': 'sampler',
+    'save_sampler_base': 'sampler',
+    'save_sampler_delta': 'sampler',
+    'save_sampler_lora': 'sampler',
+    'snapshot_identity': 'sampler',
+    'snapshot_kind': 'sampler',
+    'cleanup_partial': 'staging',
+    'load_train_state': 'train_state',
+    'save_train_state': 'train_state',
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CHECKPOINT_TYPES", "INFERENCE_ARC_V2", "INFERENCE_BASE", "INFERENCE_LORA", "TRAINING", "TRAINING_LORA",

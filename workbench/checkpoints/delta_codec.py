@@ -41,9 +41,13 @@ import json
 import struct
 import zlib
 
-import numpy as np
-import torch
 import zstandard
+
+from workbench.common import LazyModule
+
+# numpy and torch are imported on first use: the control plane imports DeltaError without tensors.
+np = LazyModule("numpy")
+torch = LazyModule("torch")
 
 MAGIC = b"WBDELTA\0"
 FORMAT_VERSION = 1

@@ -27,7 +27,9 @@ import struct
 import warnings
 from pathlib import Path
 
-import torch
+from workbench.common import LazyModule
+
+torch = LazyModule("torch")  # imported on first use: the control plane reads formats without tensors
 
 from .delta_codec import DeltaError
 

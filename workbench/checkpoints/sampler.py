@@ -44,8 +44,18 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from workbench.common import LazyModule
+
+torch = LazyModule("torch")  # imported on first use: the control plane detects snapshot kinds without tensors
+_st = LazyModule("safetensors.torch")
+
+
+def load_file(*args, **kwargs):
+    return _st.load_file(*args, **kwargs)
+
+
+def save_file(*args, **kwargs):
+    return _st.save_file(*args, **kwargs)
 
 from . import formats
 from .delta_codec import DeltaError
