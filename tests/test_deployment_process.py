@@ -103,10 +103,12 @@ def setup(tmp_path_factory):
     w2 = perturbed(model, 0.05, seed=2)
     ck.save_sampler_delta(root / "snap-2", w2, w1, "snap-1", {"base_model": TINY})
     shutil.copytree(root / "snap-2", root / "snap-bad-crc")
-    blob = bytearray((root / "snap-bad-crc" / "delta.wbd").read_bytes())
+    # the delta file of whichever format the default is (delta.safetensors for arc_*, delta.wbd for workbench_v1)
+    bad = next(p for p in (root / "snap-bad-crc").iterdir() if p.name.startswith("delta."))
+    blob = bytearray(bad.read_bytes())
     for i in range(len(blob) // 2, len(blob) // 2 + 64):
         blob[i] ^= 0x5A
-    (root / "snap-bad-crc" / "delta.wbd").write_bytes(bytes(blob))
+    bad.write_bytes(bytes(blob))
     w_other = perturbed(models.load_model(TINY), 0.5, seed=9)
     ck.save_sampler_delta(root / "snap-other", w2, w_other, "snap-9", {"base_model": TINY})
 
