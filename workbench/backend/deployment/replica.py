@@ -179,3 +179,56 @@ def snapshot_list(snapshots: Seq[str | None]) -> str:
     """How a completion names the snapshots it was sampled from (header and perf_metrics): the
     identities in order, comma-separated; the base model (no snapshot loaded) is "base"."""
     return ",".join(s if s is not None else "base" for s in snapshots)
+
+
+class WeightManagedReplica:
+    """The part every replica that keeps its snapshots in a weight manager shares (weights.WeightManager or a
+    subclass of it): readiness, model info, hot-load status and hot loads delegate to `self.weights`;
+    generation goes to `self.engine`. Subclasses (BuiltinReplica, VllmReplica) pass their weight manager to
+    this __init__ and add `submit`, `health` and `stop`, which differ by engine."""
+
+    def __init__(self, weights, config: dict):
+        self.weights = weights
+        self.deployment_id = weights.deployment_id
+        self.account = config.get("account", "workbench")
+        self.base_model = weights.base_model
+        self._info: ModelInfo | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.weights.ready
+
+    @property
+    def startup_error(self) -> str | None:
+        return self.weights.startup_error
+
+    @property
+    def current_identity(self) -> str | None:
+        return self.weights.current_identity
+
+    @property
+    def engine(self):
+        """The generation engine (None until the weights are loaded)."""
+        return self.weights.engine
+
+    def model_info(self) -> ModelInfo | None:
+        if not self.weights.ready:
+            return None
+        if self._info is None:
+            w = self.weights
+            self._info = ModelInfo(w.base_model, w.tokenizer, w.vocab_size, w.max_context)
+        return self._info
+
+    def status(self) -> dict:
+        return self.weights.status()
+
+    def hotload(self, request: HotloadRequest) -> dict:
+        return self.weights.hotload(request.identity, request.metadata, snapshot_root=request.snapshot_root,
+                                    source_url=request.source_url, reset_prompt_cache=request.reset_prompt_cache,
+                                    drain=request.drain)
+
+    def cancel(self, handle) -> None:
+        self.engine.cancel(handle)
+
+    def start(self) -> None:
+        self.weights.start()

@@ -35,7 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .replica import GenerationRequest, GenerationSink, HotloadError, HotloadRequest, ModelInfo
+from .replica import GenerationRequest, GenerationSink, HotloadError, WeightManagedReplica
 from .weights import WeightManager
 
 
@@ -149,12 +149,8 @@ class VllmWeightManager(WeightManager):
                     self.current_bf16 = self.base_bf16
                     if self.loading_state.get("stage") != "error":
                         self.loading_state = {"stage": "done"}
-        except Exception as e:
-            traceback.print_exc()
-            self.startup_error = f"{type(e).__name__}: {e}"
-            self.current_identity = None
-            self.loading_state = {"stage": "error", "target_snapshot_identity": None,
-                                  "message": f"replica failed to start: {self.startup_error}"}
+        except Exception as e:  # the process stays up to report it; inference answers 503
+            self._record_startup_failure(e)
         finally:
             self._lock.release()
 
@@ -244,61 +240,19 @@ class VllmWeightManager(WeightManager):
         return (int(counts[0]) if counts else 0), time.perf_counter() - t0
 
 
-class VllmReplica:
+class VllmReplica(WeightManagedReplica):
     """`replica.Replica` served by vLLM: VllmWeightManager (snapshots) + VllmEngine (generation)."""
 
     def __init__(self, deployment_dir: Path, config: dict, options=None):
-        self.weights = VllmWeightManager(deployment_dir, config, options=options)
-        self.deployment_id = self.weights.deployment_id
-        self.account = config.get("account", "workbench")
-        self.base_model = self.weights.base_model
-        self._info: ModelInfo | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.weights.ready
-
-    @property
-    def startup_error(self) -> str | None:
-        return self.weights.startup_error
-
-    @property
-    def current_identity(self) -> str | None:
-        return self.weights.current_identity
-
-    @property
-    def engine(self):
-        return self.weights.engine
-
-    def model_info(self) -> ModelInfo | None:
-        if not self.weights.ready:
-            return None
-        if self._info is None:
-            w = self.weights
-            self._info = ModelInfo(w.base_model, w.tokenizer, w.vocab_size, w.max_context)
-        return self._info
+        super().__init__(VllmWeightManager(deployment_dir, config, options=options), config)
 
     def health(self) -> dict:
         out = self.engine.load() if self.engine is not None else {"engine": "vllm"}
         out["engine_start_seconds"] = getattr(self.weights, "engine_start_seconds", None)
         return out
 
-    def status(self) -> dict:
-        return self.weights.status()
-
-    def hotload(self, request: HotloadRequest) -> dict:
-        return self.weights.hotload(request.identity, request.metadata, snapshot_root=request.snapshot_root,
-                                    source_url=request.source_url, reset_prompt_cache=request.reset_prompt_cache,
-                                    drain=request.drain)
-
     def submit(self, request: GenerationRequest, sink: GenerationSink):
         return self.engine.submit(request, sink)
-
-    def cancel(self, handle) -> None:
-        self.engine.cancel(handle)
-
-    def start(self) -> None:
-        self.weights.start()
 
     def stop(self) -> None:
         if self.engine is not None:

@@ -179,13 +179,16 @@ class WeightManager:
                     if self.loading_state.get("stage") != "error":   # keep a failed restore visible
                         self.loading_state = {"stage": "done"}
         except Exception as e:  # the process stays up to report it; inference answers 503
-            traceback.print_exc()
-            self.startup_error = f"{type(e).__name__}: {e}"
-            self.current_identity = None
-            self.loading_state = {"stage": "error", "target_snapshot_identity": None,
-                                  "message": f"replica failed to start: {self.startup_error}"}
+            self._record_startup_failure(e)
         finally:
             self._lock.release()
+
+    def _record_startup_failure(self, e: Exception) -> None:
+        traceback.print_exc()
+        self.startup_error = f"{type(e).__name__}: {e}"
+        self.current_identity = None
+        self.loading_state = {"stage": "error", "target_snapshot_identity": None,
+                              "message": f"replica failed to start: {self.startup_error}"}
 
     def _restore(self) -> str | None:
         """Rebuild the weights recorded in state.json; returns the identity, or None (base model)."""
