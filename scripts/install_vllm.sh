@@ -23,7 +23,7 @@ case "$FLAVOR" in
   *) echo "WORKBENCH_VLLM_FLAVOR must be cpu or cuda, got '$FLAVOR'" >&2; exit 2 ;;
 esac
 # Small packages the replica's workbench imports need beyond what vLLM brings (delta decoding).
-EXTRAS="zstandard safetensors"
+EXTRAS="zstandard safetensors fireworks-delta-compression==0.1.0 zstd>=1.5,<2"
 STAMP="$VENV/.workbench-vllm-stamp"
 WANT="$PKG $EXTRAS"
 # `import vllm` takes ~30 s on a busy machine: the cached check reads the installed version's metadata only.

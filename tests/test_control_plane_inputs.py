@@ -65,7 +65,11 @@ def make_job(client, job_id="j1", **config):
 def make_sampler_checkpoint(home, job_id="j1", name="snap-1", **manifest):
     d = HomeLayout(home).job(job_id).sampler(name)
     d.mkdir(parents=True)
-    (d / "model.safetensors").write_bytes(b"0" * 16)
+    # a real (tiny) base: detection skips a base whose safetensors header is unreadable or lacks config.json
+    import torch
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2, dtype=torch.bfloat16)}, str(d / "model.safetensors"))
+    (d / "config.json").write_text("{}")
     meta = {"name": name, "kind": "sampler", "created_time": time.time(), "expire_time": None, **manifest}
     (d / "workbench_checkpoint.json").write_text(json.dumps(meta))
     return d

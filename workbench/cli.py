@@ -55,11 +55,12 @@ def _get(base: str, path: str, headers: dict) -> dict:
     return r.json()
 
 
-def _listing(info: dict, headers: dict) -> tuple[list[dict], list[dict]]:
+def _listing(info: dict, headers: dict, show_deleted: bool = False) -> tuple[list[dict], list[dict]]:
     from workbench.backend.home import ACCOUNT_ID
 
     base = info["base_url"]
-    jobs = _get(base, f"/v1/accounts/{ACCOUNT_ID}/rlorTrainerJobs?pageSize=1000", headers).get("rlorTrainerJobs", [])
+    query = "pageSize=1000" + ("&showDeleted=true" if show_deleted else "")
+    jobs = _get(base, f"/v1/accounts/{ACCOUNT_ID}/rlorTrainerJobs?{query}", headers).get("rlorTrainerJobs", [])
     deps = _get(base, f"/v1/accounts/{ACCOUNT_ID}/deployments?pageSize=1000", headers).get("deployments", [])
     return jobs, deps
 
@@ -127,7 +128,7 @@ _GONE = ("JOB_STATE_DELETED", "DELETED", "DELETING", "JOB_STATE_DELETING")
 
 def cmd_ls(args) -> int:
     home, info, headers = _running(args)
-    jobs, deps = _listing(info, headers)
+    jobs, deps = _listing(info, headers, show_deleted=args.all)
     if not args.all:
         jobs = [j for j in jobs if j.get("state") not in _GONE]
         deps = [d for d in deps if d.get("state") not in _GONE]

@@ -179,7 +179,10 @@ async def create_job(request: Request, account: str) -> dict:
 async def list_jobs(request: Request, account: str) -> dict:
     cp = _cp(request)
     check_account(cp, account)
-    jobs = [j for j in cp.store.list("jobs") if j["state"] != "JOB_STATE_DELETED"]
+    # Deleted jobs are hidden (the SDK treats a listed DELETED job as a tombstone); `showDeleted=true` (the
+    # AIP-164 flag) lists them too, for `workbench ls --all`.
+    show_deleted = request.query_params.get("showDeleted", "").lower() == "true"
+    jobs = [j for j in cp.store.list("jobs") if show_deleted or j["state"] != "JOB_STATE_DELETED"]
     return {"rlorTrainerJobs": jobs, "totalSize": len(jobs), "nextPageToken": ""}
 
 
