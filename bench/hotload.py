@@ -158,13 +158,15 @@ class Hotloader:
 
 async def _sampler_child(port: int, seconds: float, n_streams: int) -> None:
     """Runs in its own process (so the bench's own threads do not disturb the measurement): decodes
-    `n_streams` streams back to back for `seconds` and prints [[t, gap], ...] for every SSE chunk."""
+    `n_streams` streams back to back for `seconds` after the first chunk arrives (it writes "streaming" on
+    stderr then, so the parent can time its windows from there) and prints [[t, gap], ...] for every SSE chunk."""
     import asyncio
 
     gaps: list = []
-    end = time.perf_counter() + seconds
+    end = float("inf")          # set at the first chunk: a busy machine can take seconds to get there
     async with httpx.AsyncClient(timeout=120, headers={"x-api-key": KEY}) as c:
         async def run(seed):
+            nonlocal end
             while time.perf_counter() < end:
                 body = {"model": "accounts/bench/deployments/bench", "prompt": [1, 2, 3, 4 + seed],
                         "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 1.0}
@@ -174,6 +176,9 @@ async def _sampler_child(port: int, seconds: float, n_streams: int) -> None:
                         if not line.startswith("data:"):
                             continue
                         now = time.perf_counter()   # CLOCK_MONOTONIC: comparable across processes
+                        if end == float("inf"):
+                            end = now + seconds
+                            print("streaming", file=sys.stderr, flush=True)
                         if last is not None:
                             gaps.append((now, now - last))
                         last = now
@@ -185,7 +190,7 @@ async def _sampler_child(port: int, seconds: float, n_streams: int) -> None:
 
 def start_samplers(port: int, seconds: float, n_streams: int = 4) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--sampler-child", str(port), str(seconds), str(n_streams)],
-                            stdout=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def bench_model(model_name: str, repeats: int, env: dict, engines: list[str] = ("builtin",)) -> None:
@@ -235,7 +240,10 @@ def _bench_replica(port, root, floor, repeats, model_name, params, dstats) -> No
 
     # pauses seen by concurrent samplers: a quiet window, then the same length with hot loads
     child = start_samplers(port, seconds=6.0)
-    time.sleep(1.5)                                      # let the streams get going
+    # wait for the streams to get going (a condition, not a fixed sleep: on a busy machine it takes seconds)
+    if child.stderr.readline().strip() != "streaming":
+        raise RuntimeError("sampler child ended before streaming: " + child.stderr.read())
+    time.sleep(0.5)
     q0 = time.perf_counter()
     time.sleep(2.0)
     q1 = time.perf_counter()
