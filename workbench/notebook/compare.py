@@ -96,11 +96,7 @@ class ComparisonChart(_View):
     def __init__(self, runs, eval: str, digest: str | None = None):  # noqa: A002
         self.paths = [Path(getattr(r, "path", r)) for r in runs]
         self.eval, self.digest = eval, digest
-        self.title = W.HTML()
-        self.image = W.Image(format="png")
-        self.table = W.HTML()
-        self.png: bytes | None = None
-        self.widget = W.VBox([self.title, self.image, self.table])
+        self._chart_widgets()
         self.refresh()
 
     def curves(self) -> dict[str, "object"]:

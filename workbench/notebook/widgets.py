@@ -173,6 +173,14 @@ class _View:
     def html(self) -> str:
         return f"<pre>{html.escape(self.text())}</pre>"
 
+    def _chart_widgets(self) -> None:
+        """The title / chart image / table stack the chart views share; each then calls its refresh()."""
+        self.title = W.HTML()
+        self.image = W.Image(format="png")
+        self.table = W.HTML()
+        self.png: bytes | None = None
+        self.widget = W.VBox([self.title, self.image, self.table])
+
     @property
     def children(self) -> tuple:
         return self.widget.children
@@ -296,11 +304,7 @@ class EvalChart(_View):
 
     def __init__(self, run: "Run", name: str | None = None):
         self.run, self.name = run, name
-        self.title = W.HTML()
-        self.image = W.Image(format="png")
-        self.table = W.HTML()
-        self.png: bytes | None = None
-        self.widget = W.VBox([self.title, self.image, self.table])
+        self._chart_widgets()
         self.refresh()
 
     @property

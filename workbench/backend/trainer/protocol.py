@@ -466,24 +466,25 @@ def parse_create_model(body: dict) -> CreateModel:
 
 
 # ---- checkpoint names -----------------------------------------------------------------------------------
+def _parse_name(name: Any, field: str, what: str, pattern, rule: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{field} must be a non-empty {what}")
+    if not pattern.fullmatch(name):
+        raise UserError(f"{field} must be {rule} (got {name!r})")
+    return name
+
+
 def parse_state_name(name: Any, field: str = "path") -> str:
     """A train-state name for save_state: a DNS label (so that load_state can name it again)."""
-    if not isinstance(name, str) or not name:
-        raise UserError(f"{field} must be a non-empty checkpoint name")
-    if not STATE_NAME_RE.fullmatch(name):
-        raise UserError(f"{field} must be 1-63 characters, start and end with a letter or digit, and contain only "
-                        f"lowercase letters, digits and hyphens (got {name!r})")
-    return name
+    return _parse_name(name, field, "checkpoint name", STATE_NAME_RE,
+                       "1-63 characters, start and end with a letter or digit, and contain only "
+                       "lowercase letters, digits and hyphens")
 
 
 def parse_sampler_name(name: Any, field: str = "path") -> str:
     """A sampler snapshot name: one safe path segment (letters, digits, '_', '-', '.'; not hidden)."""
-    if not isinstance(name, str) or not name:
-        raise UserError(f"{field} must be a non-empty snapshot name")
-    if not SAMPLER_NAME_RE.fullmatch(name):
-        raise UserError(f"{field} must be 1-200 characters: letters, digits, '_', '-' and '.', starting with a "
-                        f"letter or digit (got {name!r})")
-    return name
+    return _parse_name(name, field, "snapshot name", SAMPLER_NAME_RE,
+                       "1-200 characters: letters, digits, '_', '-' and '.', starting with a letter or digit")
 
 
 def parse_train_state_ref(path: Any, field: str = "path") -> TrainStateRef:
