@@ -144,3 +144,36 @@ def test_resume_never_kills_a_process_that_is_not_a_trainer(tmp_path, monkeypatc
         owner.kill()
         owner.wait()
 
+
+
+def test_a_starting_backend_restarts_only_the_deployments_that_were_serving(tmp_path):
+    """`serve` brings back the deployments that were serving (or starting) when the backend stopped, and no
+    other: not one scaled to zero, FAILED or deleted. A start cut short by the stop is not a failure, so the
+    next start brings the same ones back again (run twice)."""
+    from conftest import TINY
+
+    from workbench.backend.control_plane.core import ControlPlane
+    from workbench.backend.store import Store
+
+    home = tmp_path / "home"
+    home.mkdir()
+    rows = {"serving": ("READY", 1), "starting": ("CREATING", 1), "scaled-to-zero": ("READY", 0),
+            "failed": ("FAILED", 1)}
+    store = Store(home / "state.db")
+    for dep_id, (state, replicas) in rows.items():
+        store.put("deployments", dep_id, {"name": f"accounts/workbench/deployments/{dep_id}", "state": state,
+                                          "maxReplicaCount": replicas, "baseModel": TINY})
+    store.close()
+    (home / "deployments" / "deleted").mkdir(parents=True)   # a deleted deployment's leftovers: no row
+    for _ in range(2):
+        cp = ControlPlane(home, "k")
+        cp.startup()
+        try:
+            started = sorted(c.key for c in cp.supervisor.children() if c.kind == "deployment")
+            assert started == ["serving", "starting"]
+        finally:
+            cp.shutdown()   # before the replicas are ready
+        store = Store(home / "state.db")
+        states = {d["name"].split("/")[-1]: d["state"] for d in store.list("deployments")}
+        store.close()
+        assert states == {dep_id: state for dep_id, (state, _) in rows.items()}

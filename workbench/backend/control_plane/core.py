@@ -37,7 +37,7 @@ from .errors import ApiError, require
 log = logging.getLogger("workbench.control_plane")
 
 __all__ = ["ControlPlane", "rfc3339", "read_body_json", "field", "check_account", "settled", "delete_checkpoint_dir",
-           "desired_replicas", "job_id_of", "JOB_STOPPED_STATES"]
+           "desired_replicas", "serving_when_stopped", "job_id_of", "JOB_STOPPED_STATES"]
 
 TRAINER_START_TIMEOUT_S = 300
 DEPLOYMENT_START_TIMEOUT_S = 300
@@ -57,6 +57,9 @@ class ControlPlane:
         self.supervisor = Supervisor(home, api_key, on_exit=self._on_child_exit)
         self._restarts: dict[str, list[float]] = {}
         self._closed = threading.Event()
+        # Threads waiting for a started trainer or replica; shutdown joins them before closing the store.
+        self._starters: list[threading.Thread] = []
+        self._starters_lock = threading.Lock()
         # job id -> time of the last request through the gateway (SDK heartbeats count: a live client
         # sends one every 10 s, so a job goes idle only once no client holds it).
         self.last_activity: dict[str, float] = {}
@@ -87,13 +90,14 @@ class ControlPlane:
     # ---- startup / shutdown ------------------------------------------------------------------
     def startup(self) -> None:
         # Processes do not survive a control-plane restart. Jobs that were running become PAUSED
-        # (`reconnect_and_wait` resumes them); deployments come back on their last good snapshot.
+        # (`reconnect_and_wait` resumes them); deployments that were serving come back on their last good
+        # snapshot, and only those (see `serving_when_stopped`).
         for job in self.store.list("jobs"):
             if job["state"] in ("JOB_STATE_RUNNING", "JOB_STATE_CREATING", "JOB_STATE_PENDING"):
                 self.set_job_state(job_id_of(job), "JOB_STATE_PAUSED",
                                    "paused: the workbench backend restarted; resume to continue")
         for dep in self.store.list("deployments"):
-            if dep["state"] in ("READY", "CREATING", "UPDATING") and desired_replicas(dep) > 0:
+            if serving_when_stopped(dep):
                 self.start_deployment(dep["name"].split("/")[-1])
         threading.Thread(target=self._sweep_expired_checkpoints, name="ttl-sweeper", daemon=True).start()
         threading.Thread(target=self._pause_idle_trainers, name="idle-sweeper", daemon=True).start()
@@ -101,7 +105,20 @@ class ControlPlane:
     def shutdown(self) -> None:
         self._closed.set()
         self.supervisor.stop_all()
+        # The starters see their children gone and `_closed` set, and return without touching the state:
+        # a start cut short by the shutdown is not a failure.
+        deadline = time.monotonic() + 10.0
+        with self._starters_lock:
+            starters = list(self._starters)
+        for thread in starters:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
+
+    def _start_waiter(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        with self._starters_lock:
+            self._starters = [t for t in self._starters if t.is_alive()] + [thread]
 
     # ---- trainer jobs ------------------------------------------------------------------------
     def set_job_state(self, job_id: str, state: str, message: str = "") -> dict | None:
@@ -140,6 +157,8 @@ class ControlPlane:
                     child = self.supervisor.start("trainer", job_id, args, job_dir)
                 child.wait_ready(TRAINER_START_TIMEOUT_S)
             except Exception as e:  # exited or timed out: the job failed to start
+                if self._closed.is_set():
+                    return   # the backend is stopping: the next start pauses the job (see `startup`)
                 if child is not None and self.supervisor.get("trainer", job_id) is child:
                     self.supervisor.stop("trainer", job_id)
                 current = self.store.get("jobs", job_id)
@@ -150,7 +169,7 @@ class ControlPlane:
             if current and current["state"] == "JOB_STATE_CREATING" and self.supervisor.get("trainer", job_id) is child:
                 self.set_job_state(job_id, "JOB_STATE_RUNNING", "")
 
-        threading.Thread(target=wait, name=f"start-trainer-{job_id}", daemon=True).start()
+        self._start_waiter(wait, f"start-trainer-{job_id}")
 
     def stop_trainer(self, job_id: str) -> None:
         self.supervisor.stop("trainer", job_id)
@@ -182,6 +201,10 @@ class ControlPlane:
                 port = child.wait_ready(DEPLOYMENT_START_TIMEOUT_S)
                 self._wait_replica_ready(child, port, DEPLOYMENT_START_TIMEOUT_S)
             except Exception as e:
+                if self._closed.is_set():
+                    # The backend is stopping, not the replica failing: the deployment keeps its state, so
+                    # the next `serve` starts it again (a FAILED one would stay down).
+                    return
                 if self.supervisor.get("deployment", deployment_id) is child:
                     self.supervisor.stop("deployment", deployment_id)
                 if self.store.get("deployments", deployment_id):
@@ -190,7 +213,7 @@ class ControlPlane:
             if self.store.get("deployments", deployment_id) and self.supervisor.get("deployment", deployment_id) is child:
                 self.set_deployment_state(deployment_id, "READY", "")
 
-        threading.Thread(target=wait, name=f"start-deployment-{deployment_id}", daemon=True).start()
+        self._start_waiter(wait, f"start-deployment-{deployment_id}")
 
     def _wait_replica_ready(self, child, port: int, timeout: float) -> None:
         """Return once the replica's /healthz says `ready` (its weights are loaded and it samples); raise
@@ -334,6 +357,13 @@ def job_id_of(job: dict) -> str:
 
 def desired_replicas(dep: dict) -> int:
     return 1 if int(dep.get("maxReplicaCount", 1) or 0) > 0 else 0
+
+
+def serving_when_stopped(dep: dict) -> bool:
+    """Whether a starting backend brings this deployment's replica back: it was serving (READY with a
+    replica) or being started or updated for serving (CREATING, UPDATING) when the backend stopped. Not one
+    scaled to zero (READY, "scaled to zero", no replica wanted), FAILED, or deleted (it has no row)."""
+    return dep.get("state") in ("READY", "CREATING", "UPDATING") and desired_replicas(dep) > 0
 
 
 def read_body_json(raw: bytes) -> dict:
