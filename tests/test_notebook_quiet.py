@@ -101,3 +101,23 @@ def test_local_text_strips_the_cloud_lines_of_an_sdk_error():
     assert "ERROR: Checkpoint promotion failed" in text and "Cause: the checkpoint is a delta" in text
     for cloud in ("fw-ai/cookbook", "discord.gg", "docs.fireworks.ai", "app.fireworks.ai"):
         assert cloud in error and cloud not in text
+
+
+def test_telemetry_that_cannot_reach_the_backend_is_one_line_then_nothing(sdk_logs):
+    from fireworks.training.sdk._core.lib import telemetry
+
+    def failed_flush() -> None:   # what Telemetry._send_batch_with_retry logs when the backend is gone
+        try:
+            raise ConnectionError("tcp connect error: Connection refused (os error 111)")
+        except ConnectionError as e:
+            telemetry.logger.warning("Failed to send telemetry batch", exc_info=e)
+
+    failed_flush()
+    [record] = sdk_logs.records
+    assert record.exc_info is None and "ConnectionError" in record.getMessage()
+    assert "Traceback" not in sdk_logs.text
+
+    sdk_logs.clear()
+    quiet.expect_backend_gone()
+    failed_flush()
+    assert not sdk_logs.records

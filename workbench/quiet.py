@@ -10,7 +10,8 @@ The SDK is written for the hosted service: its warnings and errors point at the 
 unreliable or Tinker is down" for as long as a client outlives its server. Against a local backend none
 of that is actionable. Nothing here patches the SDK: `install_local_filters` adds one `logging.Filter` to
 the SDK's loggers, which drops heartbeat warnings about a backend stopped on purpose, words the remaining
-ones for a local backend, and removes the cloud-only lines from every other record. `local_text` does the
+ones for a local backend, and removes the cloud-only lines from every other record. SDK telemetry that cannot
+reach the backend is one line without a traceback (none after a deliberate stop). `local_text` does the
 same to an error message the CLI or a widget is about to show.
 """
 
@@ -23,12 +24,13 @@ import threading
 SDK_LOGGERS = ("fireworks.training.sdk._core.lib.internal_client_holder", "fireworks.training.sdk.deployment",
                "fireworks.training.sdk.trainer", "fireworks.training.sdk.errors",
                "fireworks.training.sdk.weight_syncer", "fireworks.training.sdk.client",
-               "fireworks.training.sdk.fireworks_client")
+               "fireworks.training.sdk.fireworks_client", "fireworks.training.sdk._core.lib.telemetry")
 """The SDK modules whose log records can carry cloud-only text (a filter on a logger sees only its own)."""
 
 _CLOUD_LINE = re.compile(r"(Fireworks console|app\.fireworks\.ai|discord\.gg|Discord|fw-ai/cookbook|cookbook skill|"
                          r"Agent debug:|docs\.fireworks\.ai)", re.IGNORECASE)
 _HEARTBEAT = re.compile(r"Session heartbeat failed|Tinker is down", re.IGNORECASE)
+_TELEMETRY = re.compile(r"Failed to send telemetry batch", re.IGNORECASE)
 
 _gone: set[str] = set()
 _lock = threading.Lock()
@@ -50,7 +52,8 @@ def expect_backend_gone(base_url: str | None = None) -> None:
 
 
 class LocalBackendFilter(logging.Filter):
-    """Drops heartbeat warnings after a deliberate stop, rewords the others, strips cloud-only lines."""
+    """Drops heartbeat and telemetry warnings after a deliberate stop, rewords the others (telemetry without
+    its traceback), strips cloud-only lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -63,6 +66,15 @@ class LocalBackendFilter(logging.Filter):
             record.msg = ("the training session's heartbeat is not answered: the workbench backend may have "
                           "stopped (`workbench status` shows what runs)")
             record.args = ()
+            return True
+        if _TELEMETRY.search(message):
+            # The SDK's usage telemetry, flushed at exit to a backend that may be gone: one line, no traceback.
+            if _gone:
+                return False
+            cause = record.exc_info[1] if record.exc_info else None
+            record.msg = "the SDK could not send its telemetry to the workbench backend" + (
+                f" ({type(cause).__name__})" if cause is not None else "")
+            record.args, record.exc_info, record.exc_text = (), None, None
             return True
         if _CLOUD_LINE.search(message):
             record.msg = local_text(message)
