@@ -81,9 +81,62 @@ class Backend:
 
         return DeploymentManager(api_key=self.api_key, base_url=self.base_url)
 
+    def start_policy_and_deployment(self, deployment_id: str, *, base_model: str = TINY,
+                                    training_shape: str = TINY_SHAPE, lora_rank: int = 0,
+                                    deployment_shape: str | None = None, **job_kwargs) -> dict:
+        """Seed 003's set-up: a trainer job and a deployment hot-loading from it, requested and awaited in
+        parallel, then a training client on the trainer. Returns rlor, deploy (the SDK managers), job_id,
+        job_name, deployment_id, service and client; the caller closes `service`."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from fireworks.training.sdk import DeploymentConfig, FiretitanServiceClient, TrainerJobConfig
+
+        rlor, deploy = self.trainer_manager(), self.deployment_manager()
+        profile = rlor.resolve_training_profile(training_shape)
+        created = rlor.create(TrainerJobConfig(base_model=base_model, training_shape_ref=profile.training_shape,
+                                               lora_rank=lora_rank, **{"learning_rate": 1e-3, **job_kwargs}))
+        shape = {"deployment_shape": deployment_shape} if deployment_shape else {}
+        info = deploy.create_or_get(DeploymentConfig(deployment_id=deployment_id, base_model=base_model,
+                                                     hot_load_trainer_job=created.job_name,
+                                                     min_replica_count=0, max_replica_count=1, **shape))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            endpoint_f = pool.submit(rlor.wait_for_ready, created.job_id, poll_interval_s=1, timeout_s=600)
+            ready_f = pool.submit(deploy.wait_for_ready, info.deployment_id, poll_interval_s=1)
+            endpoint = endpoint_f.result()
+            ready_f.result()
+        service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=self.api_key)
+        client = service.create_training_client(base_model=base_model, lora_rank=lora_rank)
+        return dict(rlor=rlor, deploy=deploy, job_id=created.job_id, job_name=created.job_name,
+                    deployment_id=deployment_id, service=service, client=client)
+
     def children(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition", interval: float = 0.1):
+    """The first truthy value of `predicate()`; AssertionError naming `what` after `timeout` s.
+
+    Tests wait on conditions with generous deadlines, never on fixed sleeps: the CI machine may be loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    value = predicate()
+    if value:
+        return value
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def start_backend(home: Path, env: dict | None = None) -> Backend:

@@ -10,28 +10,13 @@ import time
 
 import httpx
 
-from conftest import TINY
+from conftest import TINY, pid_alive, wait_for
 
 
 def wb(*args, home, check=True):
     return subprocess.run([sys.executable, "-m", "workbench.cli", *args, "--home", str(home)],
                           capture_output=True, text=True, timeout=120, check=check,
                           env=dict(os.environ, WORKBENCH_HOME=str(home)))
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_gone(pid: int, deadline_s: float = 120.0) -> bool:
-    deadline = time.monotonic() + deadline_s
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not alive(pid)
 
 
 def wait_for_state(base_url: str, key: str, job_id: str, state: str, deadline_s: float = 600.0) -> dict:
@@ -69,7 +54,7 @@ def test_detach_status_stop_stops_every_process(tmp_path):
 
     assert "stopped" in wb("stop", home=home).stdout
     for pid in [info["pid"], *map(int, children)]:
-        assert wait_gone(pid), f"process {pid} outlived `workbench stop`"
+        wait_for(lambda: not pid_alive(pid), 120, f"process {pid} to exit after `workbench stop`")
     assert not (home / "server.json").exists()
     assert wb("status", home=home, check=False).returncode == 1
 

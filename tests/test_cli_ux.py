@@ -6,11 +6,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, wait_for
 
 
 def wb(*args, home, timeout=180):
@@ -58,16 +57,6 @@ def test_every_flag_has_help_text(tmp_path):
         assert "--home" in options and "--debug" in options, command
 
 
-def wait_until(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_ls_rm_and_errors_on_a_running_backend(backend):
     home = backend.home
     r = backend.post("/v1/accounts/workbench/rlorTrainerJobs?rlorTrainerJobId=ux-job",
@@ -97,7 +86,7 @@ def test_ls_rm_and_errors_on_a_running_backend(backend):
     out = wb("rm", "--all", home=home)
     assert out.returncode == 0 and "deleted deployment ux-dep" in out.stdout, out.stderr
     assert "no trainer jobs or deployments" in wb("ls", home=home).stdout
-    wait_until(lambda: not backend.children(), what="the job's and deployment's processes to exit")
+    wait_for(lambda: not backend.children(), what="the job's and deployment's processes to exit")
 
 
 def test_status_json_into_a_closed_pipe(backend):

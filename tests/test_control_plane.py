@@ -9,7 +9,7 @@ import stat
 import httpx
 import pytest
 
-from conftest import TINY, TINY_SHAPE
+from conftest import TINY, TINY_SHAPE, pid_alive
 
 
 def test_server_files_and_key_mode(backend):
@@ -197,10 +197,10 @@ def test_trainers_die_with_a_killed_control_plane_and_resume_alone(tmp_path):
     b.proc.kill()
     b.proc.wait()
     t0 = time.monotonic()
-    while any(_alive(pid) for pid in trainers) and time.monotonic() - t0 < 120:
+    while any(pid_alive(pid) for pid in trainers) and time.monotonic() - t0 < 120:
         time.sleep(0.05)
     gone_after = time.monotonic() - t0
-    assert not any(_alive(pid) for pid in trainers), "the trainer outlived its killed control plane"
+    assert not any(pid_alive(pid) for pid in trainers), "the trainer outlived its killed control plane"
     assert gone_after < 10, f"trainer took {gone_after:.1f}s to die"
     b2 = start_backend(home)
     try:
@@ -212,18 +212,10 @@ def test_trainers_die_with_a_killed_control_plane_and_resume_alone(tmp_path):
         assert len(out) == 1, out
         t0 = time.monotonic()
         mgr2.delete("crash-1")  # an idle trainer stops promptly
-        assert not any(_alive(int(p)) for p in out)
+        assert not any(pid_alive(int(p)) for p in out)
         assert time.monotonic() - t0 < 10
     finally:
         stop_backend(b2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.e2e

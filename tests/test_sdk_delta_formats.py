@@ -24,7 +24,7 @@ import pytest
 import tinker
 import torch
 
-from conftest import TINY, TINY_SHAPE
+from conftest import TINY
 from test_sdk_trainer import make_datums
 
 pytestmark = pytest.mark.timeout(900)
@@ -36,31 +36,13 @@ CHOICES = {"arc_v2": {}, "arc_v3": {"extra_values": {"compression_format": "arc_
 
 def start(backend, fmt: str):
     """A trainer job writing `fmt`, a deployment linked to it, a training client and a WeightSyncer."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fireworks.training.sdk import DeploymentConfig, FiretitanServiceClient, TrainerJobConfig
-
     from workbench.sdk import WeightSyncer
 
-    rlor, deploy = backend.trainer_manager(), backend.deployment_manager()
-    profile = rlor.resolve_training_profile(TINY_SHAPE)
-    created = rlor.create(TrainerJobConfig(base_model=TINY, training_shape_ref=profile.training_shape,
-                                           lora_rank=0, learning_rate=1e-3, **CHOICES[fmt]))
-    deployment_id = f"fmt-{fmt.replace('_', '-')}"
-    info = deploy.create_or_get(DeploymentConfig(deployment_id=deployment_id, base_model=TINY,
-                                                 hot_load_trainer_job=created.job_name,
-                                                 min_replica_count=0, max_replica_count=1))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        endpoint_f = pool.submit(rlor.wait_for_ready, created.job_id, poll_interval_s=1, timeout_s=300)
-        ready_f = pool.submit(deploy.wait_for_ready, info.deployment_id, poll_interval_s=1)
-        endpoint = endpoint_f.result()
-        ready_f.result()
-    service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=backend.api_key)
-    client = service.create_training_client(base_model=TINY, lora_rank=0)
-    syncer = WeightSyncer(policy_client=client, deploy_mgr=deploy, deployment_id=deployment_id, base_model=TINY,
-                          hotload_timeout=120, first_checkpoint_type="base", compression_format=fmt)
-    return dict(job_id=created.job_id, deployment_id=deployment_id, service=service, client=client,
-                syncer=syncer, deploy=deploy, snapshots=[])
+    env = backend.start_policy_and_deployment(f"fmt-{fmt.replace('_', '-')}", **CHOICES[fmt])
+    syncer = WeightSyncer(policy_client=env["client"], deploy_mgr=env["deploy"], deployment_id=env["deployment_id"],
+                          base_model=TINY, hotload_timeout=120, first_checkpoint_type="base", compression_format=fmt)
+    return dict(job_id=env["job_id"], deployment_id=env["deployment_id"], service=env["service"],
+                client=env["client"], syncer=syncer, deploy=env["deploy"], snapshots=[])
 
 
 def trainer_bf16(backend, run, name: str) -> dict:

@@ -13,14 +13,13 @@ import os
 import signal
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import tinker
 import torch
 
-from conftest import TINY, TINY_SHAPE
+from conftest import TINY
 
 pytestmark = pytest.mark.timeout(900)
 DEPLOYMENT = "research-serving"
@@ -30,30 +29,16 @@ QA = [("What color is the sky?", "blue"), ("What color is grass?", "green"), ("W
 
 @pytest.fixture(scope="module")
 def loop(backend):
-    from fireworks.training.sdk import (DeploymentConfig, FiretitanServiceClient, TrainerJobConfig)
-
     from workbench.models import load_tokenizer
     from workbench.sdk import WeightSyncer
 
-    rlor_mgr = backend.trainer_manager()
-    deploy_mgr = backend.deployment_manager()
-    profile = rlor_mgr.resolve_training_profile(TINY_SHAPE)
-    created = rlor_mgr.create(TrainerJobConfig(base_model=TINY, training_shape_ref=profile.training_shape,
-                                               lora_rank=0, learning_rate=1e-3))
-    deploy_info = deploy_mgr.create_or_get(DeploymentConfig(
-        deployment_id=DEPLOYMENT, base_model=TINY, hot_load_trainer_job=created.job_name,
-        min_replica_count=0, max_replica_count=1))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        trainer_future = pool.submit(rlor_mgr.wait_for_ready, created.job_id, poll_interval_s=1)
-        deploy_future = pool.submit(deploy_mgr.wait_for_ready, deploy_info.deployment_id, poll_interval_s=1)
-        endpoint = trainer_future.result()
-        deploy_future.result()
-    service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=backend.api_key)
-    client = service.create_training_client(base_model=TINY, lora_rank=0)
+    env = backend.start_policy_and_deployment(DEPLOYMENT)
+    rlor_mgr, deploy_mgr, client, service = env["rlor"], env["deploy"], env["client"], env["service"]
+    created_job_id = env["job_id"]
     tracker = WeightSyncer(policy_client=client, deploy_mgr=deploy_mgr, deployment_id=DEPLOYMENT, base_model=TINY,
                            hotload_timeout=120, first_checkpoint_type="base")
     tokenizer = load_tokenizer(TINY)
-    yield dict(rlor_mgr=rlor_mgr, deploy_mgr=deploy_mgr, job_id=created.job_id, client=client, tracker=tracker,
+    yield dict(rlor_mgr=rlor_mgr, deploy_mgr=deploy_mgr, job_id=created_job_id, client=client, tracker=tracker,
                tokenizer=tokenizer, service=service, history=[])
     service.close()
 

@@ -17,20 +17,7 @@ from workbench.backend.control_plane.core import evict_stale_owner
 from workbench.backend.supervisor import Supervisor
 from workbench.checkpoints.layout import JobLayout, job_lock_owner
 
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_until(cond, deadline_s: float = 120.0) -> bool:
-    deadline = time.monotonic() + deadline_s
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return cond()
+from conftest import pid_alive, wait_for
 
 
 # A child that serves nothing: writes its port file (so it is "ready"), then idles; SIGTERM exits at once.
@@ -48,7 +35,7 @@ def test_stop_of_an_idle_child_is_prompt(tmp_path):
         t0 = time.monotonic()
         sup.stop("trainer", "j1")
         elapsed = time.monotonic() - t0
-        assert not alive(child.pid)
+        assert not pid_alive(child.pid)
         assert elapsed < 2.0, f"stop of an idle child took {elapsed:.2f}s"
         assert child.popen.returncode == 0  # exited on SIGTERM, not killed
     finally:
@@ -61,7 +48,7 @@ def test_stop_falls_back_to_sigkill(tmp_path):
         child = sup.start("trainer", "j2", ["-c", STUBBORN_CHILD], tmp_path / "j2")
         child.wait_ready(120)
         sup.stop("trainer", "j2", timeout=0.5)
-        assert not alive(child.pid)
+        assert not pid_alive(child.pid)
         assert child.popen.returncode == -signal.SIGKILL
     finally:
         sup.stop_all()
@@ -80,11 +67,11 @@ def test_children_die_with_a_killed_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         child_pid = int(parent.stdout.readline())
-        assert alive(child_pid), "the child died with the (joined) thread that started it"
+        assert pid_alive(child_pid), "the child died with the (joined) thread that started it"
         t0 = time.monotonic()
         parent.kill()
         parent.wait()
-        assert wait_until(lambda: not alive(child_pid), 60), "child outlived its killed parent"
+        wait_for(lambda: not pid_alive(child_pid), 60, "the child to die with its killed parent")
         assert time.monotonic() - t0 < 10
     finally:
         parent.kill()
@@ -109,7 +96,7 @@ def test_resume_waits_for_an_exiting_owner(tmp_path):
     try:
         evict_stale_owner(job)
         assert job_lock_owner(job) is None
-        assert wait_until(lambda: owner.poll() is not None, 30)
+        wait_for(lambda: owner.poll() is not None, 30, "the stale owner to exit")
         assert owner.returncode == 0  # it exited on its own: it was waited for, not killed
     finally:
         owner.kill()

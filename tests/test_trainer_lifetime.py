@@ -23,6 +23,8 @@ from fireworks.training.sdk import AdamParams, Datum, FiretitanServiceClient, Mo
 from fireworks.training.sdk._core._exceptions import RequestFailedError
 from workbench.models import DEFAULT_MODEL
 
+from conftest import wait_for
+
 KEY = "wb-test-key-lifetime"
 
 
@@ -44,19 +46,9 @@ def _env(**extra) -> dict:
     return {**os.environ, "WORKBENCH_API_KEY": KEY, "WORKBENCH_TRAINER_THREADS": "1", **extra}
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _start(job_dir: Path, log: Path, **env) -> subprocess.Popen:
     proc = subprocess.Popen(_cmd(job_dir), stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=_env(**env))
-    _wait(lambda: (job_dir / "port").exists() or proc.poll() is not None, 180, "the trainer to serve")
+    wait_for(lambda: (job_dir / "port").exists() or proc.poll() is not None, 180, "the trainer to serve")
     assert proc.poll() is None, log.read_text()
     return proc
 
@@ -103,7 +95,7 @@ def test_trainer_exits_when_its_parent_dies(tmp_path):
     """)
     parent = subprocess.Popen([sys.executable, "-c", parent_code], env=_env())
     try:
-        _wait(lambda: (job_dir / "port").exists(), 180, "the trainer to serve")
+        wait_for(lambda: (job_dir / "port").exists(), 180, "the trainer to serve")
         trainer_pid = int(pid_file.read_text())
         parent.kill()
         parent.wait(timeout=30)
@@ -119,7 +111,7 @@ def test_trainer_exits_when_its_parent_dies(tmp_path):
                 return Path(f"/proc/{trainer_pid}/stat").read_text().split()[2] == "Z"
             except OSError:
                 return True
-        _wait(gone, 60, "the orphaned trainer to exit")
+        wait_for(gone, 60, "the orphaned trainer to exit")
         print(f"orphaned trainer exited {time.monotonic() - start:.2f}s after its parent died")
         assert "parent process" in (tmp_path / "orphan.log").read_text()
     finally:
