@@ -1,6 +1,13 @@
 """Where the fixed cost of one trainer call goes: a 1x4-token `forward` through the SDK, layer by layer.
 
     python bench/call_profile.py [--model tiny|small|<model name>] [--calls 40]
+    python bench/call_profile.py --compare /tmp/cp-before [--calls 100]      # before/after, one run
+
+--compare TREE starts a second backend from another checkout of workbench (PYTHONPATH=TREE for its
+control plane and trainer) and interleaves SDK forwards through both gateways, printing for each the
+latency (median, 10th percentile) and the CPU time per call of the control plane, the trainer and
+this client process (from /proc: on a busy machine latency is mostly waiting for a core, while CPU
+time per call is what the change itself costs or saves). Nothing else is run in that mode.
 
 Starts `workbench serve` in a temporary home and one trainer, then times (medians of --calls each,
 interleaved so machine noise hits all alike):
@@ -76,15 +83,105 @@ def categorize(raw: str) -> collections.Counter:
     return counts
 
 
+def cpu_seconds(pid: int) -> float:
+    """Time on a CPU of a whole process (all its live threads), from the scheduler's own nanosecond count
+    (/proc/PID/task/*/schedstat): exact, unlike tick-sampled utime/stime."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            pass   # a thread that ended meanwhile
+    return total / 1e9
+
+
+def compare(model_name: str, other_tree: str, calls: int) -> None:
+    """Interleaved SDK forwards through two backends: this tree's and `other_tree`'s."""
+    import tinker
+    from fireworks.training.sdk import FiretitanServiceClient, TrainerJobConfig, TrainerJobManager
+
+    from workbench.backend.home import ensure_api_key, resolve_home
+    from workbench.backend.server import start_detached, stop
+
+    trees = {"this tree": os.getcwd() if Path("workbench").is_dir() else str(Path(__file__).parents[1]),
+             "other tree": str(Path(other_tree).resolve())}
+    load_start = loadavg()
+    sides, homes, services = {}, [], []
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        for name, tree in trees.items():
+            os.environ["PYTHONPATH"] = tree   # the backend and its trainer import this tree's workbench
+            home = resolve_home(tempfile.mkdtemp(prefix="wb-callab-"))
+            homes.append(home)
+            info = start_detached(home)
+            key = ensure_api_key(home)
+            mgr = TrainerJobManager(api_key=key, base_url=info["base_url"])
+            created = mgr.create(TrainerJobConfig(base_model=model_name, lora_rank=0, learning_rate=1e-4))
+            endpoint = mgr.wait_for_ready(created.job_id, poll_interval_s=0.2, timeout_s=300)
+            service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=key)
+            services.append(service)
+            children = subprocess.run(["pgrep", "-P", str(info["pid"])], capture_output=True, text=True).stdout
+            trainer_pid = next(int(c) for c in children.split()
+                               if created.job_id in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace"))
+            sides[name] = {"client": service.create_training_client(base_model=model_name, lora_rank=0),
+                           "pids": {"control plane": info["pid"], "trainer": trainer_pid},
+                           "lat": [], "cpu": collections.Counter()}
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    try:
+        datum = [tinker.Datum(model_input=tinker.ModelInput.from_ints([11, 12, 13, 14]),
+                              loss_fn_inputs={"target_tokens": tinker.TensorData(data=[12, 13, 14, 15],
+                                                                                 dtype="int64", shape=[4])})]
+        for side in sides.values():
+            for _ in range(5):
+                side["client"].forward(datum, "cross_entropy").result()   # warm up
+        block = 10   # interleave blocks of calls so load changes hit both sides alike
+        for _ in range(max(1, calls // block)):
+            for side in sides.values():
+                before = {n: cpu_seconds(p) for n, p in side["pids"].items()}
+                client_before = cpu_seconds(os.getpid())
+                for _ in range(block):
+                    t = time.perf_counter()
+                    side["client"].forward(datum, "cross_entropy").result()
+                    side["lat"].append(time.perf_counter() - t)
+                side["cpu"]["client (SDK)"] += cpu_seconds(os.getpid()) - client_before
+                for n, p in side["pids"].items():
+                    side["cpu"][n] += cpu_seconds(p) - before[n]
+        print(f"model {model_name}; load average at start {load_start}, at end {loadavg()}")
+        print(f"{'':12s} {'median ms':>10s} {'p10 ms':>8s}   CPU ms per call: "
+              f"{'control plane':>13s} {'trainer':>8s} {'client (SDK)':>12s} {'sum':>6s}")
+        for name, side in sides.items():
+            n = len(side["lat"])
+            lat = sorted(side["lat"])
+            cpu = {k: v / n * 1e3 for k, v in side["cpu"].items()}
+            print(f"{name:12s} {statistics.median(lat) * 1e3:10.2f} {lat[n // 10] * 1e3:8.2f}   "
+                  f"{'':16s}{cpu['control plane']:13.2f} {cpu['trainer']:8.2f} {cpu['client (SDK)']:12.2f} "
+                  f"{sum(cpu.values()):6.2f}")
+        print("trees: " + ", ".join(f"{k} = {v}" for k, v in trees.items()) + f"; {n} calls each")
+    finally:
+        for s in services:
+            s.close()
+        for home in homes:
+            stop(home)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny", help="tiny, small or a full model name")
     ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--compare", metavar="TREE", default=None,
+                    help="A/B mode: also run a backend from this checkout and compare per-call cost")
     ap.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
                     help="also sample the trainer and the control plane with py-spy for this long")
     args = ap.parse_args()
     model_name = MODELS.get(args.model, args.model)
     os.environ.setdefault("WORKBENCH_TRAINER_THREADS", "1")
+    if args.compare:
+        compare(model_name, args.compare, args.calls)
+        return
 
     import httpx
     import tinker

@@ -80,6 +80,29 @@ def offered_api_keys(headers: Mapping[str, str]) -> list[str]:
     return offered
 
 
+class ApiKeyMiddleware:
+    """Pure ASGI middleware: an HTTP request that does not offer `api_key` (see `api_key_ok`) is answered
+    by `reject` (an ASGI app, e.g. a 401 JSON response) and never reaches the routes.
+
+        app.add_middleware(ApiKeyMiddleware, api_key=key, reject=JSONResponse(body, status_code=401))
+
+    Pure ASGI rather than `@app.middleware("http")`: that one passes every request and response through
+    anyio memory streams and a task group, a fixed cost on each of the many small trainer calls."""
+
+    def __init__(self, app, api_key: str | None, reject):
+        self.app = app
+        self.api_key = api_key or ""
+        self.reject = reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+                       if k.lower() in (b"x-api-key", b"authorization")}
+            if not api_key_ok(headers, self.api_key):
+                return await self.reject(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def api_key_ok(headers: Mapping[str, str], api_key: str) -> bool:
     """True if either credential carries `api_key` (compared in constant time). An empty `api_key`
     never matches: no workbench server runs unauthenticated."""

@@ -4,7 +4,8 @@
     /hot_load/v1/models/hot_load                             -> the replica named by the `fireworks-deployment` header (§5)
     /inference/v1/completions, /v1/completions               -> the replica named by the body's `model` (§6)
 
-Requests and responses pass through unchanged (bodies streamed back, so SSE and long-polls work). A
+Requests and responses pass through unchanged: an answer of known length up to BUFFER_LIMIT is relayed
+whole, anything else (SSE, chunked, large) is streamed back as it arrives. A
 target that is not running answers 503 with a JSON body: the SDK retries 503 on every surface, which
 is exactly what a client should do while a trainer resumes or a crashed replica restarts.
 """
@@ -16,7 +17,7 @@ import time
 
 import httpx
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from workbench.common import BodyError, parse_json_object
@@ -27,6 +28,7 @@ from .errors import error_response
 router = APIRouter()
 
 _TRAINER_PREFIX = re.compile(r"^/training/v1/rlorTrainerJobs/[^/]+/[^/]+(/.*)$")
+BUFFER_LIMIT = 4 << 20   # proxied answers of a known length up to this size are relayed whole, not streamed
 _HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade",
                "proxy-authorization", "te", "trailer"}
 
@@ -40,7 +42,7 @@ def strip_trainer_prefix(path: str) -> str | None:
 
 
 async def proxy(request: Request, port: int, path: str, body: bytes | None = None,
-                extra_headers: dict | None = None) -> StreamingResponse:
+                extra_headers: dict | None = None) -> Response:
     client: httpx.AsyncClient = request.app.state.http
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
     headers.update(extra_headers or {})
@@ -52,6 +54,19 @@ async def proxy(request: Request, port: int, path: str, body: bytes | None = Non
     except httpx.TransportError as e:
         return error_response(503, f"upstream process on port {port} is unavailable ({type(e).__name__}); retry")
     out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-encoding"}}
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) <= BUFFER_LIMIT:
+        # A small answer of known length (every trainer call, hot-load status, non-streamed completions):
+        # read it whole and answer in one piece. Streaming it back costs a task group per request and a
+        # chunked body (three socket writes, each waking the client) for a body that is already here.
+        try:
+            body = await response.aread()
+        except httpx.TransportError as e:
+            return error_response(503, f"upstream process on port {port} broke off its answer "
+                                       f"({type(e).__name__}); retry")
+        finally:
+            await response.aclose()
+        return Response(body, status_code=response.status_code, headers=out_headers)
     return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=out_headers,
                              background=BackgroundTask(response.aclose))
 

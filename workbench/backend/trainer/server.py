@@ -40,7 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workbench.common import api_key_ok, error_body
+from workbench.common import ApiKeyMiddleware, error_body
 
 from . import protocol
 from .protocol import TrainerBackend, TrainerCannotContinue, UserError, describe_failure
@@ -294,13 +294,10 @@ def create_app(backend: TrainerBackend, api_key: str | None, *, long_poll_s: flo
     app.state.begin_shutdown = begin_shutdown   # called by __main__ as soon as SIGTERM arrives
 
     # -- auth & errors --
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        # Either credential may carry the key (the SDK's healthz poll sends both).
-        if not api_key_ok(request.headers, api_key):
-            return error_response(401, "missing or invalid API key: send X-Api-Key: <key> or "
-                                       "Authorization: Bearer <key>")
-        return await call_next(request)
+    # Either credential may carry the key (the SDK's healthz poll sends both).
+    app.add_middleware(ApiKeyMiddleware, api_key=api_key,
+                       reject=error_response(401, "missing or invalid API key: send X-Api-Key: <key> or "
+                                                  "Authorization: Bearer <key>"))
 
     @app.exception_handler(BadRequest)
     async def _bad_request(_request: Request, exc: BadRequest):
