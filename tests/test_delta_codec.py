@@ -96,6 +96,24 @@ def test_round_trip_is_bit_exact_in_every_layout(mixed, transform):
     assert same_bits(old, old_copy)
 
 
+def test_decode_into_recycled_buffers_writes_them_and_skips_ones_that_do_not_fit(mixed):
+    old, new = mixed
+    blob = dc.encode(new, old, "snap-0")
+    spare = {k: torch.full_like(v, 7.0) for k, v in old.items()}
+    spare["t.1"] = spare["t.1"].t()                     # not contiguous: not used
+    spare["t.2"] = torch.zeros(3, dtype=BF16)           # wrong shape: not used
+    spare["t.4"] = old["t.4"]                           # the tensor decoded from: never written
+    del spare["t.5"]                                    # missing: a fresh tensor
+    kept = {k: v for k, v in spare.items()}
+    old_copy = clone(old)
+    out = dc.decode(blob, old, "snap-0", out=spare)
+    assert same_bits(out, new) and same_bits(old, old_copy)
+    for k in ("t.0", "t.3", "special", "scalar"):
+        assert out[k] is kept[k]                        # written in place, nothing allocated
+    for k in ("t.1", "t.2", "t.4", "t.5"):
+        assert all(out[k].data_ptr() != v.data_ptr() for v in [*old.values(), *kept.values()] if v.numel())
+
+
 def plain_xor_zstd_size(new: dict, old: dict) -> int:
     xor = b"".join((dc.bf16_bits(new[k]) ^ dc.bf16_bits(old[k])).tobytes() for k in new)
     return len(zstandard.ZstdCompressor(level=1).compress(xor))

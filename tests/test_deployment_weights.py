@@ -87,6 +87,9 @@ def test_lora_snapshot_merges_like_peft_and_restores(tmp_path):
         wm2.stop()
 
 
+FORMATS = ("arc_v2", "workbench_v1")
+
+
 def test_long_delta_chain_is_compacted_and_restores(tmp_path):
     root = tmp_path / "sampler"
     model = models.load_model(TINY)
@@ -101,8 +104,8 @@ def test_long_delta_chain_is_compacted_and_restores(tmp_path):
         name = f"step-{step}"
         if prev_w is None:
             ck.save_sampler_base(root / name, w, models.local_path(TINY), {})
-        else:
-            ck.save_sampler_delta(root / name, w, prev_w, prev_id, {})
+        else:   # every other delta in workbench_v1, which decodes into the bf16 tensors the last swap retired
+            ck.save_sampler_delta(root / name, w, prev_w, prev_id, {}, delta_format=FORMATS[step % 2])
         prev_w, prev_id = w, name
         names.append(name)
 
@@ -112,9 +115,17 @@ def test_long_delta_chain_is_compacted_and_restores(tmp_path):
         # a long generation runs across every swap: loads never stall or break in-flight requests
         long = Sequence(prompt, SamplingParams(max_tokens=400, ignore_eos=True))
         wm.engine.submit(long)
+        held = []
         for i, name in enumerate(names):
-            meta = None if i == 0 else {**META, "previous_snapshot_identity": names[i - 1]}
+            meta = None if i == 0 else {**META, "previous_snapshot_identity": names[i - 1],
+                                        "compression_format": FORMATS[i % 2]}
             wm.hotload(name, meta, snapshot_root=str(root))
+            held.append({v.data_ptr() for v in wm.current_bf16.values()})
+            if i >= 2 and FORMATS[i % 2] == "workbench_v1":
+                assert held[-1] == held[-3]     # decoded into the tensors of two loads ago: nothing allocated
+            if i:   # what the decode wrote into recycled buffers is exactly the trainer's weights
+                want = ck.reconstruct([root / n for n in names[:i + 1]])
+                assert all(torch.equal(v.view(torch.int16), want[k].view(torch.int16)) for k, v in wm.current_bf16.items())
         assert long.done.wait(60) and long.error is None and len(long.output) == 400
         state = json.loads((tmp_path / "dep" / "state.json").read_text())
         assert state["identity"] == names[-1]

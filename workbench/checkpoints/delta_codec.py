@@ -8,6 +8,7 @@ documented byte by byte in docs/delta-format.md together with the measurements t
 
     blob = encode(new_bf16, old_bf16, base_identity="step-1-1a2b3c4d")   # bytes
     new = decode(blob, old_bf16, base_identity="step-1-1a2b3c4d")        # NEW dict; old untouched
+    new = decode(blob, old_bf16, "step-1-1a2b3c4d", out=spare_bf16)        # written into spare's tensors
     header = read_header(blob)                                            # identity, per-tensor records
 
 How a tensor is encoded. Each element's change is the wrapping difference `new - old` of the bf16
@@ -28,22 +29,30 @@ Why packed codes rather than a changed-element bitmap + values: zstd's Huffman s
 Why a hand-written container rather than safetensors: on the ~5M test model a sparse delta is
 ~80 KB, and a safetensors header listing every section was ~25 KB; here the header is zstd'd (~1.5 KB).
 
-Decoding is single-threaded numpy/torch, streamed in chunks through reused scratch buffers (big
-temporary allocations cost more than the arithmetic on this VM), and verifies each tensor's adler32
-(zlib's; the SDK's checksum_format name is "alder32") after reconstruction, which also catches a
-wrong base, plus checksums of the header and the payload. It never modifies its inputs; every
-failure raises DeltaError.
+Decoding is single-threaded numpy/torch, streamed in chunks through reused scratch buffers, and
+verifies each tensor's adler32 (the SDK's checksum_format name is "alder32") after reconstruction,
+which also catches a wrong base, plus checksums of the header and the payload. It never modifies its
+inputs; every failure raises DeltaError. Two costs dominated before they were cut (bench/delta_codec.py):
+  - zlib's adler32 runs at ~0.6 ns per element; zlib-ng's (SIMD, same checksum) at ~0.07, so it is
+    used when the `zlib-ng` package is installed (plain zlib otherwise);
+  - first touch of fresh memory: on this VM a page fault costs 12-100 us (3+ ns per byte, more than
+    the whole decode), so a caller that decodes repeatedly passes `out=`, the tensors of a snapshot it
+    no longer needs (a deployment recycles the one its last swap retired), and nothing is allocated.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-import zlib
 
 import zstandard
 
 from workbench.common import LazyModule
+
+try:  # zlib-ng's adler32 is the same function, SIMD-vectorised: ~8x zlib's on a long buffer
+    from zlib_ng.zlib_ng import adler32
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; plain zlib gives the same values
+    from zlib import adler32
 
 # numpy and torch are imported on first use: the control plane imports DeltaError without tensors.
 np = LazyModule("numpy")
@@ -249,7 +258,7 @@ def _candidates(codes: np.ndarray, k: int, cctx):
 
 def _encode_tensor(new: np.ndarray, old: np.ndarray, transform: str, cctx) -> tuple[dict, list[bytes]]:
     """One tensor -> (record fields, its sections in layout order); the smallest layout wins."""
-    record = {"adler32": zlib.adler32(new)}
+    record = {"adler32": adler32(new)}
     codes = _zigzag(new - old) if transform == "sub" else new ^ old  # uint16 arithmetic wraps
     k = int(np.count_nonzero(codes))
     record["changed"] = k
@@ -294,8 +303,8 @@ def encode(new_bf16: dict, old_bf16: dict, base_identity: str, *, transform: str
     header = cctx.compress(header)
     payload_sum = 1  # adler32's initial value
     for section in payload:
-        payload_sum = zlib.adler32(section, payload_sum)
-    preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header), zlib.adler32(header),
+        payload_sum = adler32(section, payload_sum)
+    preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header), adler32(header),
                               sum(len(s) for s in payload), payload_sum)
     return b"".join([preamble, header, *payload])
 
@@ -323,10 +332,10 @@ def read_header(blob) -> dict:
     if payload_offset + payload_len != len(view):
         what = "truncated" if payload_offset + payload_len > len(view) else "longer than its header says"
         raise DeltaError(f"delta is {what}: {len(view)} bytes, its preamble accounts for {payload_offset + payload_len}")
-    if zlib.adler32(view[payload_offset:]) != payload_sum:
+    if adler32(view[payload_offset:]) != payload_sum:
         raise DeltaError("delta data is corrupted (payload checksum mismatch)")
     packed = view[start:payload_offset]
-    if zlib.adler32(packed) != header_sum:
+    if adler32(packed) != header_sum:
         raise DeltaError("delta header is corrupted (checksum mismatch)")
     try:
         header = json.loads(zstandard.ZstdDecompressor().decompress(packed))
@@ -369,7 +378,7 @@ def _finish_chunk(values: np.ndarray, old: np.ndarray, transform: str, checksum:
         np.add(values, old, out=values)
     else:
         np.bitwise_xor(values, old, out=values)
-    return zlib.adler32(values, checksum)
+    return adler32(values, checksum)
 
 
 def _unzigzag_chunk(code: np.ndarray, sign: np.ndarray) -> None:
@@ -448,7 +457,7 @@ def _decode_gaps(out, old, sections, n, k, gap_planes, transform, s: _Scratch, n
             0, torch.from_numpy(index), torch.from_numpy(_unzigzag_inplace(values).view(np.int16)))
     else:
         out[index] ^= values
-    return zlib.adler32(out)
+    return adler32(out)
 
 
 def _decode_tensor(rec: dict, old: np.ndarray, out: np.ndarray, sections: list, transform: str, scratch: _Scratch) -> int:
@@ -461,7 +470,7 @@ def _decode_tensor(rec: dict, old: np.ndarray, out: np.ndarray, sections: list, 
         if sections:
             raise DeltaError(f"tensor {name}: unchanged tensor with {len(sections)} data sections")
         np.copyto(out, old)
-        return zlib.adler32(out)
+        return adler32(out)
     k = int(rec["changed"])
     value_planes = int(rec["value_planes"])
     escapes = int(rec.get("escapes", 0))
@@ -478,11 +487,15 @@ def _decode_tensor(rec: dict, old: np.ndarray, out: np.ndarray, sections: list, 
     return _decode_gaps(out, old, sections, n, k, gap_planes, transform, scratch, name)
 
 
-def decode(blob, old_bf16: dict, base_identity: str) -> dict:
+def decode(blob, old_bf16: dict, base_identity: str, out: dict | None = None) -> dict:
     """Apply the delta `blob` to `old_bf16` (the snapshot named `base_identity`); return a NEW bf16 dict.
 
-    Raises DeltaError if the delta was made against another snapshot, has an unknown version, is
-    truncated or corrupted, or a reconstructed tensor fails its checksum. `old_bf16` is never modified.
+    `out`: optional bf16 tensors to write the result into (a snapshot the caller no longer needs);
+    each one of the same name and shape, contiguous on the CPU and not sharing memory with `old_bf16`,
+    is overwritten and returned in place of a fresh tensor (others are ignored). After a failure its
+    contents are undefined. Raises DeltaError if the delta was made against another snapshot, has an
+    unknown version, is truncated or corrupted, or a reconstructed tensor fails its checksum.
+    `old_bf16` is never modified.
     """
     header = read_header(blob)
     if header.get("base_identity") != base_identity:
@@ -509,7 +522,8 @@ def decode(blob, old_bf16: dict, base_identity: str) -> dict:
             shape = tuple(int(s) for s in rec["shape"])
             if shape != tuple(old_t.shape):
                 raise DeltaError(f"tensor {name}: delta shape {shape} differs from current {tuple(old_t.shape)}")
-            new = np.empty(old_t.numel(), np.uint16)  # each result owns its memory
+            target = _reusable(out, name, old_t)
+            new = bf16_bits(target) if target is not None else np.empty(old_t.numel(), np.uint16)
             checksum = _decode_tensor(rec, bf16_bits(old_t), new, sections, header["transform"], scratch)
             expected = int(rec["adler32"])
         except DeltaError:
@@ -519,5 +533,18 @@ def decode(blob, old_bf16: dict, base_identity: str) -> dict:
         if checksum != expected:
             raise DeltaError(f"tensor {name}: checksum mismatch after applying the delta (corrupted delta, "
                              f"or the current weights are not really {base_identity!r})")
-        result[name] = bits_to_bf16(new, shape)
+        result[name] = target if target is not None else bits_to_bf16(new, shape)
     return result
+
+
+def _reusable(out: dict | None, name: str, old_t):
+    """out[name] if the decode may write into it (see decode's `out`), else None."""
+    t = out.get(name) if out else None
+    if (t is None or t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous()
+            or tuple(t.shape) != tuple(old_t.shape) or t.numel() == 0):
+        return None
+    start, end = t.data_ptr(), t.data_ptr() + 2 * t.numel()
+    o_start = old_t.data_ptr()
+    if start < o_start + 2 * old_t.numel() and o_start < end:   # overlaps what it is decoded from
+        return None
+    return t

@@ -281,10 +281,13 @@ def write_delta(directory: Path, new_bf16: dict, old_bf16: dict, base_identity: 
             "changed_elements": changed, "total_elements": sum(t.numel() for t in new_bf16.values())}
 
 
-def read_delta(directory: Path, current: dict, delta_format: str, base_identity: str | None = None) -> dict:
+def read_delta(directory: Path, current: dict, delta_format: str, base_identity: str | None = None,
+               out: dict | None = None) -> dict:
     """NEW dict: the delta in `directory` (in `delta_format`) applied to `current`, every checksum verified.
 
     `base_identity` is what `current` is (checked by workbench_v1, whose file records its base).
+    `out`: bf16 tensors the caller no longer needs, which workbench_v1 decodes into instead of fresh
+    memory (delta_codec.decode); the library's arc_* decoders allocate their own.
     Raises DeltaError (DeltaFormatError if the files are in another format); `current` is never modified.
     """
     directory = Path(directory)
@@ -300,7 +303,7 @@ def read_delta(directory: Path, current: dict, delta_format: str, base_identity:
             raise DeltaError(f"{directory}: {WORKBENCH_DELTA_FILE} is missing ({found} arc_* delta there)") from e
         except OSError as e:
             raise DeltaError(f"cannot read {wbd}: {e}") from e
-        return delta_codec.decode(blob, current, base_identity)
+        return delta_codec.decode(blob, current, base_identity, out=out)
     if wbd.is_file():
         raise DeltaFormatError(f"the delta is {WORKBENCH_DELTA_FORMAT!r}, not {delta_format!r}")
     try:

@@ -224,13 +224,14 @@ def load_base_weights(src: Path) -> dict[str, torch.Tensor]:
 
 
 def apply_delta(src: Path, current_bf16: dict, current_identity: str, compression_format: str | None = None,
-                checksum_format: str | None = None) -> dict:
+                checksum_format: str | None = None, out: dict | None = None) -> dict:
     """NEW bf16 dict: the delta snapshot at `src` applied to `current_bf16` (the snapshot `current_identity`).
 
     `compression_format` / `checksum_format` are what the hot-load request named (None: not named);
     one that disagrees with the snapshot raises DeltaFormatError (http_status 400) naming both.
     Raises DeltaError if the delta was made against another snapshot, its files are missing,
-    truncated or corrupted, or a tensor fails its checksum. `current_bf16` is never modified.
+    truncated or corrupted, or a tensor fails its checksum. `current_bf16` is never modified; `out`
+    (tensors the caller no longer needs) may be overwritten with the result (formats.read_delta).
     """
     src = Path(src)
     name = snapshot_identity(src)
@@ -250,7 +251,7 @@ def apply_delta(src: Path, current_bf16: dict, current_identity: str, compressio
     if isinstance(base, str) and base != current_identity:
         raise DeltaError(f"delta applies to snapshot {base!r}, but the current weights are {current_identity!r}: "
                          "load that snapshot (or a full base) first")
-    return formats.read_delta(src, current_bf16, recorded, current_identity)
+    return formats.read_delta(src, current_bf16, recorded, current_identity, out=out)
 
 
 def reconstruct(chain: list[Path]) -> dict:

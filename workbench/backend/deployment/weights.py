@@ -21,7 +21,8 @@ base model's own fp32 weights, as the trainer's LoRA forward computes), refuse n
 copy it into the spare fp32 model, record it in state.json, then ask the engine to swap models
 between two steps (with `drain`, once the requests in flight have finished). The previous model
 becomes the spare for the next load (double buffering: serving never waits on a load, and a swap is a
-pointer change). state.json is written before the swap and put back if the swap fails, so the
+pointer change). Likewise the bf16 dict a swap retires is kept and the next delta decodes into it
+(workbench_v1 does; no fresh memory to fault in), at the cost of one more bf16 copy of the weights held. state.json is written before the swap and put back if the swap fails, so the
 answer, the live weights and the restart state always agree. Any failure leaves the served snapshot
 untouched, sets `loading_state` to stage "error" for that target with a message, and raises
 `HotloadError` with an HTTP status the server returns: 400 malformed request or metadata (or a delta
@@ -113,6 +114,9 @@ class WeightManager:
         self.current_kind: str = "base_model"
         self.current_bf16: dict | None = None
         self.base_bf16: dict | None = None
+        # the bf16 tensors the last swap retired: the next delta decodes into them (no fresh memory, whose
+        # first touch costs more than the decode on this VM; see checkpoints/delta_codec.py)
+        self._retired_bf16: dict | None = None
         self._base_fp32: dict | None = None
         # model -> (name -> tensor, tied names); weak, so a replaced spare model is not kept alive
         self._targets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -344,7 +348,8 @@ class WeightManager:
             if prev != self.current_identity:
                 raise HotloadError(409, f"delta {identity!r} applies to {prev!r}, but this replica holds "
                                         f"{self.current_identity!r}; hot-load a full (base) snapshot first")
-            weights = decode_delta(src, self.current_bf16, self.current_identity, meta)
+            recycled, self._retired_bf16 = self._retired_bf16, None     # lost if this load fails: no matter
+            weights = decode_delta(src, self.current_bf16, self.current_identity, meta, out=recycled)
             chain = self.chain + [entry]
             since_base = self.deltas_since_base + 1
         elif kind == "base":
@@ -380,11 +385,14 @@ class WeightManager:
                                         "the previous snapshot keeps serving") from None
             raise
         t_swapped = time.perf_counter()
+        retired = self.current_bf16
         with self._state_lock:
             self.model, self.spare = self.spare, self.model
             self.current_identity, self.current_kind = identity, kind
             self.current_bf16, self.chain, self.deltas_since_base = weights, chain, since_base
             self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
+        if retired is not None and retired is not self.base_bf16 and retired is not weights:
+            self._retired_bf16 = retired
         self._prune_materialized()
         return {"status": "ok", "identity": identity, "kind": kind, "source": via,
                 "bytes_read": _dir_bytes(src), "deltas_since_base": since_base,
@@ -529,16 +537,18 @@ class WeightManager:
             self.engine.stop()
 
 
-def decode_delta(src: Path, held_bf16: dict, held_identity: str | None, request_meta: dict | None = None) -> dict:
+def decode_delta(src: Path, held_bf16: dict, held_identity: str | None, request_meta: dict | None = None,
+                 out: dict | None = None) -> dict:
     """The one place a delta snapshot is decoded: the new bf16 weights from the weights held now.
     Decodes by the format the snapshot records (workbench.checkpoints.formats), verifies the delta's
     base and checksums (raises checkpoints.DeltaError). A request naming another compression_format
-    or checksum_format than the snapshot's is a 400 naming both (HotloadError)."""
+    or checksum_format than the snapshot's is a 400 naming both (HotloadError). `out`: retired bf16
+    tensors the decode may overwrite (workbench_v1 writes into them)."""
     ck = _ckpt()
     meta = request_meta or {}
     try:
         return ck.apply_delta(src, held_bf16, held_identity, compression_format=meta.get("compression_format"),
-                              checksum_format=meta.get("checksum_format"))
+                              checksum_format=meta.get("checksum_format"), out=out)
     except ck.DeltaFormatError as e:
         raise HotloadError(e.http_status, f"delta snapshot {Path(src).name!r} refused: {e}") from e
 
