@@ -8,7 +8,10 @@ Checks: WeightSyncer base-then-delta hot loads into the running vLLM engine, `ch
 after each; `DeploymentSampler.sample_with_tokens(n=4)` with an AdaptiveConcurrencyController; SSE with
 raw_output and perf_metrics (prefill-queue-duration from vLLM's scheduler); vLLM's per-token logprobs
 against the built-in engine's on the same snapshot; a corrupted delta and a wrong-base delta refused
-while vLLM keeps serving; a SIGKILLed vLLM replica back on the same identity.
+while vLLM keeps serving; then, on the same running replica re-pointed at a LoRA trainer, two PEFT
+adapter snapshots served through vLLM's LoRA support (logprobs against the built-in engine's merge of
+the same adapter), a broken adapter refused while the previous one keeps serving; last, a SIGKILLed
+vLLM replica back on the same identity (the last adapter).
 
 Skips (with the reason) only when vLLM's environment is not installed: `bash scripts/install_vllm.sh`.
 """
@@ -37,6 +40,8 @@ pytestmark = [pytest.mark.timeout(1800), pytest.mark.skipif(not _ok, reason=_why
 VLLM = "vllm-serving"
 TWIN = "builtin-twin"
 VLLM_SHAPE = "accounts/workbench/deploymentShapes/vllm-cpu"
+LORA_SHAPE = "accounts/workbench/trainingShapes/qwen3-tiny-lora-cpu"
+LORA_RANK = 4
 QA = [("What color is the sky?", "blue"), ("What color is grass?", "green"), ("What is 2 + 3?", "5"),
       ("Say hello.", "hello")]
 READY_TIMEOUT_S = 1200   # vLLM startup: ~2-5 min on a loaded 2-core machine
@@ -73,16 +78,22 @@ def loop(backend):
     profile = rlor_mgr.resolve_training_profile(TINY_SHAPE)
     created = rlor_mgr.create(TrainerJobConfig(base_model=TINY, training_shape_ref=profile.training_shape,
                                                lora_rank=0, learning_rate=1e-3))
+    # the LoRA trainer of test_lora_adapters_on_vllm starts while vLLM does (vLLM's start is the long pole)
+    lora_job = rlor_mgr.create(TrainerJobConfig(
+        base_model=TINY, training_shape_ref=rlor_mgr.resolve_training_profile(LORA_SHAPE).training_shape,
+        lora_rank=LORA_RANK, learning_rate=1e-3))
     t0 = time.time()
     for name, shape in ((VLLM, VLLM_SHAPE), (TWIN, None)):
         deploy_mgr.create_or_get(DeploymentConfig(deployment_id=name, base_model=TINY, deployment_shape=shape,
                                                   hot_load_trainer_job=created.job_name,
                                                   min_replica_count=0, max_replica_count=1))
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:
         trainer_future = pool.submit(rlor_mgr.wait_for_ready, created.job_id, poll_interval_s=1)
+        lora_future = pool.submit(rlor_mgr.wait_for_ready, lora_job.job_id, poll_interval_s=1)
         vllm_future = pool.submit(wait_serving, deploy_mgr, VLLM)
         twin_future = pool.submit(wait_serving, deploy_mgr, TWIN)
         endpoint = trainer_future.result()
+        lora_endpoint = lora_future.result()
         twin_future.result()
         vllm_future.result()
     print(f"vLLM replica serving {time.time() - t0:.1f} s after create")
@@ -92,7 +103,7 @@ def loop(backend):
                            hotload_timeout=600, first_checkpoint_type="base")
     tokenizer = load_tokenizer(TINY)
     yield dict(rlor_mgr=rlor_mgr, deploy_mgr=deploy_mgr, job_id=created.job_id, client=client, tracker=tracker,
-               tokenizer=tokenizer, service=service, history=[])
+               tokenizer=tokenizer, service=service, history=[], lora_job=lora_job, lora_endpoint=lora_endpoint)
     service.close()
 
 
@@ -199,6 +210,14 @@ def test_vllm_logprobs_match_builtin_engine(backend, loop):
     built-in engine (echo + logprobs), agree within bf16 rounding."""
     snapshot = loop["tracker"].check_deployment_state()
     assert _sync_twin(loop) == snapshot
+    d = _logprob_diffs(backend, loop)
+    print(f"vLLM vs built-in engine per-token logprobs on {snapshot}: n={d.numel()} "
+          f"mean {d.mean():.2e} max {d.max():.2e}")
+    assert d.max().item() < 1e-2   # bf16 weights, fp32 compute on both sides: expected ~1e-5
+
+
+def _logprob_diffs(backend, loop) -> torch.Tensor:
+    """|vLLM's logprob - the built-in twin's| for each token vLLM samples after each QA prompt."""
     tok = loop["tokenizer"]
     diffs = []
     for i, (q, _) in enumerate(QA):
@@ -217,10 +236,7 @@ def test_vllm_logprobs_match_builtin_engine(backend, loop):
         assert t.status_code == 200, t.text
         scored = torch.tensor([e["logprob"] for e in t.json()["choices"][0]["logprobs"]["content"]])[len(prompt):]
         diffs.append((served - scored).abs())
-    d = torch.cat(diffs)
-    print(f"vLLM vs built-in engine per-token logprobs on {snapshot}: n={d.numel()} "
-          f"mean {d.mean():.2e} max {d.max():.2e}")
-    assert d.max().item() < 1e-2   # bf16 weights, fp32 compute on both sides: expected ~1e-5
+    return torch.cat(diffs)
 
 
 def _hotload_fails(loop, identity, metadata=None) -> str:
@@ -270,7 +286,67 @@ def test_failed_hotloads_keep_vllm_serving(backend, loop):
     assert len(completions) == 4 * len(QA)
 
 
+def test_lora_adapters_on_vllm(backend, loop):
+    """The running vLLM replica, re-pointed at a LoRA trainer (no restart), serves its PEFT adapter
+    snapshots through vLLM's LoRA support: save_and_hotload twice, each time check_deployment_state()
+    is the new snapshot, the adapter is the one loaded, and vLLM's logprobs agree with the built-in
+    engine's (which merges the same adapter into the base) within bf16 rounding, so the second load
+    really replaced the first adapter. The trainer trains the unembedding too (its default), so the
+    adapter carries a whole embedding (PEFT modules_to_save) besides its low-rank pairs."""
+    from fireworks.training.sdk import FiretitanServiceClient
+
+    from workbench.demo import sft_datums
+    from workbench.sdk import WeightSyncer
+
+    deploy_mgr, job = loop["deploy_mgr"], loop["lora_job"]
+    for name in (VLLM, TWIN):
+        deploy_mgr.reattach_trainer(name, base_model=TINY, trainer_job_name=job.job_name, timeout_s=120)
+    service = FiretitanServiceClient(base_url=loop["lora_endpoint"].base_url, api_key=backend.api_key)
+    client = service.create_training_client(base_model=TINY, lora_rank=LORA_RANK)
+    tracker = WeightSyncer(policy_client=client, deploy_mgr=deploy_mgr, deployment_id=VLLM, base_model=TINY,
+                           hotload_timeout=600, lora_rank=LORA_RANK)
+    loop["lora_client"] = client
+    data = sft_datums(loop["tokenizer"], QA)
+    adam = tinker.AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    greedy = []
+    for i in range(2):
+        for _ in range(3):
+            client.forward_backward(data, "cross_entropy").result()
+            client.optim_step(adam).result()
+        snapshot = tracker.save_and_hotload(f"lora-{i}")
+        assert tracker.check_deployment_state() == snapshot
+        st = _replica_status(deploy_mgr, VLLM)
+        assert st["readiness"] and st["loading_state"]["stage"] == "done", st
+        assert st["loaded_adapters"] == [{"identity": snapshot, "status": "loaded"}]
+        assert deploy_mgr.hotload_and_wait(TWIN, TINY, snapshot, timeout_seconds=120)
+        d = _logprob_diffs(backend, loop)
+        print(f"vLLM LoRA vs built-in engine per-token logprobs on {snapshot}: n={d.numel()} "
+              f"mean {d.mean():.2e} max {d.max():.2e}")
+        assert d.max().item() < 1e-2
+        greedy.append(_greedy(backend, loop))
+    # the second adapter replaced the first (not vLLM's cached one): greedy logprobs moved
+    assert max(abs(a - b) for a, b in zip(*greedy)) > 1e-3
+    score, completions = evaluate(sampler_for(backend, loop))
+    assert len(completions) == 4 * len(QA) and all(c.completion_len > 0 for c in completions)
+    loop["lora_tracker"] = tracker
+
+
+def test_broken_adapter_keeps_previous_adapter_serving(backend, loop):
+    tracker = loop["lora_tracker"]
+    current = tracker.check_deployment_state()
+    before = _greedy(backend, loop)
+    bad = loop["lora_client"].save_weights_for_sampler_ext("lora-broken").snapshot_name
+    adapter = backend.home / "jobs" / loop["lora_job"].job_id / "sampler" / bad / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])   # truncated
+    assert _hotload_fails(loop, bad) == current
+    assert tracker.check_deployment_state() == current
+    st = _replica_status(loop["deploy_mgr"], VLLM)
+    assert st["loaded_adapters"] == [{"identity": current, "status": "loaded"}]
+    assert max(abs(a - b) for a, b in zip(before, _greedy(backend, loop))) < 1e-5
+
+
 def test_killed_vllm_replica_comes_back_on_same_identity(backend, loop):
+    """Runs last: the replica serves the LoRA tests' last adapter, and comes back on it."""
     tracker = loop["tracker"]
     before = tracker.check_deployment_state()
     greedy_before = _greedy(backend, loop)
@@ -287,6 +363,8 @@ def test_killed_vllm_replica_comes_back_on_same_identity(backend, loop):
     st = wait_serving(loop["deploy_mgr"], VLLM)
     print(f"vLLM replica back after SIGKILL in {time.time() - t0:.1f} s")
     assert st["current_snapshot_identity"] == before
+    if "lora_tracker" in loop:   # the LoRA tests ran: it is back on their last adapter
+        assert st.get("loaded_adapters") == [{"identity": before, "status": "loaded"}]
     assert tracker.check_deployment_state() == before
     assert max(abs(a - b) for a, b in zip(greedy_before, _greedy(backend, loop))) < 1e-5
     score, completions = evaluate(sampler_for(backend, loop))

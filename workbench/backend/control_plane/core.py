@@ -41,6 +41,8 @@ __all__ = ["ControlPlane", "rfc3339", "read_body_json", "field", "check_account"
 
 TRAINER_START_TIMEOUT_S = 300
 DEPLOYMENT_START_TIMEOUT_S = 300
+# vLLM imports and starts its engine processes before it loads a byte: minutes on a busy CPU (seen >300 s)
+VLLM_DEPLOYMENT_START_TIMEOUT_S = 1200
 # A replica that crashes this many times within the window is marked FAILED instead of restarted.
 MAX_REPLICA_RESTARTS, RESTART_WINDOW_S = 3, 120
 
@@ -190,16 +192,18 @@ class ControlPlane:
         if dep["state"] != "READY":
             self.set_deployment_state(deployment_id, "CREATING", "starting replica")
         try:   # the built-in engine, or vLLM in its own environment (deployment/engines.py)
-            python, args, env = replica_command(deployment_engine(dep), run_dir)
+            engine = deployment_engine(dep)
+            python, args, env = replica_command(engine, run_dir)
         except (RuntimeError, ValueError) as e:
             self.set_deployment_state(deployment_id, "FAILED", f"replica failed to start: {e}")
             return
+        timeout = VLLM_DEPLOYMENT_START_TIMEOUT_S if engine == "vllm" else DEPLOYMENT_START_TIMEOUT_S
         child = self.supervisor.start("deployment", deployment_id, args, run_dir, python=python, extra_env=env)
 
         def wait() -> None:
             try:
-                port = child.wait_ready(DEPLOYMENT_START_TIMEOUT_S)
-                self._wait_replica_ready(child, port, DEPLOYMENT_START_TIMEOUT_S)
+                port = child.wait_ready(timeout)
+                self._wait_replica_ready(child, port, timeout)
             except Exception as e:
                 if self._closed.is_set():
                     # The backend is stopping, not the replica failing: the deployment keeps its state, so

@@ -28,7 +28,8 @@ scheduler queue time (queued -> first scheduled), the signal AdaptiveConcurrency
 Weight pushes: `collective_rpc` into the worker extension `vllm_worker.WeightPushExtension`, wrapped in
 `pause_generation(mode="keep")` / `resume_generation()` so no forward step ever runs on half-loaded
 weights; requests in flight keep their KV cache and continue on the new weights (the built-in engine's
-ASYNC transition).
+ASYNC transition). LoRA: every new request is submitted with `lora_request`, the adapter the weight
+pusher made current (vllm_replica.py); while it switches adapters (`switching`), new requests wait.
 """
 
 from __future__ import annotations
@@ -75,11 +76,18 @@ class VllmOptions:
     """Engine seed (requests without a seed draw from it)."""
     enforce_eager: bool = True
     """No torch.compile / CUDA graphs: startup in seconds instead of minutes; the tiny CPU models gain nothing."""
+    enable_lora: bool = True
+    """vLLM's LoRA support, so the deployment serves a LoRA trainer's adapter snapshots (vllm_lora.py).
+    Off: LoRA snapshots are refused (422), and base-weight decoding skips vLLM's LoRA kernels."""
+    max_lora_rank: int = 64
+    """Largest adapter rank served (vLLM's max_lora_rank: one of 1, 8, 16, 32, 64, 128, 256, 320, 512);
+    vLLM reserves its LoRA buffers for this rank."""
 
     @classmethod
     def from_env(cls) -> "VllmOptions":
         """WORKBENCH_VLLM_DTYPE, WORKBENCH_VLLM_MAX_MODEL_LEN, WORKBENCH_VLLM_MAX_NUM_SEQS,
-        WORKBENCH_VLLM_KV_CACHE_BYTES, WORKBENCH_VLLM_PREFIX_CACHING (0/1), WORKBENCH_VLLM_EAGER (0/1)."""
+        WORKBENCH_VLLM_KV_CACHE_BYTES, WORKBENCH_VLLM_PREFIX_CACHING (0/1), WORKBENCH_VLLM_EAGER (0/1),
+        WORKBENCH_VLLM_LORA (0/1), WORKBENCH_VLLM_MAX_LORA_RANK."""
         env = os.environ.get
         return cls(
             dtype=env("WORKBENCH_VLLM_DTYPE", "auto"),
@@ -88,6 +96,8 @@ class VllmOptions:
             kv_cache_bytes=int(env("WORKBENCH_VLLM_KV_CACHE_BYTES")) if env("WORKBENCH_VLLM_KV_CACHE_BYTES") else None,
             enable_prefix_caching=env("WORKBENCH_VLLM_PREFIX_CACHING", "1") != "0",
             enforce_eager=env("WORKBENCH_VLLM_EAGER", "1") != "0",
+            enable_lora=env("WORKBENCH_VLLM_LORA", "1") != "0",
+            max_lora_rank=int(env("WORKBENCH_VLLM_MAX_LORA_RANK", "64")),
         )
 
 
@@ -141,6 +151,11 @@ class VllmEngine:
         self.llm = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.snapshot: str | None = None   # identity of the weights vLLM holds (set by the weight pusher)
+        # the adapter every new request runs with (a vllm LoRARequest; None: the dense weights alone)
+        self.lora_request = None
+        # set (on the loop) while the weight pusher switches adapters: requests arriving meanwhile wait
+        # for it, so none is submitted with an adapter that is being retired
+        self.switching: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._live: set[_Request] = set()
         self._ids = itertools.count()
@@ -161,6 +176,9 @@ class VllmEngine:
                   enforce_eager=o.enforce_eager, enable_prefix_caching=o.enable_prefix_caching,
                   worker_extension_cls=WORKER_EXTENSION, disable_log_stats=False,
                   logprobs_mode="raw_logprobs")
+        if o.enable_lora:
+            # one adapter at a time: a LoRA hot load retires the previous one (vllm_replica.py)
+            kw.update(enable_lora=True, max_lora_rank=o.max_lora_rank, max_loras=1)
         if not cuda:
             kw["kv_cache_memory_bytes"] = o.kv_cache_bytes or (256 << 20)
         return AsyncEngineArgs(**kw)
@@ -274,8 +292,10 @@ class VllmEngine:
         first = True
         reason, error = None, None
         try:
+            while self.switching is not None:
+                await self.switching.wait()
             gen = self.llm.generate(TokensPrompt(prompt_token_ids=r.prompt_ids), self.sampling_params(r),
-                                    request_id=f"wb-{next(self._ids)}")
+                                    request_id=f"wb-{next(self._ids)}", lora_request=self.lora_request)
             async for out in gen:
                 c = out.outputs[0] if out.outputs else None
                 if first:

@@ -19,15 +19,28 @@ only the engine and the way weights reach it differ:
   If the push fails, the previous weights are pushed back and state.json restored before the error is
   answered, so the previous snapshot keeps serving. `reset_prompt_cache` resets vLLM's prefix cache
   (running requests are recomputed on the new weights).
+- LoRA: a PEFT adapter snapshot is served through vLLM's LoRA support (`enable_lora`, one adapter at
+  a time). vllm_lora.py checks the adapter against the base model and vLLM's limits (422 before vLLM
+  sees it) and writes the copy vLLM loads into the deployment dir (`vllm-adapters/<n>`). The swap then
+  pushes the base weights the adapter applies to when the engine does not hold them already (the base
+  model's own weights, as the trainer's LoRA forward uses them, plus any whole modules the adapter
+  carries: PEFT `modules_to_save`, which vLLM's LoRA does not take), `add_lora`s the new adapter under
+  a fresh id and a name of its own (so neither vLLM's adapter cache nor its prefix cache can serve the
+  previous one), makes it the adapter of every new request, and removes the previous one. vLLM binds
+  an adapter to a request when it is submitted, so a swap that changes adapters drains: requests in
+  flight finish on the adapter they started with (`pause_generation(mode="wait")`), requests arriving
+  meanwhile wait and start on the new one; each request is thus computed with one snapshot, the one
+  it reports.
 - restart: state.json is replayed at startup exactly as the built-in replica does, so a replica killed
-  with SIGKILL comes back on its last good snapshot.
-
-LoRA snapshots are refused with 422 on vLLM deployments for now (the built-in engine serves them).
+  with SIGKILL comes back on its last good snapshot (a LoRA one included).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -76,11 +89,19 @@ def _push_dir() -> str | None:
 
 
 class _Held:
-    """Stands where the built-in manager keeps an fp32 model (`model` / `spare`): the weights
-    `_load_into` validated, waiting for `swap_model` to push them into vLLM."""
+    """Stands where the built-in manager keeps an fp32 model (`model` / `spare`): what a snapshot puts
+    in the engine, validated by `_load_into` (full weights) or `_merge_lora` (an adapter), waiting for
+    `swap_model` to push it into vLLM. `model` is what vLLM serves now."""
 
     def __init__(self):
         self.weights: dict | None = None
+        """The dense weights (for a LoRA snapshot: the base its adapter applies to)."""
+        self.key: object | None = None
+        """Names `weights`: the engine is not pushed weights it holds already (same key)."""
+        self.adapter = None
+        """vllm_lora.PreparedAdapter of a LoRA snapshot; None for full weights."""
+        self.lora_id: int | None = None
+        """vLLM's adapter id for it: new for every load."""
 
 
 class VllmWeightManager(WeightManager):
@@ -98,6 +119,12 @@ class VllmWeightManager(WeightManager):
         self._param_shapes: dict[str, tuple] = {}
         self.last_push: dict = {}
         self._pause_s = 0.0
+        self.base_fp32: dict | None = None     # the model files' own weights: what LoRA adapters apply to
+        self._tied = False
+        self._engine_key: object | None = None  # the _Held.key of the dense weights vLLM holds
+        self._lora_ids = itertools.count(1)
+        self._lora_base_key = object()          # _Held.key of base_fp32 alone (adapters without whole modules)
+        self.adapters_dir = self.dir / "vllm-adapters"
 
     # ---- startup ----------------------------------------------------------------------------------
     def _startup(self) -> None:
@@ -124,9 +151,12 @@ class VllmWeightManager(WeightManager):
             raw = {}
             for f in files:
                 raw.update(load_file(str(f)))
+            self.base_fp32 = raw
             self.base_bf16 = {k: v.to(torch.bfloat16) for k, v in raw.items()}
             check_finite(self.base_bf16, None)
             self._param_shapes = {k: tuple(v.shape) for k, v in self.base_bf16.items()}
+            self._tied = bool(cfg.get("tie_word_embeddings", False))
+            shutil.rmtree(self.adapters_dir, ignore_errors=True)   # copies of a previous process's adapters
             self.engine = VllmEngine(model_dir, options=self.options, max_context=self.max_context)
             self.engine.swap_model = self._swap_model
             self.engine.retract_swap = lambda done: False      # a push is synchronous: nothing to retract
@@ -136,13 +166,16 @@ class VllmWeightManager(WeightManager):
             self.engine.start()
             self.engine_start_seconds = round(time.perf_counter() - t0, 3)
             print(f"vLLM engine ready in {self.engine_start_seconds:.1f} s", flush=True)
+            self._engine_key = self._lora_base_key      # vLLM loaded the model files as they are
             restored = self._restore()
             if restored is not None:
-                self._push(self.model.weights, restored)
-            elif any(v.dtype != torch.bfloat16 for v in raw.values()):
-                # vLLM loaded the model files as they are (fp32 for the embedded models): serve the
-                # bf16-rounded base, as the built-in replica does, so identity null means one thing
-                self._push(self.base_bf16, None)
+                self._apply(self.model, restored)
+            else:
+                # serve the bf16-rounded base, as the built-in replica does, so identity null means one
+                # thing (the embedded models' files are fp32)
+                bf16 = all(v.dtype == torch.bfloat16 for v in raw.values())
+                self.model.weights, self.model.key = self.base_bf16, (self._lora_base_key if bf16 else object())
+                self._apply(self.model, None)
             with self._state_lock:
                 self.ready = True
                 if restored is None:
@@ -164,9 +197,25 @@ class VllmWeightManager(WeightManager):
         result.update({f"push_{k}": v for k, v in self.last_push.items()})
         return result
 
-    def _merge_lora(self, adapter_dir: Path, target) -> dict:
-        raise HotloadError(422, f"{adapter_dir.name}: LoRA snapshots are not served by vLLM deployments yet; "
-                                "use a full-parameter trainer (or the built-in engine) for LoRA")
+    def _merge_lora(self, adapter_dir: Path, target: _Held) -> dict:
+        """Prepare a LoRA snapshot for the swap (nothing reaches vLLM yet): check the adapter and write
+        the copy vLLM loads (vllm_lora.py); `target` gets the adapter and the dense weights it applies
+        to. Returns the adapter's tensors (what the caller checks for non-finite values)."""
+        from .vllm_lora import prepare_adapter
+
+        options = self.engine.options
+        if not options.enable_lora:
+            raise HotloadError(422, f"{adapter_dir.name} is a LoRA snapshot, and this vLLM deployment was "
+                                    "started without LoRA (WORKBENCH_VLLM_LORA=0)")
+        lora_id = next(self._lora_ids)
+        adapter = prepare_adapter(adapter_dir, self.adapters_dir / str(lora_id), self._param_shapes,
+                                  self._tied, options.max_lora_rank)
+        target.adapter, target.lora_id = adapter, lora_id
+        if adapter.full:
+            target.weights, target.key = {**self.base_fp32, **adapter.full}, object()
+        else:
+            target.weights, target.key = self.base_fp32, self._lora_base_key
+        return adapter.tensors
 
     def _load_into(self, model, weights: dict) -> None:
         """Check that `weights` fit the base model (names, shapes) and hold them for the swap."""
@@ -178,23 +227,23 @@ class VllmWeightManager(WeightManager):
         if missing or unexpected or wrong:
             raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: missing {missing[:5]}, "
                                     f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
-        model.weights = weights
+        model.weights, model.key, model.adapter, model.lora_id = weights, object(), None, None
 
     def _watch_pauses(self) -> None:
         self._pause_s = 0.0
 
     def _swap_model(self, held: _Held, identity: str | None = None, drain: bool = False) -> threading.Event:
-        """The engine's swap: push the held weights into vLLM now. If vLLM fails half-way, the weights
-        served before are pushed back before the error propagates (the caller then restores state.json
-        and answers that the previous snapshot keeps serving)."""
-        previous, previous_identity = self.current_bf16, self.current_identity
+        """The engine's swap: put the held snapshot into vLLM now. If vLLM fails half-way, what was
+        served before (`self.model`) is put back before the error propagates (the caller then restores
+        state.json and answers that the previous snapshot keeps serving)."""
+        previous, previous_identity = self.model, self.current_identity
         try:
-            self._push(held.weights, identity, reset_prefix_cache=self._reset_on_push, drain=drain)
+            self._apply(held, identity, reset_prefix_cache=self._reset_on_push, drain=drain)
         except BaseException:
             traceback.print_exc()
-            if previous is not None:
+            if previous.weights is not None:
                 try:
-                    self._push(previous, previous_identity)
+                    self._apply(previous, previous_identity)
                 except Exception:
                     traceback.print_exc()
             raise
@@ -202,42 +251,90 @@ class VllmWeightManager(WeightManager):
         done.set()
         return done
 
-    def _push(self, weights: dict, identity: str | None, reset_prefix_cache: bool = False,
-              drain: bool = False) -> None:
-        """Write `weights` to one safetensors file and reload it into the running engine."""
+    def _apply(self, held: _Held, identity: str | None, reset_prefix_cache: bool = False,
+               drain: bool = False) -> None:
+        """Make vLLM serve `held`: its dense weights (written to one safetensors file and reloaded in
+        place, unless vLLM holds them already), then its adapter, if any, for every new request."""
         from safetensors.torch import save_file
 
         from .weights import _untie
 
         t0 = time.perf_counter()
+        lora = None
+        if held.adapter is not None:
+            from vllm.lora.request import LoRARequest
+            lora = LoRARequest(lora_name=f"{identity}#{held.lora_id}", lora_int_id=held.lora_id,
+                               lora_path=str(held.adapter.path))
         with tempfile.TemporaryDirectory(prefix="wb-vllm-push-", dir=_push_dir()) as tmp:
-            path = os.path.join(tmp, "model.safetensors")
-            save_file({k: v.contiguous() for k, v in _untie(weights).items()}, path)
+            path = None
+            if held.key is not self._engine_key:
+                path = os.path.join(tmp, "model.safetensors")
+                save_file({k: v.contiguous() for k, v in _untie(held.weights).items()}, path)
             t1 = time.perf_counter()
-            n, paused = self.engine.call(self._push_async(path, identity, reset_prefix_cache, drain), timeout=600)
+            try:
+                n, paused = self.engine.call(self._apply_async(path, lora, identity, reset_prefix_cache, drain),
+                                             timeout=600)
+            except BaseException:
+                if path is not None:
+                    self._engine_key = None       # half pushed, maybe: the next apply pushes in full
+                raise
+        self._engine_key = held.key
         t2 = time.perf_counter()
-        self.engine.pushes += 1
+        self.engine.pushes += path is not None
         self._pause_s = max(self._pause_s, paused)
         self.last_push = {"tensors": n, "write_seconds": round(t1 - t0, 6), "engine_seconds": round(t2 - t1, 6),
                           "generation_paused_seconds": round(paused, 6),
-                          "prefix_cache_reset": bool(reset_prefix_cache)}
+                          "prefix_cache_reset": bool(reset_prefix_cache),
+                          "adapter": lora.lora_name if lora is not None else None}
+        self._prune_adapters(held)
 
-    async def _push_async(self, path: str, identity: str | None, reset_prefix_cache: bool,
-                          drain: bool) -> tuple[int, float]:
-        llm = self.engine.llm
-        # "keep": requests in flight are frozen between two steps and continue on the new weights;
-        # "wait" (drain): they finish on the old weights first, new ones wait for the new weights
+    async def _apply_async(self, path: str | None, lora, identity: str | None, reset_prefix_cache: bool,
+                           drain: bool) -> tuple[int, float]:
+        engine = self.engine
+        llm = engine.llm
+        # an adapter is bound to a request when it is submitted: a swap from or to one drains, and
+        # requests arriving meanwhile wait for it (VllmEngine._run), so each runs on one snapshot
+        switching = lora is not None or engine.lora_request is not None
+        gate = asyncio.Event() if switching else None
+        if gate is not None:
+            engine.switching = gate
         t0 = time.perf_counter()
-        await llm.pause_generation(mode="wait" if drain else "keep", clear_cache=False)
+        n = 0
         try:
-            counts = await llm.collective_rpc("workbench_load_weights", args=(path,))
-            self.engine.snapshot = identity
-            if reset_prefix_cache:
-                # running requests are preempted and recomputed on the new weights
-                await llm.reset_prefix_cache(reset_running_requests=True)
+            # "keep": requests in flight are frozen between two steps and continue on the new weights;
+            # "wait" (drain): they finish on the old weights first, new ones wait for the new weights
+            await llm.pause_generation(mode="wait" if (drain or switching) else "keep", clear_cache=False)
+            try:
+                if path is not None:
+                    counts = await llm.collective_rpc("workbench_load_weights", args=(path,))
+                    n = int(counts[0]) if counts else 0
+                old = engine.lora_request
+                if lora is not None:
+                    await llm.add_lora(lora)
+                    if lora.lora_int_id not in await llm.list_loras():
+                        raise RuntimeError(f"vLLM did not load adapter {lora.lora_name!r}")
+                engine.lora_request = lora
+                engine.snapshot = identity
+                if old is not None and (lora is None or old.lora_int_id != lora.lora_int_id):
+                    await llm.remove_lora(old.lora_int_id)
+                if reset_prefix_cache:
+                    # running requests are preempted and recomputed on the new weights
+                    await llm.reset_prefix_cache(reset_running_requests=True)
+            finally:
+                await llm.resume_generation()
         finally:
-            await llm.resume_generation()
-        return (int(counts[0]) if counts else 0), time.perf_counter() - t0
+            if gate is not None:
+                engine.switching = None
+                gate.set()
+        return n, time.perf_counter() - t0
+
+    def _prune_adapters(self, served: _Held) -> None:
+        """Delete vLLM's copies of adapters other than the one served (retired or failed loads)."""
+        keep = served.adapter.path.name if served.adapter is not None else None
+        if self.adapters_dir.is_dir():
+            for d in self.adapters_dir.iterdir():
+                if d.name != keep:
+                    shutil.rmtree(d, ignore_errors=True)
 
 
 class VllmReplica(WeightManagedReplica):
