@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = "01_quickstart.ipynb"
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
-RUN_TIMEOUT_S = 600  # the notebook trains 60 steps and evaluates 4 times on a shared (loaded) 2-core CI machine
+RUN_TIMEOUT_S = 600  # the notebook trains 40 steps and evaluates 5 times on a shared (loaded) 2-core CI machine
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # JupyterLab user settings for the test: every cell stays in the DOM (no windowed rendering), no news or
