@@ -7,7 +7,8 @@ Starts `workbench serve` in a temporary home (port 0), creates a trainer on the 
   - serve -> control plane ready (server.json written and /healthz answering), s
   - trainer create -> RUNNING with a healthy service (SDK wait_for_ready, 0.05 s polling), s
   - deployment create -> READY (SDK wait_for_ready, 0.05 s polling), s
-  - RSS (VmRSS) and peak RSS (VmHWM) of the control plane, the trainer and the deployment replica, MiB
+  - RSS (VmRSS) and peak RSS (VmHWM) of the control plane, the trainer and the deployment replica, MiB,
+    and of the trainer again after one forward_backward + optim_step through the SDK
   - the load average at start and end (the figures mean little on a loaded machine without it)
 and, per process, the 8 heaviest third-party imports `python -X importtime` attributes to
 importing its entry module in a fresh interpreter (where the cold start goes).
@@ -36,7 +37,7 @@ TINY_SHAPE = "accounts/workbench/trainingShapes/qwen3-tiny-cpu"
 # main() does lazily); importing them in a fresh interpreter is the import cost of its cold start.
 ENTRY_MODULES = {
     "control plane": "workbench.cli, uvicorn, workbench.backend.control_plane.app",
-    "trainer": ("workbench.backend.trainer.__main__, torch, uvicorn, workbench.models, "
+    "trainer": ("workbench.backend.trainer.__main__, torch, uvicorn, workbench.models, workbench.models.qwen3_torch, "
                 "workbench.backend.trainer.local_torch, workbench.backend.trainer.server"),
     "deployment": ("workbench.backend.deployment.__main__, uvicorn, workbench.backend.deployment.builtin, "
                    "workbench.backend.deployment.server"),
@@ -169,6 +170,21 @@ def main() -> None:
         for name, module in (("trainer", "workbench.backend.trainer"), ("deployment", "workbench.backend.deployment")):
             pid = find_child(serve.pid, module)
             rss[name] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
+        # The trainer once it trains: the optimizer (torch.optim imports torch._dynamo) and the gradients.
+        import tinker
+        from fireworks.training.sdk import FiretitanServiceClient
+
+        endpoint = trainers.wait_for_ready(created.job_id, poll_interval_s=0.05, timeout_s=300)
+        service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=key)
+        client = service.create_training_client(base_model=args.model, lora_rank=0)
+        datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(list(range(10, 42))),
+                             loss_fn_inputs={"target_tokens": tinker.TensorData(data=list(range(11, 43)),
+                                                                               dtype="int64", shape=[32])})
+        client.forward_backward([datum], "cross_entropy").result()
+        client.optim_step(tinker.AdamParams(learning_rate=1e-4)).result()
+        pid = rss["trainer"][0]
+        rss["trainer after 1 step"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
+        service.close()
     finally:
         load_end = loadavg()
         if serve.poll() is None:

@@ -22,6 +22,11 @@ unset the process refuses to start (exit status 2): a trainer is never served un
 A job whose job.json asks for more than one rank ("nodes" x "ranks_per_node") runs as N processes
 under torch.distributed instead (see distributed/launch.py); this process is then their launcher.
 
+A single-process full-parameter job on a Qwen3 model runs the plain-torch Qwen3 of
+`workbench.models.qwen3_torch` (bit-identical results, no transformers import: less memory, faster
+start); LoRA jobs, N-rank jobs, other architectures and WORKBENCH_TRAINER_MODEL_IMPL=transformers load
+the model with transformers.
+
 Optional environment: WORKBENCH_TRAINER_THREADS (torch intra-op threads; default torch's own),
 WORKBENCH_TRAINER_LONG_POLL_S (retrieve_future hold, default 20), WORKBENCH_TRAINER_EXACT_DATUMS
 (requests up to this many datums run datum by datum, bit-compatible with a plain torch loop; default 0,
@@ -93,6 +98,18 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _plain_or_transformers(name: str, model_dir: Path):
+    """The base-model loader of a single-process full-parameter job: the plain-torch Qwen3
+    (`workbench.models.qwen3_torch`, bit-identical to transformers' and without its import cost) when it
+    supports the model, else transformers."""
+    from workbench import models
+    from workbench.models import qwen3_torch
+
+    def load():
+        return qwen3_torch.load(model_dir) or models.load_model(name)
+    return load
+
+
 def main(argv: list[str] | None = None, backend_factory=None) -> int:
     """Run one trainer process; `backend_factory` (LocalTorchTrainer's signature) replaces the
     single-process backend: rank 0 of an N-rank job passes its broadcasting sharded backend."""
@@ -159,13 +176,18 @@ def main(argv: list[str] | None = None, backend_factory=None) -> int:
     log.info("job %s: loading %s (lora_rank=%d)", job.job_id, job.base_model, job.lora_rank)
     try:
         model_dir = models.local_path(job.base_model)
-        model = models.load_model(job.base_model)
+        plain = backend_factory is None and job.lora_rank == 0 and \
+            os.environ.get("WORKBENCH_TRAINER_MODEL_IMPL", "auto") != "transformers"
+        load_base = _plain_or_transformers(job.base_model, model_dir) if plain else \
+            (lambda: models.load_model(job.base_model))
+        model = load_base()
     except models.ModelNotFoundError as e:
         # No port file is written: the control plane sees the process exit and fails the job.
         log.error("job %s: cannot load base model: %s", job.job_id, e)
         return 2
+    log.info("job %s: model implementation %s.%s", job.job_id, type(model).__module__, type(model).__name__)
     backend = (backend_factory or LocalTorchTrainer)(
-        args.job_dir, job, model, model_dir, base_loader=lambda: models.load_model(job.base_model),
+        args.job_dir, job, model, model_dir, base_loader=load_base,
         exact_max_datums=int(os.environ.get("WORKBENCH_TRAINER_EXACT_DATUMS") or DEFAULT_EXACT_MAX_DATUMS))
     fatal: dict[str, str] = {}
 
