@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("demo", parents=[common], help="train, sync, sample and promote on the embedded model")
-    p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    p.add_argument("--steps", type=int, default=40, help="training steps (default 40; lr warm-up, then cosine decay)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -11,6 +11,7 @@ leaves running (the backend, the trainer job, the deployment) and how to remove 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,7 +48,13 @@ def sft_datums(tokenizer, pairs):
     return datums
 
 
-def run_demo(home=None, steps: int = 30, sync_every: int = 10) -> dict:
+def lr_at(step: int, steps: int, peak: float = 3e-3, warmup: int = 5) -> float:
+    """Linear warm-up to `peak`, then cosine decay: from random weights, full-size first Adam steps make
+    learning erratic (see notebooks/01_quickstart)."""
+    return peak * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+
+
+def run_demo(home=None, steps: int = 40, sync_every: int = 10) -> dict:
     import tinker
     from fireworks.training.sdk import (AdaptiveConcurrencyController, DeploymentConfig, DeploymentManager,
                                         DeploymentSampler, FireworksClient, FiretitanServiceClient,
@@ -79,7 +86,6 @@ def run_demo(home=None, steps: int = 30, sync_every: int = 10) -> dict:
     client = service.create_training_client(base_model=MODEL, lora_rank=0)
     tokenizer = load_tokenizer(MODEL)
     data = sft_datums(tokenizer, QA)
-    adam = tinker.AdamParams(learning_rate=3e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
     syncer = WeightSyncer(policy_client=client, deploy_mgr=deploy_mgr, deployment_id=deployment_id,
                           base_model=MODEL, hotload_timeout=120, first_checkpoint_type="base")
     sampler = DeploymentSampler(inference_url=backend.base_url,
@@ -100,7 +106,8 @@ def run_demo(home=None, steps: int = 30, sync_every: int = 10) -> dict:
     t0 = time.time()
     for step in range(1, steps + 1):
         fb = client.forward_backward(data, "cross_entropy").result()
-        client.optim_step(adam).result()
+        client.optim_step(tinker.AdamParams(learning_rate=lr_at(step, steps), beta1=0.9, beta2=0.999, eps=1e-8,
+                                            weight_decay=0.0)).result()
         loss = fb.metrics["loss:sum"] / max(fb.metrics.get("num_loss_tokens:sum", 1), 1)
         if step % sync_every == 0 or step == steps:
             snapshot = syncer.save_and_hotload(f"step-{step:05d}")
