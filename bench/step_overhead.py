@@ -1,10 +1,14 @@
 """Training-step overhead of the backend: the same model and batch, in-process vs through the SDK.
 
-    python bench/step_overhead.py [--steps 10] [--model tiny|small|<model name>]
+    python bench/step_overhead.py [--steps 10] [--model tiny|small|<model name>] [--ranks N]
 
 Trains N steps with plain PyTorch in this process and N steps through the official SDK ->
 control plane -> trainer process, alternating blocks so machine noise hits both alike, and prints
 ms/step for each, their ratio (target <= 1.10 for the ~5M model) and the fixed overhead per call.
+`--ranks N` adds an N-rank trainer job (`accelerator_count=N`: torchrun, FSDP2 over gloo) as a third
+path in the same alternating blocks, with its own fixed cost per call. The batch is one micro-batch
+(16 equal lengths), so on N ranks it runs on one rank while the others pad (see
+trainer/distributed/engine.py); the difference to one rank is the sharding's cost.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--model", default="small", help="tiny (~1M), small (~5M) or a full model name")
+    ap.add_argument("--ranks", type=int, default=1, help="also time an N-rank (FSDP2) trainer job, N > 1")
     args = ap.parse_args()
     args.model = {"tiny": "accounts/workbench/models/qwen3-tiny",
                   "small": "accounts/workbench/models/qwen3-small"}.get(args.model, args.model)
@@ -65,6 +70,12 @@ def main() -> None:
                                        poll_interval_s=1)
         service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=key)
         client = service.create_training_client(base_model=args.model, lora_rank=0)
+        sharded = None   # --ranks N: (service, client) of the N-rank job
+        if args.ranks > 1:
+            endpoint_n = mgr.create_and_wait(TrainerJobConfig(base_model=args.model, lora_rank=0, learning_rate=1e-4,
+                                                              accelerator_count=args.ranks), poll_interval_s=1)
+            service_n = FiretitanServiceClient(base_url=endpoint_n.base_url, api_key=key)
+            sharded = (service_n, service_n.create_training_client(base_model=args.model, lora_rank=0))
 
         tokens = batch()
         datums = to_datums(tokens)
@@ -79,14 +90,14 @@ def main() -> None:
             opt.step()
             opt.zero_grad()
 
-        def sdk_step():
-            client.forward_backward(datums, "cross_entropy").result()
-            client.optim_step(adam).result()
+        def sdk_step(c=client):
+            c.forward_backward(datums, "cross_entropy").result()
+            c.optim_step(adam).result()
 
         tiny = to_datums(batch(n=1, length=4))
 
-        def sdk_tiny_call():
-            client.forward(tiny, "cross_entropy").result()
+        def sdk_tiny_call(c=client):
+            c.forward(tiny, "cross_entropy").result()
 
         def local_tiny_call():
             with torch.no_grad():
@@ -94,8 +105,13 @@ def main() -> None:
 
         local_step(), sdk_step()  # warm up both paths
         local_times, sdk_times, call_overheads = [], [], []
+        paths = [(local_step, local_times), (sdk_step, sdk_times)]
+        sharded_times, sharded_overheads = [], []
+        if sharded:
+            sdk_step(sharded[1])
+            paths.append((lambda: sdk_step(sharded[1]), sharded_times))
         for _ in range(args.blocks):
-            for fn, out in ((local_step, local_times), (sdk_step, sdk_times)):
+            for fn, out in paths:
                 for _ in range(args.steps):
                     t = time.perf_counter()
                     fn()
@@ -107,6 +123,10 @@ def main() -> None:
                 t = time.perf_counter()
                 local_tiny_call()
                 call_overheads.append(sdk_t - (time.perf_counter() - t))
+                if sharded:
+                    t = time.perf_counter()
+                    sdk_tiny_call(sharded[1])
+                    sharded_overheads.append(time.perf_counter() - t - (sdk_t - call_overheads[-1]))
         params = sum(p.numel() for p in model.parameters())
         local_ms = statistics.median(local_times) * 1e3
         sdk_ms = statistics.median(sdk_times) * 1e3
@@ -116,9 +136,15 @@ def main() -> None:
         print(f"{'path':28s} {'ms/step':>10s}")
         print(f"{'in-process torch':28s} {local_ms:10.1f}")
         print(f"{'SDK -> backend':28s} {sdk_ms:10.1f}")
+        if sharded:
+            print(f"{f'SDK -> backend, {args.ranks} ranks':28s} {statistics.median(sharded_times) * 1e3:10.1f}")
         print(f"ratio SDK/in-process: {sdk_ms / local_ms:.3f}  (target <= 1.10)")
         print(f"fixed overhead per call (forward of 1x4 tokens, SDK minus in-process): "
               f"{statistics.median(call_overheads) * 1e3:.1f} ms")
+        if sharded:
+            print(f"fixed overhead per call on {args.ranks} ranks (same forward, SDK minus in-process): "
+                  f"{statistics.median(sharded_overheads) * 1e3:.1f} ms")
+            sharded[0].close()
         service.close()
     finally:
         stop(home)

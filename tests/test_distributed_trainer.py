@@ -1,17 +1,25 @@
-"""Issue 12 through the official SDK: a 2-rank gloo trainer (FSDP2) against the 1-rank trainer.
+"""Issue 12 through the official SDK: N-rank gloo trainers (FSDP2) against the 1-rank trainer.
 
-One backend; a 1-rank job (`qwen3-tiny-cpu`) and a 2-rank job (`qwen3-tiny-cpu-2r`) train the same
-data: losses and final fp32 weights agree; train states saved at either world size load at the other
-bit for bit (weights and AdamW state); a SIGKILLed rank fails the job with its log tail and
-`reconnect_and_wait` resumes it from the last sharded state.
+One backend, three jobs started together: 1 rank (`qwen3-tiny-cpu`), 2 ranks (`qwen3-tiny-cpu-2r`) and
+a LoRA job on 2 "nodes" of one rank each (`node_count=2`; node 1 started through the documented
+launch command). In the default (batched) mode:
+
+* 10 steps of the same data at 1 and 2 ranks give the same losses and final fp32 weights, bit for
+  bit (the issue asks for 1e-5 relative and 1e-6), including a refused non-finite request part-way;
+* train states saved at either world size load at the other bit for bit (weights and AdamW state);
+* the LoRA adapter trained on 2 nodes equals the one an in-process `LocalTorchTrainer` computes;
+* a SIGKILLed rank fails the job with its log tail and `reconnect_and_wait` resumes it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import tinker
@@ -24,35 +32,32 @@ pytestmark = pytest.mark.timeout(900)
 SHAPES = "accounts/workbench/trainingShapes/"
 ADAM = tinker.AdamParams(learning_rate=2e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                          grad_clip_norm=5.0)
-# Per step: (normalization, datums). Odd counts and two lengths, so the ranks get unequal shares and
-# the shorter one runs padding passes; every normalization and clipping (norms are ~100 > 5) is used.
+# Per step: (normalization, datums). Odd counts and up to three lengths, so a request is 1 to 3
+# micro-batches: 2 ranks then run one pass each, or two passes with one rank padding the second, or
+# one rank padding the only pass; every normalization and clipping (norms are ~100 > 5) is used.
 PLAN = [("num_loss_tokens", 5), ("none", 3), ("num_sequences", 7), ("num_loss_tokens", 1)]
-
-
-def start_job(backend, shape: str, lora_rank: int = 0):
-    from fireworks.training.sdk import FiretitanServiceClient, TrainerJobConfig
-
-    mgr = backend.trainer_manager()
-    profile = mgr.resolve_training_profile(SHAPES + shape)
-    created = mgr.create(TrainerJobConfig(base_model=TINY, training_shape_ref=profile.training_shape,
-                                          lora_rank=lora_rank, learning_rate=1e-3))
-    endpoint = mgr.wait_for_ready(created.job_id, poll_interval_s=1, timeout_s=300)
-    service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=backend.api_key)
-    return created.job_id, service, service.create_training_client(base_model=TINY, lora_rank=lora_rank)
+LORA_RANK = 4
 
 
 def step_data(step: int) -> list[tinker.Datum]:
     count = PLAN[step % len(PLAN)][1]
-    long, short = (count + 1) // 2, count // 2
-    return make_datums(n=long, length=24, seed=100 + step) + make_datums(n=short, length=17, seed=200 + step)
+    third = count // 4 + (count >= 5)   # datums of a third length (one more micro-batch) in the larger steps
+    long, short = (count - third + 1) // 2, (count - third) // 2
+    return (make_datums(n=long, length=24, seed=100 + step) + make_datums(n=short, length=17, seed=200 + step)
+            + make_datums(n=third, length=9, seed=300 + step))
 
 
-def train(client, steps: int, first: int = 0) -> list[float]:
-    out = []
+def train(clients: list, steps: int, first: int = 0) -> list[list[float]]:
+    """`steps` steps on every client in lockstep (the trainers compute at the same time); losses per client."""
+    out: list[list[float]] = [[] for _ in clients]
     for step in range(first, first + steps):
-        fb = client.forward_backward(step_data(step), "cross_entropy").result()
-        client.optim_step(ADAM, grad_accumulation_normalization=PLAN[step % len(PLAN)][0]).result()
-        out.append(fb.metrics["loss:sum"])
+        fbs = [c.forward_backward(step_data(step), "cross_entropy") for c in clients]
+        results = [f.result() for f in fbs]
+        steps_ = [c.optim_step(ADAM, grad_accumulation_normalization=PLAN[step % len(PLAN)][0]) for c in clients]
+        for s in steps_:
+            s.result()
+        for losses, fb in zip(out, results):
+            losses.append(fb.metrics["loss:sum"])
     return out
 
 
@@ -78,9 +83,7 @@ def dcp_state(directory) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    # Exact mode (datum by datum) on both trainers: the 2-rank engine then reduces one datum's gradient
-    # per pass and accumulates in request order, so it must match one rank bit for bit.
-    b = start_backend(tmp_path_factory.mktemp("wbhome-dist"), env={"WORKBENCH_TRAINER_EXACT_DATUMS": "64"})
+    b = start_backend(tmp_path_factory.mktemp("wbhome-dist"))   # default (batched) mode
     yield b
     stop_backend(b)
 
@@ -89,13 +92,60 @@ def ckpt_dir(backend, job_id, name):
     return backend.home / "jobs" / job_id / "checkpoints" / name
 
 
+def _connect(backend, endpoint, lora_rank: int = 0):
+    from fireworks.training.sdk import FiretitanServiceClient
+
+    service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=backend.api_key)
+    return service, service.create_training_client(base_model=TINY, lora_rank=lora_rank)
+
+
 @pytest.fixture(scope="module")
 def jobs(backend):
-    one = start_job(backend, "qwen3-tiny-cpu")
-    two = start_job(backend, "qwen3-tiny-cpu-2r")
-    yield {"one": one, "two": two}
-    for _, service, _ in (one, two):
-        service.close()
+    """The three jobs, created at once so their ranks start together; node 1 of the 2-node job by hand."""
+    from fireworks.training.sdk import TrainerJobConfig
+
+    mgr = backend.trainer_manager()
+    configs = {name: TrainerJobConfig(base_model=TINY, training_shape_ref=mgr.resolve_training_profile(
+        SHAPES + shape).training_shape, lora_rank=0, learning_rate=1e-3)
+        for name, shape in (("one", "qwen3-tiny-cpu"), ("two", "qwen3-tiny-cpu-2r"))}
+    configs["nodes"] = TrainerJobConfig(base_model=TINY, lora_rank=LORA_RANK, learning_rate=1e-3, node_count=2)
+    created = {name: mgr.create(config) for name, config in configs.items()}
+    job_dir = backend.home / "jobs" / created["nodes"].job_id
+    deadline = time.time() + 120
+    while not (job_dir / "job.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    topology = json.loads((job_dir / "job.json").read_text())
+    assert topology["nodes"] == 2 and topology["ranks_per_node"] == 1 and topology["master_port"] > 0
+    # The documented command for every node but node 0 (which the control plane started).
+    node1 = subprocess.Popen([sys.executable, "-m", "workbench.backend.trainer.distributed.launch", "--job-dir",
+                              str(job_dir), "--node-rank", "1"], env=dict(os.environ),
+                             stdout=subprocess.DEVNULL, stderr=open(job_dir / "node1.log", "wb"))
+    try:
+        with ThreadPoolExecutor(3) as pool:   # a manager per thread: no client shared between threads
+            endpoints = dict(zip(created, pool.map(lambda job: backend.trainer_manager().wait_for_ready(
+                job.job_id, poll_interval_s=0.5, timeout_s=600), created.values())))
+        out = {}
+        for name, job in created.items():
+            service, client = _connect(backend, endpoints[name], LORA_RANK if name == "nodes" else 0)
+            out[name] = (job.job_id, service, client)
+        out["node1"] = node1
+        yield out
+        for name in ("one", "two", "nodes"):
+            out[name][1].close()
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait(30)
+
+
+def _overflowing_request(step: int) -> list[tinker.Datum]:
+    """step_data(step) plus a datum of a third length whose loss overflows fp32 (finite inputs): it is in
+    the second pass on 2 ranks, after the first pass's gradients were accumulated."""
+    bad = make_datums(n=1, length=11, seed=999)[0]
+    weights = bad.loss_fn_inputs["weights"]
+    bad.loss_fn_inputs["weights"] = tinker.TensorData(data=[3e38] * len(weights.data), dtype="float32",
+                                                      shape=weights.shape)
+    return step_data(step) + [bad]
 
 
 def test_two_ranks_train_like_one(backend, jobs):
@@ -103,8 +153,15 @@ def test_two_ranks_train_like_one(backend, jobs):
     ranks = subprocess.run(["pgrep", "-f", f"distributed.worker --job-dir {backend.home}/jobs/{job2}"],
                            capture_output=True, text=True).stdout.split()
     assert len(ranks) == 2, "the 2-rank shape runs two worker processes"
-    losses1, losses2 = train(c1, 10), train(c2, 10)
-    assert losses1 == losses2   # (the issue asks for 1e-5 relative; exact mode gives equality)
+    losses1, losses2 = train([c1, c2], 5)
+    # A request refused part-way (non-finite loss in its last micro-batch) applies nothing on either.
+    for c in (c1, c2):
+        c.forward_backward(step_data(5), "cross_entropy").result()
+        with pytest.raises(Exception, match="not finite"):
+            c.forward_backward(_overflowing_request(5), "cross_entropy").result()
+        c.optim_step(ADAM, grad_accumulation_normalization=PLAN[5 % len(PLAN)][0]).result()
+    more1, more2 = train([c1, c2], 4, first=6)
+    losses1, losses2 = losses1 + more1, losses2 + more2
     c1.save_state("eq-final").result()
     c2.save_state("eq-final").result()
     assert sorted(p.name for p in ckpt_dir(backend, job2, "eq-final").glob("*.distcp")) == \
@@ -113,7 +170,8 @@ def test_two_ranks_train_like_one(backend, jobs):
     assert s1.keys() == s2.keys()
     worst = max((s1[k] - s2[k]).abs().max().item() for k in s1 if k.startswith("model."))
     print(f"\n10 steps, 1 vs 2 ranks: max |dw| = {worst:.3g}; losses {losses1[-1]:.6f} vs {losses2[-1]:.6f}")
-    assert worst == 0.0   # (the issue asks for 1e-6)
+    assert losses1 == losses2   # (the issue asks for 1e-5 relative)
+    assert worst == 0.0         # (the issue asks for 1e-6)
     # Outputs come back in datum order with the request-wide metrics.
     data = step_data(2)
     f1, f2 = c1.forward(data, "cross_entropy").result(), c2.forward(data, "cross_entropy").result()
@@ -142,7 +200,60 @@ def test_train_states_reshard_bit_exact(backend, jobs):
             assert torch.equal(got[key], expected[key]), (name, key)
     # and both continue identically from the same state
     c1.load_state_with_optimizer(f"cross_job://{job2}/eq-final").result()
-    assert train(c1, 2, first=10) == train(c2, 2, first=10)
+    after1, after2 = train([c1, c2], 2, first=10)
+    assert after1 == after2
+
+
+def _local_lora_reference(tmp_path, steps: int):
+    """The same requests through one in-process LocalTorchTrainer (what a 1-rank job runs)."""
+    from workbench import models
+    from workbench.backend.trainer import protocol as p
+    from workbench.backend.trainer.local_torch import LocalTorchTrainer
+
+    (tmp_path / "job.json").write_text(json.dumps({"job_id": "ref", "base_model": TINY, "lora_rank": LORA_RANK,
+                                                   "home": str(tmp_path)}))
+    job = p.JobConfig.load(tmp_path / "job.json")
+    trainer = LocalTorchTrainer(tmp_path, job, models.load_model(TINY), models.local_path(TINY))
+    trainer.create_model("m", p.parse_create_model({"base_model": TINY, "lora_config": {"rank": LORA_RANK}}))
+    losses = []
+    for step in range(steps):
+        data = [{"model_input": {"chunks": [{"type": "encoded_text", "tokens": d.model_input.to_ints()}]},
+                 "loss_fn_inputs": {k: {"data": list(v.data), "dtype": v.dtype, "shape": list(v.shape)}
+                                    for k, v in d.loss_fn_inputs.items()}} for d in step_data(step)]
+        body = {"loss_fn": "cross_entropy", "data": data}
+        fb = trainer.forward_backward("m", p.parse_forward_input(body, "forward_backward_input", trainer.limits))
+        losses.append(fb["metrics"]["loss:sum"])
+        adam = {"learning_rate": ADAM.learning_rate, "beta1": ADAM.beta1, "beta2": ADAM.beta2, "eps": ADAM.eps,
+                "weight_decay": ADAM.weight_decay, "grad_clip_norm": ADAM.grad_clip_norm}
+        trainer.optim_step("m", p.parse_adam_step(adam, PLAN[step % len(PLAN)][0]))
+    return losses, {n: t.detach().clone() for n, t in trainer.train_model.named_parameters() if t.requires_grad}
+
+
+def test_lora_on_two_nodes_matches_one_rank(backend, jobs, tmp_path):
+    from safetensors.torch import load_file
+
+    job_id, service, client = jobs["nodes"]
+    (losses,) = train([client], 3)
+    client.save_state("lora-3").result()
+    saved = client.save_weights_for_sampler_ext("lora-snap", checkpoint_type="base")
+    merged = client.save_weights_for_sampler_ext("lora-merged", checkpoint_type="merged_base")
+    job_dir = backend.home / "jobs" / job_id
+    assert sorted(p.name for p in (job_dir / "checkpoints" / "lora-3").glob("*.distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"], "each node's rank writes its own shard"
+    reference_losses, reference = _local_lora_reference(tmp_path, 3)
+    assert losses == reference_losses
+    state = dcp_state(job_dir / "checkpoints" / "lora-3")
+    model_keys = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    assert model_keys.keys() == reference.keys() and any("lora_A" in k for k in model_keys)
+    for k, v in reference.items():
+        assert torch.equal(model_keys[k], v), k
+    adapter = load_file(str(job_dir / "sampler" / saved.snapshot_name / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in adapter) and all(t.dtype == torch.bfloat16 for t in adapter.values())
+    assert (job_dir / "sampler" / merged.snapshot_name / "model.safetensors").exists()
+    # Deleting the job stops node 0; node 1's ranks lose their peer and its launcher exits.
+    service.close()
+    backend.trainer_manager().delete(job_id)
+    jobs["node1"].wait(120)
 
 
 def _worker_pids(backend, job_id) -> dict[int, int]:
@@ -157,9 +268,14 @@ def _worker_pids(backend, job_id) -> dict[int, int]:
     return pids
 
 
-def test_killed_rank_fails_the_job_and_reconnect_resumes(backend, jobs):
-    from fireworks.training.sdk import FiretitanServiceClient
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except OSError:
+        return False
 
+
+def test_killed_rank_fails_the_job_and_reconnect_resumes(backend, jobs):
     job2, service, c2 = jobs["two"]
     c2.save_state("before-kill").result()
     probe = step_data(3)
@@ -175,17 +291,14 @@ def test_killed_rank_fails_the_job_and_reconnect_resumes(backend, jobs):
     assert job["state"] == "JOB_STATE_FAILED"
     assert "trainer rank 1" in job["status"]["message"] and "-9" in job["status"]["message"]
     deadline = time.time() + 60
-    while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
-              for p in pids.values()) and time.time() < deadline:
+    while any(_alive(p) for p in pids.values()) and time.time() < deadline:
         time.sleep(0.2)
-    assert not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
-                   for p in pids.values()), "no rank outlives its job"
+    assert not any(_alive(p) for p in pids.values()), "no rank outlives its job"
     service.close()
 
     endpoint = mgr.reconnect_and_wait(job2, timeout_s=300)
     assert sorted(_worker_pids(backend, job2)) == [0, 1]
-    service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=backend.api_key)
-    client = service.create_training_client(base_model=TINY, lora_rank=0)
+    service, client = _connect(backend, endpoint)
     client.load_state_with_optimizer("before-kill").result()
     after = client.forward(probe, "cross_entropy").result()
     assert [o["logprobs"].data for o in after.loss_fn_outputs] == [o["logprobs"].data for o in before.loss_fn_outputs]

@@ -108,6 +108,47 @@ def _tensor_data(t: torch.Tensor) -> dict:
     return {"data": t.reshape(-1).tolist(), "dtype": "float32", "shape": list(t.shape)}
 
 
+class GradSum:
+    """The gradient of a request of several micro-batches, summed in fp64, applied to `.grad` once.
+
+        grad_sum = GradSum(trainable_params)
+        for loss in micro_batch_losses:
+            grad_sum.add(loss)      # this micro-batch's fp32 gradients, added into fp64 sums
+        grad_sum.apply()            # .grad += the sums rounded to fp32 (or = them when .grad is None)
+
+    Why fp64: a sum of fp32 gradients in fp32 depends on the order it is added in, and an N-rank trainer
+    adds the same micro-batches in another order (each rank its own, then a reduce-scatter). Added in
+    fp64, the sum of a request's micro-batch gradients is exact (short of pathological cancellation), so
+    it rounds to the same fp32 gradient whatever the order: the sharded trainer reduces in fp64 too
+    (FSDP2 reduce_dtype=float64) and gets the same bits. Cost: an fp64 copy of the trainable parameters
+    while a request of several micro-batches runs (requests of one micro-batch use plain backward).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.sums: list[torch.Tensor | None] = [None] * len(params)
+
+    def add(self, loss: torch.Tensor) -> None:
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if self.sums[i] is None:
+                self.sums[i] = g.to(torch.float64)
+            else:
+                self.sums[i].add_(g)
+
+    def apply(self) -> None:
+        for p, s in zip(self.params, self.sums):
+            if s is None:
+                continue
+            g = s.to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
+
 class LocalTorchTrainer:
     """Owns the model, the optimizer, the step counter and the sampler-delta base; see module doc."""
 
@@ -317,9 +358,13 @@ class LocalTorchTrainer:
         outputs: list[dict | None] = [None] * len(datums)
         total_loss = 0.0
         loss_tokens = 0
-        contributed = False   # whether this request already back-propagated part of itself
+        contributed = False   # whether this request already back-propagated part of itself into .grad
+        batches = self._micro_batches(datums)
+        # Several micro-batches: their gradients are summed in fp64 and reach .grad once, at the end (so a
+        # refusal part-way leaves .grad as it was). See GradSum for why (equality with the N-rank trainer).
+        grad_sum = GradSum(self._trainable()) if backward and len(batches) > 1 else None
         try:
-            for batch in self._micro_batches(datums):
+            for batch in batches:
                 ids = torch.stack([d.tokens for d in batch])
                 targets = torch.stack([d.inputs["target_tokens"] for d in batch])
                 with torch.set_grad_enabled(backward):
@@ -344,9 +389,14 @@ class LocalTorchTrainer:
                         self._refuse_non_finite(f"the summed loss of data[{batch[0].index}..{batch[-1].index}] "
                                                 f"is {float(batch_loss.detach())}", backward and contributed)
                     if backward and batch_loss.requires_grad:
-                        batch_loss.backward()
-                        contributed = True
+                        if grad_sum is not None:
+                            grad_sum.add(batch_loss)
+                        else:
+                            batch_loss.backward()
+                            contributed = True
                 total_loss += float(batch_loss.detach())
+            if grad_sum is not None:
+                grad_sum.apply()
         except UserError:
             raise
         except BaseException:
@@ -421,8 +471,13 @@ class LocalTorchTrainer:
 
     @staticmethod
     def _total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-        """The L2 norm of all gradients together (a sharded backend combines its ranks' shards)."""
-        return torch.nn.utils.get_total_norm(grads)
+        """The L2 norm of all gradients together, summed in fp64 and returned as fp32.
+
+        fp64 so that a sharded backend, which adds its shards' squared norms in another order, gets the
+        same fp32 value (the clipping factor must agree to the bit for N ranks to train like one).
+        """
+        squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square()
+        return squares.sum().sqrt().to(torch.float32)
 
     def _reset_accumulation(self) -> None:
         if self.train_model is not None:

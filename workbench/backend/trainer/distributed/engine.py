@@ -10,15 +10,24 @@ broadcasts them, `ranks.py`), so everything that only validates or reads job fil
 unchanged from `LocalTorchTrainer`. What differs:
 
 * Sharding. The trainable model is wrapped with `fully_shard` per decoder layer plus the root, so
-  parameters, gradients and AdamW state are `DTensor` shards (fp32, no mixed precision: the master
-  weights are the weights). Gradients are reduce-scattered as plain SUMS (divide factor 1): the loss of
-  a request is the sum of its datums' losses, exactly as on one rank.
-* Data parallelism. The datums of a request are split into contiguous blocks, one per rank; each rank
-  runs its block through the same micro-batching as one rank. FSDP's collectives need every rank to
-  run the same number of forward (and backward) passes, so ranks with fewer micro-batches run padding
-  passes on a one-token input whose loss is multiplied by zero. Outputs are gathered on rank 0 in
-  datum order; token and sequence counts are all-reduced so `optim_step`'s normalization divides by the
-  request-wide counts on every rank.
+  parameters, gradients and AdamW state are `DTensor` shards (fp32 compute, no mixed precision: the
+  master weights are the weights). Gradients are reduce-scattered as plain SUMS (divide factor 1) in
+  fp64 (`reduce_dtype`): the loss of a request is the sum of its datums' losses, as on one rank.
+* Data parallelism, same results as one rank. A request is cut into exactly the micro-batches one rank
+  would run (`_micro_batches`: it depends on the request and the exact-mode setting, never on the world
+  size), and the ranks share out those micro-batches whole, the largest first, one per rank per pass.
+  A micro-batch computes the same fp32 gradient on any rank (the all-gathered parameters are the same
+  bits), and the per-micro-batch gradients are summed in fp64 — locally with FSDP2's gradient sync
+  off until the request's last pass, then by the fp64 reduce-scatter — exactly as `GradSum` sums them
+  on one rank. An fp64 sum of fp32 gradients does not depend on its order (short of pathological
+  cancellation), so the request's gradient rounds to the same fp32 bits as on one rank; with the
+  fp64 gradient norm (`_total_grad_norm`) the whole step, and so the weights, losses and AdamW state,
+  match one rank bit for bit. The parallelism is per micro-batch: a request that one rank runs as a
+  single micro-batch (equal lengths, under the token cap) runs on one rank while the others pad.
+  FSDP's collectives need every rank to run the same number of forward (and backward) passes, so
+  ranks with fewer micro-batches run padding passes on a one-token input whose loss is multiplied by
+  zero. Outputs are gathered on rank 0 in datum order; token and sequence counts are all-reduced so
+  `optim_step`'s normalization divides by the request-wide counts on every rank.
 * Checkpoints. `save_train_state` / `load_train_state` are collective inside a process group (sharded
   DCP, resharding on load: see workbench/checkpoints/train_state.py). Sampler exports gather one full
   tensor at a time and keep only its bf16 copy, on rank 0; LoRA exports go through an unsharded PEFT
@@ -68,11 +77,14 @@ class ShardedTrainer(LocalTorchTrainer):
         # LocalTorchTrainer builds the (PEFT) model unsharded and identically on every rank (same seed), then the
         # shards are cut from those identical full tensors.
         super()._build_train_model(sig)
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # fp64 gradient reduction and no-sync accumulation (FSDP2 accumulates unsharded gradients in
+        # reduce_dtype): the per-micro-batch gradients are summed as GradSum sums them on one rank.
+        policy = MixedPrecisionPolicy(reduce_dtype=torch.float64)
         for layer in _decoder_layers(self.train_model):
-            fully_shard(layer)
-        fully_shard(self.train_model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(self.train_model, mp_policy=policy)
         for unit in [*_decoder_layers(self.train_model), self.train_model]:   # per FSDP unit, not inherited
             # A sum, like one rank's backward over all datums (the default would average over ranks).
             unit.set_gradient_divide_factor(1.0)
@@ -90,51 +102,61 @@ class ShardedTrainer(LocalTorchTrainer):
         if model is self._frozen_base:   # unsharded reference model: rank 0 alone, no collectives
             return super()._run(model, request, backward=False) if self.rank == 0 else {}
         datums = request.data
-        plan = self._pass_plan(datums)
+        plan = self._pass_plan(self._micro_batches(datums))
         outputs: dict[int, dict] = {}
-        pass_losses: list[tuple[int, float]] = []     # (first datum index, micro-batch loss)
+        batch_losses: list[tuple[int, float]] = []     # (micro-batch index, its loss), summed in index order
         local = torch.zeros(2, dtype=torch.float64)    # loss tokens, sequences
-        contributed = False
-        for batch in plan:
-            with torch.set_grad_enabled(backward):
-                if batch is None:   # padding pass: same collectives, zero contribution
-                    logits = model(input_ids=_PAD_TOKENS, use_cache=False).logits
-                    self._agree_finite(None, backward and contributed)
+        # The gradients of earlier requests are set aside and added back once this request's are reduced
+        # (as GradSum does on one rank): a refusal part-way leaves them as they were.
+        earlier = self._set_aside_grads() if backward else None
+        try:
+            for position, item in enumerate(plan):
+                if backward:   # local fp64 accumulation until the last pass, which reduce-scatters the sum
+                    model.set_requires_gradient_sync(position == len(plan) - 1)
+                with torch.set_grad_enabled(backward):
+                    if item is None:   # padding pass: same collectives, zero contribution
+                        logits = model(input_ids=_PAD_TOKENS, use_cache=False).logits
+                        self._agree_finite(None, model, backward and position > 0)
+                        if backward:
+                            (logits.sum() * 0.0).backward()
+                        continue
+                    index, batch = item
+                    ids = torch.stack([d.tokens for d in batch])
+                    targets = torch.stack([d.inputs["target_tokens"] for d in batch])
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    lp_batch = losses.target_logprobs(logits, targets)
+                    del logits
+                    batch_loss = None
+                    problem = None
+                    for row, d in enumerate(batch):
+                        lp = lp_batch[row]
+                        elementwise = request.loss.fn(lp, d.inputs, request.config)
+                        if problem is None and not (bool(torch.isfinite(elementwise).all())
+                                                    and bool(torch.isfinite(lp).all())):
+                            problem = f"data[{d.index}].loss_fn_inputs: the loss of data[{d.index}] is not finite"
+                        datum_loss = elementwise.sum()
+                        batch_loss = datum_loss if batch_loss is None else batch_loss + datum_loss
+                        outputs[d.index] = {"logprobs": _tensor_data(lp), "elementwise_loss": _tensor_data(elementwise)}
+                        local[0] += losses.loss_token_count(d.inputs)
+                    if problem is None and not torch.isfinite(batch_loss.detach()):
+                        problem = f"the summed loss of data[{batch[0].index}..{batch[-1].index}] is not finite"
+                    # Checked on every rank before backward: one non-finite datum must not poison the
+                    # gradients, and all ranks must refuse together (backward is collective).
+                    self._agree_finite(problem, model, backward and position > 0)
                     if backward:
-                        (logits.sum() * 0.0).backward()
-                        contributed = True
-                    continue
-                ids = torch.stack([d.tokens for d in batch])
-                targets = torch.stack([d.inputs["target_tokens"] for d in batch])
-                logits = model(input_ids=ids, use_cache=False).logits
-                lp_batch = losses.target_logprobs(logits, targets)
-                del logits
-                batch_loss = None
-                problem = None
-                for row, d in enumerate(batch):
-                    lp = lp_batch[row]
-                    elementwise = request.loss.fn(lp, d.inputs, request.config)
-                    if problem is None and not (bool(torch.isfinite(elementwise).all())
-                                                and bool(torch.isfinite(lp).all())):
-                        problem = f"data[{d.index}].loss_fn_inputs: the loss of data[{d.index}] is not finite"
-                    datum_loss = elementwise.sum()
-                    batch_loss = datum_loss if batch_loss is None else batch_loss + datum_loss
-                    outputs[d.index] = {"logprobs": _tensor_data(lp), "elementwise_loss": _tensor_data(elementwise)}
-                    local[0] += losses.loss_token_count(d.inputs)
-                if problem is None and not torch.isfinite(batch_loss.detach()):
-                    problem = f"the summed loss of data[{batch[0].index}..{batch[-1].index}] is not finite"
-                # Checked on every rank before backward: one non-finite datum must not poison the
-                # gradients, and all ranks must refuse together (backward is collective).
-                self._agree_finite(problem, backward and contributed)
-                if backward:
-                    (batch_loss if batch_loss.requires_grad else lp_batch.sum() * 0.0).backward()
-                    contributed = True
-            pass_losses.append((batch[0].index, float(batch_loss.detach())))
-            local[1] += len(batch)
+                        (batch_loss if batch_loss.requires_grad else lp_batch.sum() * 0.0).backward()
+                batch_losses.append((index, float(batch_loss.detach())))
+                local[1] += len(batch)
+        except UserError:
+            if backward:
+                self._restore_grads(earlier, replace=True)
+            raise
+        if backward:
+            self._restore_grads(earlier, replace=False)
         totals = local.clone()
         dist.all_reduce(totals)
         gathered: list = [None] * self.world if self.rank == 0 else None
-        dist.gather_object((outputs, pass_losses), gathered, dst=0)
+        dist.gather_object((outputs, batch_losses), gathered, dst=0)
         if backward:
             self.pending_loss_tokens += int(totals[0])
             self.pending_sequences += int(totals[1])
@@ -144,53 +166,74 @@ class ShardedTrainer(LocalTorchTrainer):
         for part, _ in gathered:
             merged.update(part)
         loss_sum = 0.0
-        for _, value in sorted(p for _, parts in gathered for p in parts):   # in datum order, as one rank sums
+        for _, value in sorted(p for _, parts in gathered for p in parts):   # in micro-batch order, as one rank
             loss_sum += value
         return {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": [merged[i] for i in range(len(datums))],
                 "metrics": {"loss:sum": loss_sum, "num_loss_tokens:sum": float(totals[0]),
                             "num_sequences:sum": float(totals[1])}}
 
-    def _agree_finite(self, problem: str | None, discard: bool) -> None:
-        """Every rank learns whether any rank's pass is non-finite; then all refuse together."""
+    def _agree_finite(self, problem: str | None, model: torch.nn.Module, pending: bool) -> None:
+        """Every rank learns whether any rank's pass is non-finite; then all refuse together.
+
+        `pending`: earlier passes of this request left unsharded gradients in FSDP2's no-sync
+        accumulation; a padding pass with sync on flushes them into the sharded .grad, which the
+        caller then replaces with the earlier requests' gradients (`_restore_grads`).
+        """
+        flag = torch.tensor([problem is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)   # one small collective per pass when all is well
+        if not flag.item():
+            return
         problems: list = [None] * self.world
         dist.all_gather_object(problems, problem)
-        found = next((p for p in problems if p), None)
-        if found is not None:
-            self._refuse_non_finite(found, discard)
+        found = next(p for p in problems if p)
+        if pending:
+            model.set_requires_gradient_sync(True)
+            (model(input_ids=_PAD_TOKENS, use_cache=False).logits.sum() * 0.0).backward()
+        self._refuse_non_finite(found, False)
 
-    def _pass_plan(self, datums: list) -> list[list | None]:
-        """This rank's micro-batches, one per forward pass; None = a padding pass. Same length on all ranks.
+    def _set_aside_grads(self) -> list:
+        params = self._trainable()
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return earlier
 
-        Up to `exact_max_datums` datums (the exact mode of LocalTorchTrainer): pass k runs datum k on rank k % world and
-        padding elsewhere, so every gradient reduction adds exactly one datum's gradient to zeros and
-        the shards accumulate datum by datum in request order — bit for bit what one rank computes.
-        Larger requests: a contiguous block of datums per rank, micro-batched as on one rank, all ranks
-        computing at once (the sums then associate differently: float rounding, ~1e-7 relative).
+    def _restore_grads(self, earlier: list, *, replace: bool) -> None:
+        """.grad = earlier + this request's (as FSDP2 and GradSum accumulate), or = earlier (`replace`)."""
+        with torch.no_grad():
+            for p, old in zip(self._trainable(), earlier):
+                if replace or p.grad is None:
+                    p.grad = old
+                elif old is not None:
+                    old.to_local().add_(p.grad.to_local())
+                    p.grad = old
+
+    def _pass_plan(self, batches: list[list]) -> list[tuple[int, list] | None]:
+        """This rank's (micro-batch index, micro-batch) per forward pass; None = a padding pass.
+
+        Pass j runs the j-th group of `world` micro-batches in decreasing size (tokens), one per rank,
+        so the ranks of a pass wait on each other as little as possible; every rank gets the same
+        number of passes (ceil(micro-batches / world)). The order does not change the result: the
+        gradients are summed in fp64 and the losses in micro-batch index order.
         """
-        if len(datums) <= self.exact_max_datums:
-            return [[d] if k % self.world == self.rank else None for k, d in enumerate(datums)]
-        lo, hi = (len(datums) * self.rank) // self.world, (len(datums) * (self.rank + 1)) // self.world
-        batches: list = self._micro_batches(datums[lo:hi]) if hi > lo else []
-        count = torch.tensor([len(batches)], dtype=torch.int64)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return batches + [None] * (int(count) - len(batches))
+        order = sorted(range(len(batches)), key=lambda k: (-len(batches[k]) * len(batches[k][0].tokens), k))
+        passes = -(-len(batches) // self.world)
+        plan: list = []
+        for j in range(passes):
+            slot = j * self.world + self.rank
+            plan.append((order[slot], batches[order[slot]]) if slot < len(order) else None)
+        return plan
 
     # ---- optim_step ------------------------------------------------------------------------------
     def _total_grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """`get_total_norm` of the full gradients: from the shards' sums of squares, or, in exact mode,
-        from each full gradient gathered in turn (bit for bit what one rank computes)."""
+        """`LocalTorchTrainer._total_grad_norm` of the full gradients, from the shards: each shard's squared
+        norm in fp64, summed over ranks, then over parameters, in fp64 (the same fp32 result as one rank)."""
         from torch.distributed.tensor import DTensor
 
-        if self.exact_max_datums > 0:
-            norms = []
-            for g in grads:
-                full = g.full_tensor() if isinstance(g, DTensor) else g
-                norms.append(torch.linalg.vector_norm(full))
-                del full
-            return torch.linalg.vector_norm(torch.stack(norms))
-        local = torch.stack([(g.to_local() if isinstance(g, DTensor) else g).double().pow(2).sum() for g in grads])
-        dist.all_reduce(local)
-        return torch.linalg.vector_norm(local.sqrt().float())
+        squares = torch.stack([torch.linalg.vector_norm(g.to_local() if isinstance(g, DTensor) else g,
+                                                        dtype=torch.float64) for g in grads]).square()
+        dist.all_reduce(squares)
+        return squares.sum().sqrt().to(torch.float32)
 
     # ---- sampler exports -------------------------------------------------------------------------
     def _full_bf16(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

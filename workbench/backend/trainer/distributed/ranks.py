@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from workbench.backend.trainer.protocol import TrainerCannotContinue, UserError, describe_failure
@@ -48,8 +49,12 @@ def _run(engine, name: str, args: tuple, kwargs: dict) -> tuple[Any, tuple[str, 
 
 
 def _outcomes(outcome: tuple[str, str] | None) -> list:
+    """Every rank's outcome (None = success); the objects are exchanged only when some rank failed."""
+    flag = torch.tensor([outcome is not None], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, outcome)
+    if flag.item():
+        dist.all_gather_object(everyone, outcome)
     return everyone
 
 
