@@ -117,7 +117,7 @@ def run(sizes: list[str], repeats: int, rank: int = 0) -> None:
             if "torch_save" in m and world == 1:
                 line += (f" | torch.save {m['torch_save']:.3f}s load {m['torch_load']:.3f}s | throughput DCP/torch "
                          f"save {m['torch_save'] / m['dcp_save']:.2f}x load {m['torch_load'] / m['dcp_load']:.2f}x")
-            print(line, flush=True)
+            print(line + f" (load average {' '.join(open('/proc/loadavg').read().split()[:3])})", flush=True)
             shutil.rmtree(root, ignore_errors=True)
 
 
