@@ -423,68 +423,34 @@ def create_app(backend: TrainerBackend, api_key: str | None, *, long_poll_s: flo
         names = await asyncio.to_thread(backend.list_checkpoints)
         return JSONBytes({"checkpoints": names})
 
-    # -- sequenced training operations (parsed on the worker: a bad body is a user future error) --
-    @app.post("/api/v1/forward")
-    async def forward(request: Request):
-        body = await _body(request)
-        model_id = _model_id(body)
+    # -- sequenced training operations: one entry each, run in seq_id order on the worker. The body is parsed
+    # there too, so a bad body is a `user` future error (an HTTP 400 here would make the SDK retry it).
+    sequenced: dict[str, Callable[[str, dict], dict]] = {
+        "forward": lambda model_id, body: backend.forward(
+            model_id, protocol.parse_forward_input(body.get("forward_input"), "forward_input", backend.limits)),
+        "forward_backward": lambda model_id, body: backend.forward_backward(
+            model_id, protocol.parse_forward_input(body.get("forward_backward_input"), "forward_backward_input",
+                                                   backend.limits)),
+        "optim_step": lambda model_id, body: backend.optim_step(
+            model_id, protocol.parse_adam_step(body.get("adam_params"), body.get("grad_accumulation_normalization"))),
+        "save_weights": lambda model_id, body: backend.save_state(model_id, protocol.parse_save_state(body)),
+        "load_weights": lambda model_id, body: backend.load_state(model_id, *protocol.parse_load_state(body)),
+        "save_weights_for_sampler": lambda model_id, body: backend.save_sampler(
+            model_id, protocol.parse_save_sampler(body)),
+        "load_adapter": lambda model_id, body: backend.load_adapter(
+            model_id, protocol.parse_adapter_path(body.get("adapter_path"))),
+    }
 
-        def run():
-            fwd = protocol.parse_forward_input(body.get("forward_input"), "forward_input", backend.limits)
-            return backend.forward(model_id, fwd)
-        return _submit(request, "forward", model_id, _seq_id(body), run)
+    def add_sequenced_route(op: str, handler: Callable[[str, dict], dict]) -> None:
+        async def route(request: Request):
+            body = await _body(request)
+            model_id = _model_id(body)
+            return _submit(request, op, model_id, _seq_id(body), lambda: handler(model_id, body))
+        route.__name__ = op
+        app.post(f"/api/v1/{op}")(route)
 
-    @app.post("/api/v1/forward_backward")
-    async def forward_backward(request: Request):
-        body = await _body(request)
-        model_id = _model_id(body)
-
-        def run():
-            fb = protocol.parse_forward_input(body.get("forward_backward_input"), "forward_backward_input",
-                                              backend.limits)
-            return backend.forward_backward(model_id, fb)
-        return _submit(request, "forward_backward", model_id, _seq_id(body), run)
-
-    @app.post("/api/v1/optim_step")
-    async def optim_step(request: Request):
-        body = await _body(request)
-        model_id = _model_id(body)
-
-        def run():
-            step = protocol.parse_adam_step(body.get("adam_params"), body.get("grad_accumulation_normalization"))
-            return backend.optim_step(model_id, step)
-        return _submit(request, "optim_step", model_id, _seq_id(body), run)
-
-    @app.post("/api/v1/save_weights")
-    async def save_weights(request: Request):
-        body = await _body(request)
-        model_id = _model_id(body)
-        return _submit(request, "save_weights", model_id, _seq_id(body),
-                       lambda: backend.save_state(model_id, protocol.parse_save_state(body)))
-
-    @app.post("/api/v1/load_weights")
-    async def load_weights(request: Request):
-        body = await _body(request)
-        model_id = _model_id(body)
-
-        def run():
-            ref, with_optimizer = protocol.parse_load_state(body)
-            return backend.load_state(model_id, ref, with_optimizer)
-        return _submit(request, "load_weights", model_id, _seq_id(body), run)
-
-    @app.post("/api/v1/save_weights_for_sampler")
-    async def save_weights_for_sampler(request: Request):
-        body = await _body(request)
-        model_id = _model_id(body)
-        return _submit(request, "save_weights_for_sampler", model_id, _seq_id(body),
-                       lambda: backend.save_sampler(model_id, protocol.parse_save_sampler(body)))
-
-    @app.post("/api/v1/load_adapter")
-    async def load_adapter(request: Request):
-        body = await _body(request)
-        model_id = _model_id(body)
-        return _submit(request, "load_adapter", model_id, _seq_id(body),
-                       lambda: backend.load_adapter(model_id, protocol.parse_adapter_path(body.get("adapter_path"))))
+    for op, handler in sequenced.items():
+        add_sequenced_route(op, handler)
 
     # -- futures --
     @app.post("/api/v1/retrieve_future")
