@@ -158,7 +158,10 @@ def promote_checkpoint():
 
 
 def verify_logprobs():
-    _tool("verify_logprobs", "--training-shape", LORA_SHAPE, "--base-model", MODEL, "--tokenizer", TOKENIZER,
+    # The tool's policy is full-parameter (`lora_rank=0`): a policy shape; its frozen reference goes on the
+    # LoRA-capable shape, as the tool's help asks.
+    _tool("verify_logprobs", "--training-shape", SHAPE, "--ref-training-shape", REFERENCE_SHAPE, "--base-model", MODEL,
+          "--tokenizer", TOKENIZER,
           "--dataset", GSM8K, "--max-rows", "2", "--max-new-tokens", "16", "--log-dir", log_path("verify_logprobs"),
           "--cleanup")
 

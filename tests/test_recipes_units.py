@@ -409,7 +409,8 @@ def test_grpo_loss_per_token_advantages_and_mask():
 
 
 def test_igpo_turn_advantages_and_lookup_task():
-    from workbench.recipes.utils.lookup_task import lookup_reward, lookup_tool, make_lookup_rows, make_lookup_sft
+    from workbench.recipes.utils.lookup_task import (answer, lookup_reward, lookup_tool, make_lookup_rows,
+                                                     make_lookup_sft)
 
     # two trajectories: the first looked up (IG 2.0) then answered right, the second answered at once, wrong
     adv = igpo_loop.turn_advantages([[2.0, 0.0], [0.0]], [1.0, 0.0], gamma=0.5, ig_weight=1.0)
@@ -422,17 +423,24 @@ def test_igpo_turn_advantages_and_lookup_task():
     assert rows == make_lookup_rows(8, seed=3) and len({r["ground_truth"] for r in make_lookup_rows(64)}) > 1
     row = rows[0]
     box = row["messages"][0]["content"].split("box ")[1].split("?")[0]
-    assert lookup_tool(f"<lookup>{box}</lookup>", row) == f"<result>{row['facts'][box]}</result>"
-    assert lookup_tool("no call", row) is None and lookup_tool("<lookup>99</lookup>", row) == "<result>unknown</result>"
-    assert lookup_reward(f"<answer>{row['ground_truth']}</answer>", row) == 1.0 and lookup_reward("x", row) == 0.0
+    assert lookup_tool(f"lookup {box}", row) == f"result: {row['facts'][box]}"
+    assert lookup_tool("no call", row) is None and lookup_tool("lookup 99", row) == "result: unknown"
+    assert lookup_reward(f"<answer> {row['ground_truth']}</answer>", row) == 1.0 and lookup_reward("x", row) == 0.0
+    assert lookup_reward(answer(row["ground_truth"]), row) == 1.0
     demo = make_lookup_sft(2)[0]["messages"]
     assert [m["role"] for m in demo] == ["user", "assistant", "user", "assistant"]
+    # the demonstration's answer repeats the tool result's color token (what the tiny model can learn to copy)
+    from workbench.models import load_tokenizer
+    tok = load_tokenizer(TINY)
+    color = demo[2]["content"].split()[-1]
+    assert tok.encode(" " + color, add_special_tokens=False)[0] in tok.encode(demo[3]["content"], add_special_tokens=False)
     D.check_rows(D.read_jsonl(D.DATA_DIR / "lookup_igpo.jsonl"), "rl", "lookup_igpo.jsonl")
 
 
 def test_igpo_config_checks(tmp_path, no_backend):
-    _fails(igpo_loop.main, igpo_loop.Config(log_path=str(tmp_path), max_turns=0, gamma=2.0, tool_fn=3),
-           "max_turns", "gamma", "tool_fn")
+    _fails(igpo_loop.main, igpo_loop.Config(log_path=str(tmp_path), max_turns=0, gamma=2.0, tool_fn=3, answer_fn=4,
+                                            reproducible_rollouts="yes"),
+           "max_turns", "gamma", "tool_fn", "answer_fn", "reproducible_rollouts")
 
 
 def test_dpo_and_orpo_losses():

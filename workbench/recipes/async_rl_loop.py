@@ -23,7 +23,9 @@ Bounded staleness, exact resume: a step that writes a resumable checkpoint (ever
 `weight_sync.dcp_save_interval` steps) is a barrier. The batch after it is sampled after the checkpoint's
 weights are hot-loaded, i.e. from the checkpoint itself, which is exactly what a run resumed from that
 checkpoint samples from. With per-request seeds derived from the data position (rl_loop), a run killed at
-any point and rerun with the same log_path reaches the same final weights as an uninterrupted run.
+any point and rerun with the same log_path samples the same tokens as an uninterrupted run, and with
+`reproducible_rollouts=True` (requests one at a time, so the deployment's logprobs do not depend on what
+shared a batch) it reaches the same final weights bit for bit.
 
 `max_head_offpolicy_versions=0` turns the overlap off (then this is rl_loop). Larger budgets would need the
 deployment to serve a snapshot older than the last hot-load; they are refused rather than silently capped.

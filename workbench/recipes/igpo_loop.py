@@ -10,8 +10,7 @@ Information Gain-based Policy Optimization (Wang et al., ICLR 2026, arXiv:2510.1
 `igpo_loop`). Each completion is a trajectory of turns: the policy writes a turn, the environment
 (`tool_fn(turn_text, row)`) answers a tool call as the next user turn, and so on until a turn makes no
 call or `max_turns` is reached; `reward_fn(final_turn_text, row)` is the outcome reward. The default
-task is the shipped lookup task (utils/lookup_task.py: `<lookup>N</lookup>` -> `<result>color</result>` ->
-`<answer>color</answer>`).
+task is the shipped lookup task (utils/lookup_task.py: `lookup N` -> `result: color` -> `<answer> color</answer>`).
 
 Per step (everything else -- data order, seeds, reference, KL, TIS, weight sync, evaluation, save / resume /
 promote -- is rl_loop's, through `rl_loop.run_grpo`):
@@ -20,7 +19,7 @@ promote -- is rl_loop's, through `rl_loop.run_grpo`):
    sampling logprobs); the environment's turns are context only (mask 0: no loss, no KL);
 2. information gain of turn t, scored on the policy trainer in one `forward` per step:
    IG_t = mean log p(answer | trajectory up to the environment's reply to turn t)
-        - mean log p(answer | the same before turn t), answer = `<answer>{ground_truth}</answer>`
+        - mean log p(answer | the same before turn t), answer = `answer_fn(row)`
    (the final turn, which replies to no tool, gets the outcome reward instead of an IG term);
 3. turn rewards -> advantages as in the paper: within the group, IG rewards and outcome rewards are
    z-normalized separately, added (`ig_weight` scales the IG part), and turned into discounted returns
@@ -31,7 +30,6 @@ Groups whose advantages are all zero carry no signal and are dropped.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -41,7 +39,7 @@ from workbench.recipes.rl_loop import Batch, _behaviour_logprobs, _chunks, _run_
 from workbench.recipes.utils.config import check_integer, check_number
 from workbench.recipes.utils.loop import validate_or_raise
 from workbench.recipes.utils.losses import GrpoSample
-from workbench.recipes.utils.lookup_task import LOOKUP_RL, lookup_reward, lookup_tool
+from workbench.recipes.utils.lookup_task import LOOKUP_RL, answer, lookup_reward, lookup_tool
 
 logger = logging.getLogger("workbench.recipes.igpo")
 
@@ -61,6 +59,10 @@ class Config(rl_loop.Config):
     tool_fn: Callable[[str, dict], str | None] | None = None
     """(turn text, row) -> the environment's reply (the next user turn), or None: no tool call, the trajectory
     ends. None: the lookup task's tool."""
+
+    answer_fn: Callable[[dict], str] | None = None
+    """(row) -> the text of the right final turn, whose likelihood the information gain measures. None: the
+    lookup task's `<answer> {ground_truth}</answer>`."""
 
     max_turns: int = 3
     """Policy turns per trajectory at most (the last one gets no tool reply)."""
@@ -83,6 +85,8 @@ def validate(cfg: Config) -> None:
     check_number(errors, "ig_weight", cfg.ig_weight, low=0)
     if cfg.tool_fn is not None and not callable(cfg.tool_fn):
         errors.append("tool_fn must be callable (turn_text, row) -> str | None")
+    if cfg.answer_fn is not None and not callable(cfg.answer_fn):
+        errors.append("answer_fn must be callable (row) -> str")
     validate_or_raise(cfg, RECIPE, errors)
 
 
@@ -139,8 +143,8 @@ async def trajectory(sampler, tokenizer, cfg: Config, row: dict, seed: int, max_
 
 def _trajectories(sampler, tokenizer, cfg: Config, requests: list[tuple[dict, int]], max_len, tool) -> list:
     async def run():
-        return await asyncio.gather(*[trajectory(sampler, tokenizer, cfg, row, seed, max_len, tool)
-                                      for row, seed in requests], return_exceptions=True)
+        return await rl_loop.gather([trajectory(sampler, tokenizer, cfg, row, seed, max_len, tool)
+                                     for row, seed in requests], cfg.reproducible_rollouts)
     out = _run_async(run)
     for r in out:
         if isinstance(r, BaseException):
@@ -230,7 +234,8 @@ def collect(sampler, tokenizer, cfg: Config, rows: list[dict], idx: list[int], c
         calls += sum(replied for tr in group for _, _, replied in tr.turns)
         truncated += sum(tr.truncated for tr in group)
         kept.append((i, group, outcome))
-    answers_of = {i: tokenizer.encode(f"<answer>{rows[i]['ground_truth']}</answer>", add_special_tokens=False)
+    answer_text = cfg.answer_fn or (lambda row: answer(str(row["ground_truth"])))
+    answers_of = {i: tokenizer.encode(answer_text(rows[i]), add_special_tokens=False)
                   for i, _, _ in kept}
     flat = [tr for _, group, _ in kept for tr in group]
     gains = information_gains(client, flat, [answers_of[i] for i, group, _ in kept for _ in group]) if flat else []

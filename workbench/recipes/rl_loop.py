@@ -11,7 +11,8 @@ Each step:
 1. takes `prompt_groups_per_step` prompts (`{"messages": [...], "ground_truth": ...}` rows; epoch e in
    `random.Random(seed + e)` order) and samples `completions_per_prompt` completions of each through the
    rollout deployment with `DeploymentSampler.sample_with_tokens(..., logprobs=True)`; every request
-   carries its own seed derived from (seed, prompt position, k), so rollouts are reproducible;
+   carries its own seed derived from (seed, prompt position, k), so a rerun or a resumed run samples the
+   same tokens (and, with `reproducible_rollouts`, the same logprobs to the bit: see that field);
 2. scores them with `reward_fn(completion_text, row)` (default: the integer inside `<answer>...</answer>`
    equals `ground_truth`) and z-scores rewards within each group; groups whose rewards are all equal
    are dropped (they carry no signal), as are groups with a failed sample;
@@ -102,6 +103,14 @@ class Config(RecipeConfig):
     eval_interval: int = 0
     """Evaluate every N steps (0: only before training and at the end)."""
 
+    reproducible_rollouts: bool = False
+    """Send the rollout and evaluation requests one at a time instead of concurrently. A deployment batches
+    concurrent requests together, and its logprobs (which the TIS weight uses) then depend in their last
+    bits on what else shared the batch, so two runs of the same config -- or a run and its resumption after
+    a kill -- agree only up to float rounding (~1e-7 in the logprobs, which Adam carries into every weight).
+    One request at a time, each sequence is computed alone and the whole run reproduces bit for bit. Slower:
+    the deployment no longer batches."""
+
 
 def validate(cfg: Config) -> None:
     """Every config problem at once, as a ConfigError, before any backend call."""
@@ -128,19 +137,36 @@ def config_errors(cfg: Config) -> list[str]:
     if cfg.grad_accumulation_normalization not in (None, "none", "num_loss_tokens", "num_sequences"):
         errors.append("grad_accumulation_normalization must be None, 'none', 'num_loss_tokens' or 'num_sequences' "
                       f"(got {cfg.grad_accumulation_normalization!r})")
+    if not isinstance(cfg.reproducible_rollouts, bool):
+        errors.append(f"reproducible_rollouts must be True or False (got {cfg.reproducible_rollouts!r})")
     if cfg.reward_fn is not None and not callable(cfg.reward_fn):
         errors.append("reward_fn must be callable (completion_text, row) -> float")
     return errors
 
 
 # ---- rollouts ------------------------------------------------------------------------------------------
+async def gather(coros: list, one_at_a_time: bool) -> list:
+    """asyncio.gather(..., return_exceptions=True), or the same awaited in order, one at a time
+    (`reproducible_rollouts`)."""
+    if not one_at_a_time:
+        return await asyncio.gather(*coros, return_exceptions=True)
+    out = []
+    for c in coros:
+        try:
+            out.append(await c)
+        except Exception as e:      # as gather(return_exceptions=True): a failed request stands for itself
+            out.append(e)
+    return out
+
+
 def _sample(sampler, requests: list[tuple[list[dict], int]], cfg: Config, max_len: int | None) -> list:
-    """One completion per (messages, seed) request, concurrently; an exception stands for a failed sample."""
+    """One completion per (messages, seed) request (concurrently unless `reproducible_rollouts`); an exception
+    stands for a failed sample."""
     async def run():
-        return await asyncio.gather(*[
+        return await gather([
             sampler.sample_with_tokens(messages=messages, n=1, max_tokens=cfg.max_completion_tokens,
                                        temperature=cfg.temperature, max_seq_len=max_len, logprobs=True, seed=seed)
-            for messages, seed in requests], return_exceptions=True)
+            for messages, seed in requests], cfg.reproducible_rollouts)
 
     out = []
     for r in _run_async(run):

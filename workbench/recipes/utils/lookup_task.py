@@ -1,15 +1,20 @@
 """The shipped multi-turn agentic task of `igpo_loop`: look a fact up with a tool, then answer.
 
     rows = read_jsonl(LOOKUP_RL)          # {"messages": [...], "facts": {"3": "red", ...}, "ground_truth": "red"}
-    reply = lookup_tool(assistant_text, row)   # "<result>red</result>" for "<lookup>3</lookup>", None: no call
-    lookup_reward(final_text, row)             # 1.0 when <answer>...</answer> holds the looked-up color
+    reply = lookup_tool(assistant_text, row)   # "result: red" for "lookup 3"; None: no tool call
+    lookup_reward(final_text, row)             # 1.0 when <answer>...</answer> holds the box's color
 
-Each prompt asks for the color of one numbered box and names the tool; the colors are drawn per row, so the
-answer cannot be memorized: an agent has to call `<lookup>N</lookup>` (turn 1), read the environment's
-`<result>color</result>` and answer `<answer>color</answer>` (turn 2). The outcome reward alone only says
+Each prompt asks for the color of one of BOXES numbered boxes; the colors are drawn per row, so the answer
+cannot be memorized: an agent has to call `lookup N` (turn 1), read the environment's `result: color`
+(the next user turn) and answer `<answer> color</answer>` (turn 2). Answering without the lookup is right
+by chance only (1 in len(COLORS)), and so is looking up the wrong box. The outcome reward alone only says
 whether the whole trajectory worked; IGPO's turn-level information gain credits the lookup turn directly,
-because the result makes the right answer far more likely. `make_lookup_sft` gives demonstrations of the
-two-turn trajectory (for a short SFT warm start, as the tests do).
+because the right result makes the right answer far more likely.
+
+The strings are chosen for the embedded 512-token vocabulary: every color and box number is one token, and
+the answer repeats the result's color token (` red`), so a model as small as qwen3-tiny learns the
+two-turn format from a short SFT warm start (`make_lookup_sft`, as the tests do) and RL has signal from
+the first step.
 """
 
 from __future__ import annotations
@@ -21,22 +26,32 @@ from .data import DATA_DIR
 
 LOOKUP_RL = DATA_DIR / "lookup_igpo.jsonl"
 COLORS = ("red", "blue", "green", "white")
-BOXES = 8
-_CALL = re.compile(r"<lookup>\s*(\w+)\s*</lookup>")
+BOXES = 4
+_CALL = re.compile(r"lookup\s*(\d+)")
 _ANSWER = re.compile(r"<answer>\s*(\w+)\s*</answer>")
 
 
 def _prompt(box: int) -> str:
-    return f"What color is box {box}? Use <lookup>{box}</lookup>."
+    return f"What color is box {box}?"
+
+
+def tool_call(box) -> str:
+    """The assistant turn that looks box `box` up."""
+    return f"lookup {box}"
+
+
+def answer(color: str) -> str:
+    """The assistant turn that answers `color`."""
+    return f"<answer> {color}</answer>"
 
 
 def make_lookup_rows(n: int = 64, seed: int = 0) -> list[dict]:
-    """`n` prompts; each row's facts are all boxes' colors drawn with `random.Random(seed)`."""
+    """`n` prompts; each row's facts are all boxes' colors (boxes 1..BOXES) drawn with `random.Random(seed)`."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        facts = {str(b): rng.choice(COLORS) for b in range(BOXES)}
-        box = rng.randrange(BOXES)
+        facts = {str(b): rng.choice(COLORS) for b in range(1, BOXES + 1)}
+        box = rng.randint(1, BOXES)
         rows.append({"messages": [{"role": "user", "content": _prompt(box)}], "facts": facts,
                      "ground_truth": facts[str(box)]})
     return rows
@@ -46,11 +61,11 @@ def make_lookup_sft(n: int = 64, seed: int = 1) -> list[dict]:
     """Demonstrations: the lookup call, the tool's result as the next user turn, the answer."""
     out = []
     for row in make_lookup_rows(n, seed):
-        box = _CALL.search(row["messages"][0]["content"]).group(1)
+        box = row["messages"][0]["content"].split()[-1].rstrip("?")
         out.append({"messages": row["messages"] + [
-            {"role": "assistant", "content": f"<lookup>{box}</lookup>"},
-            {"role": "user", "content": f"<result>{row['facts'][box]}</result>"},
-            {"role": "assistant", "content": f"<answer>{row['ground_truth']}</answer>"}]})
+            {"role": "assistant", "content": tool_call(box)},
+            {"role": "user", "content": lookup_tool(tool_call(box), row)},
+            {"role": "assistant", "content": answer(row["ground_truth"])}]})
     return out
 
 
@@ -59,7 +74,7 @@ def lookup_tool(text: str, row: dict) -> str | None:
     m = _CALL.search(text or "")
     if m is None:
         return None
-    return f"<result>{(row.get('facts') or {}).get(m.group(1), 'unknown')}</result>"
+    return f"result: {(row.get('facts') or {}).get(m.group(1), 'unknown')}"
 
 
 def lookup_reward(text: str, row: dict) -> float:
