@@ -139,10 +139,10 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "condition", interva
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def start_backend(home: Path, env: dict | None = None) -> Backend:
+def start_backend(home: Path, env: dict | None = None, port: int = 0) -> Backend:
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "serve.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--home", str(home), "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "WORKBENCH_HOME": str(home), **(env or {})})
     deadline = time.time() + 300   # a loaded CI machine can take minutes to import torch + FastAPI

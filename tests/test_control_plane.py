@@ -176,24 +176,104 @@ def test_foreground_serve_uses_its_home_for_models(tmp_path):
         stop_backend(b)
 
 
+# Test-only fault injection, loaded as `sitecustomize` by every process of a backend started with it on
+# PYTHONPATH: it patches the trainer's LocalTorchTrainer when a trainer process imports it.
+FAULTS = """
+import importlib.abc, importlib.util, os, pathlib, sys, time
+
+_SLOW = os.environ.get("WB_FAULT_SLOW_SAVE_MARK")     # a sampler save touches this file, then never finishes
+_FATAL = os.environ.get("WB_FAULT_FATAL_FORWARD")      # forward raises TrainerCannotContinue(this text)
+
+
+class _Patch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "workbench.backend.trainer.local_torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            cls = module.LocalTorchTrainer
+            if _SLOW:
+                def save_sampler(self, model_id, request):
+                    pathlib.Path(_SLOW).touch()
+                    time.sleep(3600)
+                cls.save_sampler = save_sampler
+            if _FATAL:
+                from workbench.backend.trainer.protocol import TrainerCannotContinue
+
+                def forward(self, model_id, request):
+                    raise TrainerCannotContinue(_FATAL)
+                cls.forward = forward
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if _SLOW or _FATAL:
+    sys.meta_path.insert(0, _Patch())
+"""
+
+
+def _fault_env(tmp_path, **faults) -> dict:
+    folder = tmp_path / "faults"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(FAULTS)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, **faults}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.e2e
 def test_trainers_die_with_a_killed_control_plane_and_resume_alone(tmp_path):
-    """SIGKILL of `workbench serve` takes its trainer with it (parent-death signal); a restarted backend
-    resumes the job with exactly one trainer on the job directory."""
+    """SIGKILL of `workbench serve` takes its trainer with it (parent-death signal); calls in flight then fail
+    (within their timeout, and at once when the backend is back); a restarted backend resumes the job with
+    exactly one trainer on the job directory; a trainer that cannot continue (exit 3) fails its job with
+    the reason visible through the SDK, and later calls fail at once instead of retrying. (A prompt stop
+    of an idle trainer is checked in test_sdk_reattaches_by_the_same_id_after_delete.)"""
     import subprocess
+    import threading
     import time
 
     from conftest import start_backend, stop_backend
+    from fireworks.training.sdk import Datum, FiretitanServiceClient, ModelInput, TrainerJobConfig, WeightSyncer
 
-    home = tmp_path / "home"
-    b = start_backend(home)
+    home, port, mark = tmp_path / "home", _free_port(), tmp_path / "save-started"
+    b = start_backend(home, env=_fault_env(tmp_path, WB_FAULT_SLOW_SAVE_MARK=str(mark)), port=port)
     mgr = b.trainer_manager()
-    from fireworks.training.sdk import TrainerJobConfig
 
     created = mgr.create(TrainerJobConfig(base_model=TINY, lora_rank=0, learning_rate=1e-3, requested_job_id="crash-1"))
-    mgr.wait_for_ready(created.job_id, timeout_s=600)
+    endpoint = mgr.wait_for_ready(created.job_id, timeout_s=600)
     trainers = b.children()
     assert trainers
+    # A save_and_hotload in flight (the sampler save never finishes here), and a forward queued behind it.
+    service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=b.api_key)
+    client = service.create_training_client(base_model=TINY, lora_rank=0)
+    data = [Datum(model_input=ModelInput.from_ints([1, 17, 33, 45]), loss_fn_inputs={"target_tokens": [17, 33, 45, 2]})]
+    outcome: dict = {}
+
+    def save_and_hotload():
+        try:
+            WeightSyncer(policy_client=client).save_and_hotload("in-flight")
+        except Exception as e:  # noqa: BLE001 - what the caller sees
+            outcome["error"] = e
+        outcome["done"] = time.monotonic()
+
+    saver = threading.Thread(target=save_and_hotload, daemon=True)
+    saver.start()
+    deadline = time.monotonic() + 300
+    while not mark.exists():
+        assert time.monotonic() < deadline and saver.is_alive(), outcome
+        time.sleep(0.05)
+    queued = client.forward(data, "cross_entropy")
     b.proc.kill()
     b.proc.wait()
     t0 = time.monotonic()
@@ -202,35 +282,95 @@ def test_trainers_die_with_a_killed_control_plane_and_resume_alone(tmp_path):
     gone_after = time.monotonic() - t0
     assert not any(pid_alive(pid) for pid in trainers), "the trainer outlived its killed control plane"
     assert gone_after < 10, f"trainer took {gone_after:.1f}s to die"
-    b2 = start_backend(home)
+    # With nothing listening, an SDK future fails within the timeout it is given.
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        queued.result(timeout=3)
+    assert time.monotonic() - t0 < 20
+    fatal = "injected: the accelerator is gone"
+    b2 = start_backend(home, env=_fault_env(tmp_path, WB_FAULT_FATAL_FORWARD=fatal), port=port)
     try:
+        # The backend is back: the in-flight save learns its request is lost (412) and raises.
+        up = time.monotonic()
+        saver.join(timeout=300)
+        assert not saver.is_alive(), "save_and_hotload still hangs after the backend came back"
+        assert "is lost: its trainer stopped" in str(outcome["error"]), outcome
+        print(f"in-flight save_and_hotload raised {outcome['done'] - up:.1f}s after the backend was back")
+        service.close()
         mgr2 = b2.trainer_manager()
         assert mgr2.get("crash-1")["state"] == "JOB_STATE_PAUSED"
-        mgr2.reconnect_and_wait("crash-1", timeout_s=600)
+        endpoint = mgr2.reconnect_and_wait("crash-1", timeout_s=600)
         out = subprocess.run(["pgrep", "-f", f"workbench.backend.trainer --job-dir {home}/jobs/crash-1"],
                              capture_output=True, text=True).stdout.split()
         assert len(out) == 1, out
+        # A worker that cannot continue: its call raises with the reason, the trainer exits 3, the job is
+        # FAILED with the reason in its status, and the next call fails at once.
+        service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=b2.api_key)
+        client = service.create_training_client(base_model=TINY, lora_rank=0)
+        with pytest.raises(Exception, match=fatal):
+            client.forward(data, "cross_entropy").result(timeout=300)
+        deadline = time.monotonic() + 120
+        while mgr2.get("crash-1")["state"] != "JOB_STATE_FAILED":
+            assert time.monotonic() < deadline, mgr2.get("crash-1")
+            time.sleep(0.1)
+        message = mgr2.get("crash-1")["status"]["message"]
+        assert "code 3" in message and fatal in message, message
         t0 = time.monotonic()
-        mgr2.delete("crash-1")  # an idle trainer stops promptly
-        assert not any(pid_alive(int(p)) for p in out)
-        assert time.monotonic() - t0 < 10
+        with pytest.raises(Exception, match="JOB_STATE_FAILED"):
+            client.forward_backward(data, "cross_entropy").result(timeout=120)
+        assert time.monotonic() - t0 < 30
+        service.close()
     finally:
         stop_backend(b2)
 
 
 @pytest.mark.e2e
 def test_sdk_reattaches_by_the_same_id_after_delete(backend):
-    """The cookbook's resume flow: delete the trainer after phase 1, create the same id in phase 2."""
+    """The cookbook's resume flow: delete the trainer after phase 1, create the same id in phase 2 (the delete
+    of an idle trainer stops it promptly)."""
+    import subprocess
+    import time
+
     from fireworks.training.sdk import TrainerJobConfig
 
     mgr = backend.trainer_manager()
     config = TrainerJobConfig(base_model=TINY, lora_rank=0, learning_rate=1e-3, requested_job_id="phase-job")
     mgr.create(config)
     mgr.wait_for_ready("phase-job", timeout_s=600)
-    mgr.delete("phase-job")
+    trainers = subprocess.run(["pgrep", "-f", f"workbench.backend.trainer --job-dir {backend.home}/jobs/phase-job"],
+                              capture_output=True, text=True).stdout.split()
+    assert len(trainers) == 1, trainers
+    t0 = time.monotonic()
+    mgr.delete("phase-job")   # an idle trainer stops promptly
+    assert not any(pid_alive(int(p)) for p in trainers)
+    assert time.monotonic() - t0 < 10
     assert mgr.try_get("phase-job") is None  # what the SDK's managed path checks before creating again
     mgr.create(config)
     endpoint = mgr.wait_for_ready("phase-job", timeout_s=600)
     assert endpoint.job_id == "phase-job" if hasattr(endpoint, "job_id") else endpoint
     assert mgr.get("phase-job")["state"] == "JOB_STATE_RUNNING"
     mgr.delete("phase-job")
+
+
+def test_weight_syncer_call_timeout_bounds_a_save_that_never_answers():
+    """workbench.sdk.WeightSyncer(call_timeout=...) fails a save whose backend stays down (the SDK's own save
+    would wait for ever); the fake policy client stands for that backend."""
+    import threading
+    import time
+
+    from workbench.sdk import WeightSyncer
+
+    release = threading.Event()
+
+    class NeverAnswers:
+        def save_weights_for_sampler_ext(self, name, checkpoint_type=None):
+            release.wait(60)
+            raise RuntimeError("released")
+
+    syncer = WeightSyncer(policy_client=NeverAnswers(), call_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="call_timeout"):
+        syncer.save_and_hotload("step-1")
+    assert syncer.save_only("step-2") is None
+    assert time.monotonic() - t0 < 30
+    release.set()

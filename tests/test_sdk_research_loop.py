@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -141,6 +142,145 @@ def test_logprobs_match_transformers_and_trainer(backend, loop):
     diff = (trainer_lp - served).abs()
     print(f"trainer fp32 vs deployment bf16 logprobs: mean {diff.mean():.2e} max {diff.max():.2e}")
     assert diff.max().item() < 1e-2  # bf16 keeps ~8 mantissa bits; measured max ~1.4e-4
+
+
+def _sdk_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(x) for x in version("fireworks-ai").split(".")[:3])
+
+
+def _serverless_completion(backend, model: str, prompt: list[int]) -> tuple[str, list[float]]:
+    r = httpx.post(backend.base_url + "/training/v1/serverless/inference/v1/completions", headers=backend.headers(),
+                   timeout=120, json={"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 1.0,
+                                      "seed": 11, "logprobs": True})
+    assert r.status_code == 200, r.text
+    return r.headers["fireworks-snapshot-identity"], [e["logprob"] for e in r.json()["choices"][0]["logprobs"]["content"]]
+
+
+def test_serverless_sampling_of_base_model_and_saved_snapshots(backend, loop):
+    """Issue 14 item 10: standalone serverless sampling (a service client with no model) of the base model and
+    of any saved snapshot, on the SDK under test; each answer comes from the snapshot it names."""
+    import pickle
+
+    from fireworks.training.sdk import FiretitanServiceClient
+    from fireworks.training.sdk.client import FiretitanSamplingClient
+
+    from workbench.sdk import sampler_model_path
+
+    snapshots = [h["snapshot"] for h in loop["history"]]          # a base, then two deltas
+    tokenizer, new_sdk = loop["tokenizer"], _sdk_version() >= (1, 2, 30)
+    service = FiretitanServiceClient(base_url=backend.base_url + "/training/v1/serverless", api_key=backend.api_key)
+    assert service.training_session_id.startswith("ts-")
+    # SDK 1.2.30 binds a standalone route (create_sampling_route) for each; 1.2.28 samples through its session.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        tuned_f = pool.submit(service.create_sampling_client, tokenizer=tokenizer,
+                              model_path=sampler_model_path(loop["job_id"], snapshots[1]))
+        base_f = pool.submit(service.create_sampling_client, base_model=TINY, tokenizer=tokenizer) if new_sdk else None
+        tuned = tuned_f.result()
+        base = base_f.result() if base_f else None
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What color is grass?"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    params = tinker.SamplingParams(max_tokens=4, temperature=1.0)
+    clients = [tuned] + ([base, pickle.loads(pickle.dumps(tuned)),   # 1.2.30: picklable, credential-free handles
+                          FiretitanSamplingClient.from_sampler_handle(tuned.get_sampler_handle(), api_key=backend.api_key,
+                                                                      tokenizer=tokenizer)] if new_sdk else [])
+    for client in clients:
+        out = client.sample(tinker.ModelInput.from_ints(prompt), num_samples=2, sampling_params=params).result()
+        assert len(out.sequences) == 2 and all(0 < len(s.tokens) <= 4 for s in out.sequences)
+
+    # Each completion is answered by the snapshot its model names: later delta, back to the base, then a
+    # delta again (the chain is replayed); the newest one agrees exactly with the research deployment's.
+    model = tuned.deployment_sampler.model
+    assert model.endswith("/" + snapshots[1])
+    answers = {}
+    for name in (snapshots[2], snapshots[0], snapshots[1], snapshots[2]):
+        identity, logprobs = _serverless_completion(backend, model[: -len(snapshots[1])] + name, prompt)
+        assert identity == name
+        answers.setdefault(name, logprobs)
+    r = httpx.post(backend.base_url + "/inference/v1/completions", headers=backend.headers(), timeout=120, json={
+        "model": f"accounts/workbench/deployments/{DEPLOYMENT}", "prompt": prompt, "max_tokens": 6,
+        "temperature": 1.0, "seed": 11, "logprobs": True})
+    assert loop["tracker"].check_deployment_state() == snapshots[2]
+    assert [e["logprob"] for e in r.json()["choices"][0]["logprobs"]["content"]] == answers[snapshots[2]]
+    assert answers[snapshots[0]] != answers[snapshots[2]]
+    if new_sdk:
+        identity, base_logprobs = _serverless_completion(backend, base.deployment_sampler.model, prompt)
+        assert identity == "base" and base_logprobs != answers[snapshots[0]]
+    # unknown snapshots and runs are 404s naming them; a session's own model is a 400 saying why
+    prefix = model[: -len(snapshots[1])]
+    for bad, status, text in ((prefix + "never-saved", 404, "never-saved"),
+                              ("accounts/workbench/trainingSamplers/checkpoints/workbench/run-" + "0" * 32 + "/x", 404,
+                               "training run"),
+                              (f"accounts/workbench/trainingSessions/{service.training_session_id}", 400,
+                               "serverless training")):
+        r = httpx.post(backend.base_url + "/training/v1/serverless/inference/v1/completions", headers=backend.headers(),
+                       timeout=60, json={"model": bad, "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == status and text in r.json()["error"]["message"], r.text
+    routes = [d for d in backend.get("/v1/accounts/workbench/deployments").json()["deployments"]
+              if "workbench/serverless-route" in d.get("annotations", {})]
+    assert len(routes) == (2 if new_sdk else 1)
+    service.close()
+
+
+LOWEST_SDK = "1.2.28"
+"""The lowest fireworks-ai the pin admits (pyproject.toml): the suite runs the newest 1.2.x, and this end is
+checked by `test_lowest_sdk_drives_the_same_backend` in a subprocess."""
+_LOWEST_SDK_SCRIPT = r"""
+import sys
+from importlib.metadata import version
+import tinker
+from fireworks.training.sdk import FireworksClient, FiretitanServiceClient
+from workbench.models import load_tokenizer
+url, key, job_id, snapshot, model = sys.argv[1:]
+assert version("fireworks-ai") == "%s", version("fireworks-ai")
+tokenizer = load_tokenizer(model)
+rows = FireworksClient(api_key=key, base_url=url).list_checkpoints(job_id)
+assert any(r["name"].endswith("/" + snapshot) for r in rows), rows
+service = FiretitanServiceClient(base_url=url + "/training/v1/serverless", api_key=key)
+sampler = service.create_sampling_client(model_path=f"workbench/{job_id}/{snapshot}", tokenizer=tokenizer)
+out = sampler.sample(tinker.ModelInput.from_ints(tokenizer.encode("The sky is")), num_samples=1,
+                     sampling_params=tinker.SamplingParams(max_tokens=3)).result()
+assert 0 < len(out.sequences[0].tokens) <= 3
+service.close()
+print("lowest sdk ok", version("fireworks-ai"))
+""" % LOWEST_SDK
+
+
+def _lowest_sdk_dir():
+    """fireworks-ai==LOWEST_SDK alone (no dependencies: they are the newest's) in a cached directory that goes in
+    front of the suite's site-packages; built once (~15 s, 9 MB) with pip, or None if it cannot be built."""
+    import sys
+    from pathlib import Path
+
+    target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "workbench" / f"fireworks-ai-{LOWEST_SDK}"
+    if not (target / f"fireworks_ai-{LOWEST_SDK}.dist-info").is_dir():
+        staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(staging),
+                            f"fireworks-ai=={LOWEST_SDK}"], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            return None, r.stderr[-500:]
+        if target.exists():        # another run built it meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    return target, ""
+
+
+def test_lowest_sdk_drives_the_same_backend(backend, loop):
+    """The pin admits fireworks-ai 1.2.28 through the newest 1.2.x; the suite runs the newest, and this runs the
+    lowest against the same backend: checkpoint listing and serverless sampling of a saved snapshot."""
+    import sys
+
+    if _sdk_version() == tuple(int(x) for x in LOWEST_SDK.split(".")):
+        pytest.skip(f"the whole suite runs fireworks-ai {LOWEST_SDK} here")
+    target, why = _lowest_sdk_dir()
+    if target is None:
+        pytest.skip(f"cannot install fireworks-ai=={LOWEST_SDK} (offline?): {why}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", _LOWEST_SDK_SCRIPT, backend.base_url, backend.api_key, loop["job_id"],
+                        loop["history"][1]["snapshot"], TINY], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "lowest sdk ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 def _hotload_fails(loop, identity, metadata=None) -> str:

@@ -211,6 +211,18 @@ def is_resource_id(value: Any) -> bool:
     return isinstance(value, str) and RESOURCE_ID_RE.fullmatch(value) is not None
 
 
+RUN_ID_RE = re.compile(r"run-[0-9a-f]{32}")
+"""The only run ids the SDK accepts in a serverless model_path (`<account>/<run id>/<snapshot>`)."""
+
+
+def serverless_run_id(job_id: str) -> str:
+    """A trainer job's serverless training-run id: the job id if it already has the run form, else
+    `run-<md5(job id)>` (the control plane maps it back by scanning its jobs)."""
+    import hashlib
+
+    return job_id if RUN_ID_RE.fullmatch(job_id) else "run-" + hashlib.md5(job_id.encode()).hexdigest()
+
+
 # ---- training shapes -----------------------------------------------------------------------------
 
 EMBEDDED_MODEL_PREFIX = f"accounts/{ACCOUNT_ID}/models/"

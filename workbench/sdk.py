@@ -10,6 +10,8 @@
     snapshot = syncer.save_only("step-10")
     syncer.hotload(snapshot)          # seed 002: no checkpoint_type (the one it was saved as)
 
+    sampler = service.create_sampling_client(model_path=sampler_model_path(job_id, "step-10"))  # serverless
+
 TTL: the pinned SDK refuses `ttl_seconds` client-side (NotImplementedError), so the wrapper saves
 without it and then sets the checkpoint's TTL on the control plane
 (`PATCH .../rlorTrainerJobs/{job}/checkpoints/{id}` with `{"ttl": "<n>s"}`, a workbench extension).
@@ -36,6 +38,16 @@ def parse_trainer_endpoint(url: str) -> tuple[str, str, str]:
     if not m:
         raise ValueError(f"not a trainer gateway URL: {url!r}")
     return m["root"], m["account"], m["job"]
+
+
+def sampler_model_path(job_id: str, snapshot: str, account: str = "workbench") -> str:
+    """The `model_path` that samples sampler snapshot `snapshot` of trainer job `job_id` through the SDK's
+    serverless sampling (SDK 1.2.30+: `FiretitanServiceClient(base_url=f"{url}/training/v1/serverless")
+    .create_sampling_client(model_path=...)`): `<account>/<run id>/<snapshot>`, the run id being the form
+    the SDK accepts (`workbench.common.serverless_run_id`)."""
+    from workbench.common import serverless_run_id
+
+    return f"{account}/{serverless_run_id(job_id)}/{snapshot}"
 
 
 class _Done:
@@ -101,13 +113,44 @@ class TrainingClient:
         return _Done(result)
 
 
+def _bounded(call, timeout: float | None, what: str):
+    """`call()`, or TimeoutError naming `what` once `timeout` seconds have passed (None: no limit). The call
+    goes on in a daemon thread (an SDK call cannot be cancelled from outside); its late result is dropped."""
+    if timeout is None:
+        return call()
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name=f"workbench-{what}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"{what} did not finish within {timeout:g}s (call_timeout); is the workbench backend "
+                           "running? (`workbench status`)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 @dataclass
 class WeightSyncer(_SdkWeightSyncer):
-    """The SDK's WeightSyncer plus seed 002's `save_dcp(name)`, `dcp_timeout`, and `hotload(snapshot)`
-    without a `checkpoint_type` (the SDK's signature requires one)."""
+    """The SDK's WeightSyncer plus seed 002's `save_dcp(name)`, `dcp_timeout`, `hotload(snapshot)` without a
+    `checkpoint_type` (the SDK's signature requires one), and `call_timeout` bounding its blocking saves."""
 
     dcp_timeout: int = 2700
     """Seconds to wait for a DCP save in `save_dcp`."""
+    call_timeout: float | None = None
+    """Seconds `save_only` / `save_and_hotload` may block before they fail (save_only returns None,
+    save_and_hotload raises TimeoutError); None waits as long as the SDK does. The SDK's sampler save has no
+    timeout of its own: when the backend dies mid-save its request is reported lost (and raised) once the
+    backend is back, but a backend that stays down would block the call for ever."""
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -118,10 +161,20 @@ class WeightSyncer(_SdkWeightSyncer):
     def save_only(self, name: str, checkpoint_type: str | None = None) -> str | None:
         """The SDK's save_only, remembering which type the snapshot was saved as (for `hotload`)."""
         ckpt_type = checkpoint_type or self._next_checkpoint_type()
-        snapshot = super().save_only(name, checkpoint_type=ckpt_type)
+        try:
+            snapshot = _bounded(lambda: _SdkWeightSyncer.save_only(self, name, checkpoint_type=ckpt_type),
+                                self.call_timeout, f"save_only({name!r})")
+        except TimeoutError as e:
+            logger.warning("%s", e)
+            return None
         if snapshot is not None:
             self._saved_types[snapshot] = ckpt_type
         return snapshot
+
+    def save_and_hotload(self, name: str, checkpoint_type: str | None = None) -> str | None:
+        """The SDK's save_and_hotload, failing with TimeoutError after `call_timeout` seconds."""
+        return _bounded(lambda: _SdkWeightSyncer.save_and_hotload(self, name, checkpoint_type=checkpoint_type),
+                        self.call_timeout, f"save_and_hotload({name!r})")
 
     def hotload(self, snapshot_name: str, checkpoint_type: str | None = None) -> bool:
         """Hot-load a saved snapshot; True on success. Seed 002 writes `tracker.hotload(snapshot)`: without a

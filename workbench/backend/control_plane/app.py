@@ -5,10 +5,11 @@
 It serves the Fireworks REST surface (`/v1/accounts/...`: trainer jobs, training shapes, checkpoints,
 promotion, operations, models, deployments) and is the single entry point clients talk to: the
 gateway routes (gateway.py) proxy trainer, hot-load and inference traffic to the processes that the
-`Supervisor` starts. State lives in SQLite (`Store`); checkpoint files live under `jobs/<job>/`.
+`Supervisor` starts, and the serverless routes (serverless.py) serve the SDK's standalone sampling.
+State lives in SQLite (`Store`); checkpoint files live under `jobs/<job>/`.
 
 This module only assembles: the state and lifecycle rules are in core.py, the routes in jobs.py,
-deployments.py, checkpoints.py and gateway.py (which import core.py, never this module).
+deployments.py, checkpoints.py, serverless.py and gateway.py (which import core.py, never this module).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from workbench.checkpoints.layout import HomeLayout
 from workbench.common import api_key_ok
 
 from ..home import ensure_api_key
-from . import checkpoints, deployments, gateway, jobs
+from . import checkpoints, deployments, gateway, jobs, serverless
 from .core import ControlPlane
 from .errors import ApiError, api_error_handler, error_response, http_exception_handler, validation_error_handler
 from .gateway import strip_trainer_prefix
@@ -63,7 +64,7 @@ def create_app(home: Path, api_key: str | None = None) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    for module in (jobs, deployments, checkpoints, gateway):
+    for module in (jobs, deployments, checkpoints, serverless, gateway):
         app.include_router(module.router)
     return app
 

@@ -4,7 +4,8 @@
     cp.startup(); cp.start_trainer(job_id); cp.shutdown()
 
 The route modules (jobs.py, deployments.py, checkpoints.py, gateway.py) import only this module and
-errors.py; app.py assembles them into the FastAPI app. Nothing here imports a route module, so the
+errors.py (serverless.py also uses the deployment and proxy helpers of deployments.py and gateway.py);
+app.py assembles them into the FastAPI app. Nothing here imports a route module, so the
 control plane has no import circles.
 
 `ControlPlane` holds the state and the lifecycle rules (starting a trainer, restarting a crashed
@@ -45,6 +46,9 @@ DEPLOYMENT_START_TIMEOUT_S = 300
 VLLM_DEPLOYMENT_START_TIMEOUT_S = 1200
 # A replica that crashes this many times within the window is marked FAILED instead of restarted.
 MAX_REPLICA_RESTARTS, RESTART_WINDOW_S = 3, 120
+
+SERVERLESS_ANNOTATION = "workbench/serverless-route"
+"""Annotation of the deployments the serverless sampling routes start (serverless.py): which route they serve."""
 
 JOB_STOPPED_STATES = {"JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_PAUSED", "JOB_STATE_COMPLETED"}
 
@@ -99,8 +103,13 @@ class ControlPlane:
                 self.set_job_state(job_id_of(job), "JOB_STATE_PAUSED",
                                    "paused: the workbench backend restarted; resume to continue")
         for dep in self.store.list("deployments"):
-            if serving_when_stopped(dep):
-                self.start_deployment(dep["name"].split("/")[-1])
+            deployment_id = dep["name"].split("/")[-1]
+            if SERVERLESS_ANNOTATION in (dep.get("annotations") or {}) and desired_replicas(dep) > 0:
+                # serverless samplers (serverless.py) come back when a completion needs them, not at start
+                self.store.update("deployments", deployment_id, maxReplicaCount=0, updateTime=rfc3339())
+                self.set_deployment_state(deployment_id, "READY", "scaled to zero until a serverless sample needs it")
+            elif serving_when_stopped(dep):
+                self.start_deployment(deployment_id)
         threading.Thread(target=self._sweep_expired_checkpoints, name="ttl-sweeper", daemon=True).start()
         threading.Thread(target=self._pause_idle_trainers, name="idle-sweeper", daemon=True).start()
 

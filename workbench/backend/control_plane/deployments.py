@@ -87,6 +87,12 @@ async def create_deployment(request: Request, account: str) -> dict:
     require(bool(deployment_id), 400, "deploymentId (query parameter) is required")
     require(is_resource_id(deployment_id), 400,
             f"deploymentId {deployment_id!r} is invalid: use 1-63 lowercase letters, digits and hyphens")
+    return create_deployment_record(cp, deployment_id, body)
+
+
+def create_deployment_record(cp: ControlPlane, deployment_id: str, body: dict) -> dict:
+    """Validate `body` (the wire's Deployment fields), store the deployment and start its replica; 409 if the id
+    exists. The create route and the serverless sampling routes (serverless.py) both create deployments here."""
     _check_fields(body)
     base_model = body.get("baseModel")
     require(bool(base_model), 400, "baseModel is required")

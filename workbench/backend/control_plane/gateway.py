@@ -12,6 +12,7 @@ is exactly what a client should do while a trainer resumes or a crashed replica 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -85,10 +86,41 @@ async def trainer_gateway(request: Request, account: str, job_id: str, rest: str
     cp.last_activity[job_id] = time.time()
     child = cp.supervisor.get("trainer", job_id)
     port = child.port() if child else None
+    if port is None and job["state"] == "JOB_STATE_RUNNING":
+        # The trainer just exited and its exit is not recorded yet: wait for the job's state (and reason).
+        deadline = time.monotonic() + EXIT_SETTLE_S
+        while job["state"] == "JOB_STATE_RUNNING" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            job = cp.store.get("jobs", job_id) or job
+            child = cp.supervisor.get("trainer", job_id)
+            port = child.port() if child else None
+            if port is not None:
+                break
     if port is None or job["state"] != "JOB_STATE_RUNNING":
-        return error_response(503, f"trainer for job {job_id!r} is not serving (state {job['state']}); "
-                                   "wait for it, or resume the job")
+        return _not_serving(job_id, job, rest)
     return await proxy(request, port, f"/api/v1/{rest}")
+
+
+EXIT_SETTLE_S = 10.0
+"""How long a trainer request waits for a just-exited trainer's job state, so its answer carries the reason."""
+
+
+def _not_serving(job_id: str, job: dict, rest: str) -> JSONResponse:
+    """The answer for a job whose trainer is not serving. The SDK retries 503 (on submissions for 5 minutes,
+    on `retrieve_future` for ever), which is right only while the trainer may still come back with the
+    request: a future issued by a trainer process that stopped can never complete (a new process does not
+    know it), and a job that FAILED or ended serves nothing until it is resumed. Those answer 412, which the
+    SDK raises at once with this message, so an in-flight call fails instead of hanging."""
+    state = job["state"]
+    reason = (job.get("status") or {}).get("message") or ""
+    detail = f"state {state}" + (f": {reason}" if reason else "")
+    if rest == "retrieve_future":
+        return error_response(412, f"this request to job {job_id!r} is lost: its trainer stopped ({detail}). "
+                                   "Resume the job (reconnect_and_wait) and repeat the call")
+    if state in ("JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_COMPLETED"):
+        return error_response(412, f"trainer for job {job_id!r} is not serving ({detail}); resume the job "
+                                   "(reconnect_and_wait) to continue from its last saved state")
+    return error_response(503, f"trainer for job {job_id!r} is not serving ({detail}); wait for it, or resume the job")
 
 
 # ---- hot load ---------------------------------------------------------------------------------
