@@ -183,35 +183,55 @@ import importlib.abc, importlib.util, os, pathlib, sys, time
 
 _SLOW = os.environ.get("WB_FAULT_SLOW_SAVE_MARK")     # a sampler save touches this file, then never finishes
 _FATAL = os.environ.get("WB_FAULT_FATAL_FORWARD")      # forward raises TrainerCannotContinue(this text)
+_QUEUED = os.environ.get("WB_FAULT_QUEUED_DIR")        # the trainer touches <dir>/<op> as it queues an op
+
+
+def _patch_backend(module):
+    cls = module.LocalTorchTrainer
+    if _SLOW:
+        def save_sampler(self, model_id, request):
+            pathlib.Path(_SLOW).touch()
+            time.sleep(3600)
+        cls.save_sampler = save_sampler
+    if _FATAL:
+        from workbench.backend.trainer.protocol import TrainerCannotContinue
+
+        def forward(self, model_id, request):
+            raise TrainerCannotContinue(_FATAL)
+        cls.forward = forward
+
+
+def _patch_server(module):
+    if _QUEUED:
+        submit = module.OrderedWorker.submit
+
+        def recorded(self, job):
+            pathlib.Path(_QUEUED, job.record.op).touch()
+            return submit(self, job)
+        module.OrderedWorker.submit = recorded
+
+
+PATCHES = {"workbench.backend.trainer.local_torch": _patch_backend, "workbench.backend.trainer.server": _patch_server}
 
 
 class _Patch(importlib.abc.MetaPathFinder):
+    done = set()
+
     def find_spec(self, name, path=None, target=None):
-        if name != "workbench.backend.trainer.local_torch":
+        if name not in PATCHES or name in self.done:
             return None
-        sys.meta_path.remove(self)
+        self.done.add(name)
         spec = importlib.util.find_spec(name)
         run = spec.loader.exec_module
 
         def exec_module(module):
             run(module)
-            cls = module.LocalTorchTrainer
-            if _SLOW:
-                def save_sampler(self, model_id, request):
-                    pathlib.Path(_SLOW).touch()
-                    time.sleep(3600)
-                cls.save_sampler = save_sampler
-            if _FATAL:
-                from workbench.backend.trainer.protocol import TrainerCannotContinue
-
-                def forward(self, model_id, request):
-                    raise TrainerCannotContinue(_FATAL)
-                cls.forward = forward
+            PATCHES[name](module)
         spec.loader.exec_module = exec_module
         return spec
 
 
-if _SLOW or _FATAL:
+if _SLOW or _FATAL or _QUEUED:
     sys.meta_path.insert(0, _Patch())
 """
 
@@ -246,8 +266,10 @@ def test_trainers_die_with_a_killed_control_plane_and_resume_alone(tmp_path):
     from conftest import start_backend, stop_backend
     from fireworks.training.sdk import Datum, FiretitanServiceClient, ModelInput, TrainerJobConfig, WeightSyncer
 
-    home, port, mark = tmp_path / "home", _free_port(), tmp_path / "save-started"
-    b = start_backend(home, env=_fault_env(tmp_path, WB_FAULT_SLOW_SAVE_MARK=str(mark)), port=port)
+    home, port, mark, queued_ops = tmp_path / "home", _free_port(), tmp_path / "save-started", tmp_path / "queued"
+    queued_ops.mkdir()
+    b = start_backend(home, env=_fault_env(tmp_path, WB_FAULT_SLOW_SAVE_MARK=str(mark),
+                                           WB_FAULT_QUEUED_DIR=str(queued_ops)), port=port)
     mgr = b.trainer_manager()
 
     created = mgr.create(TrainerJobConfig(base_model=TINY, lora_rank=0, learning_rate=1e-3, requested_job_id="crash-1"))
@@ -274,6 +296,11 @@ def test_trainers_die_with_a_killed_control_plane_and_resume_alone(tmp_path):
         assert time.monotonic() < deadline and saver.is_alive(), outcome
         time.sleep(0.05)
     queued = client.forward(data, "cross_entropy")
+    # The forward reached the trainer, so the save's submission was answered (the SDK submits in order) and
+    # the save is waiting on its future when the control plane dies.
+    while not (queued_ops / "forward").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     b.proc.kill()
     b.proc.wait()
     t0 = time.monotonic()
@@ -316,7 +343,7 @@ def test_trainers_die_with_a_killed_control_plane_and_resume_alone(tmp_path):
         message = mgr2.get("crash-1")["status"]["message"]
         assert "code 3" in message and fatal in message, message
         t0 = time.monotonic()
-        with pytest.raises(Exception, match="JOB_STATE_FAILED"):
+        with pytest.raises(Exception, match="412.*JOB_STATE_FAILED"):
             client.forward_backward(data, "cross_entropy").result(timeout=120)
         assert time.monotonic() - t0 < 30
         service.close()

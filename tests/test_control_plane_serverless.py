@@ -32,7 +32,7 @@ def test_runs_are_trainer_jobs(cp_client):
     assert serverless.run_id_of("j1") == run and run.startswith("run-") and len(run) == 36
     for name in (run, "j1"):
         r = cp_client.get(f"{A}/trainingRuns/{name}")
-        assert r.status_code == 200 and r.json()["trainerJob"] == f"accounts/workbench/rlorTrainerJobs/j1"
+        assert r.status_code == 200 and r.json()["trainerJob"] == "accounts/workbench/rlorTrainerJobs/j1"
         assert r.json()["name"] == f"accounts/workbench/trainingRuns/{run}"
     own = "run-" + "ab" * 16                          # a job whose id has the run form is its own run
     make_job(cp_client, own)

@@ -162,6 +162,7 @@ def test_serverless_sampling_of_base_model_and_saved_snapshots(backend, loop):
     """Issue 14 item 10: standalone serverless sampling (a service client with no model) of the base model and
     of any saved snapshot, on the SDK under test; each answer comes from the snapshot it names."""
     import pickle
+    from concurrent.futures import ThreadPoolExecutor
 
     from fireworks.training.sdk import FiretitanServiceClient
     from fireworks.training.sdk.client import FiretitanSamplingClient

@@ -23,7 +23,7 @@ from starlette.background import BackgroundTask
 
 from workbench.common import BodyError, parse_json_object
 
-from .core import ControlPlane, desired_replicas
+from .core import JOB_STOPPED_STATES, ControlPlane, desired_replicas
 from .errors import error_response
 
 router = APIRouter()
@@ -107,17 +107,18 @@ EXIT_SETTLE_S = 10.0
 
 def _not_serving(job_id: str, job: dict, rest: str) -> JSONResponse:
     """The answer for a job whose trainer is not serving. The SDK retries 503 (on submissions for 5 minutes,
-    on `retrieve_future` for ever), which is right only while the trainer may still come back with the
-    request: a future issued by a trainer process that stopped can never complete (a new process does not
-    know it), and a job that FAILED or ended serves nothing until it is resumed. Those answer 412, which the
-    SDK raises at once with this message, so an in-flight call fails instead of hanging."""
+    on `retrieve_future` for ever), which is right only while the trainer is starting: a future issued by a
+    trainer process that stopped can never complete (a new process does not know it), and a job that is
+    stopped (FAILED, PAUSED, ...) serves nothing until someone resumes it. Those answer 412, which the SDK
+    raises at once with this message, so a call in flight fails instead of hanging. The health probe
+    (`healthz`) answers 503 whatever the state: it says "not serving", never raises."""
     state = job["state"]
     reason = (job.get("status") or {}).get("message") or ""
     detail = f"state {state}" + (f": {reason}" if reason else "")
     if rest == "retrieve_future":
         return error_response(412, f"this request to job {job_id!r} is lost: its trainer stopped ({detail}). "
                                    "Resume the job (reconnect_and_wait) and repeat the call")
-    if state in ("JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_COMPLETED"):
+    if state in JOB_STOPPED_STATES and rest != "healthz":
         return error_response(412, f"trainer for job {job_id!r} is not serving ({detail}); resume the job "
                                    "(reconnect_and_wait) to continue from its last saved state")
     return error_response(503, f"trainer for job {job_id!r} is not serving ({detail}); wait for it, or resume the job")
