@@ -162,13 +162,13 @@ def _patch_format(patch: bytes) -> str | None:
 
 
 def _load_patches(files: list[Path]) -> tuple[dict, dict]:
-    from safetensors.torch import load
+    from .sampler import read_tensors     # one tensor at a time: see there why
 
     patches, checksums = {}, {}
     for path in files:
         _, metadata = safetensors_header(path)
         try:
-            tensors = load(path.read_bytes())
+            tensors = read_tensors([path])
         except Exception as e:
             raise DeltaError(f"{path.name}: unreadable safetensors ({type(e).__name__}: {e})") from e
         for key, t in tensors.items():
