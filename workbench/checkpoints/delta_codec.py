@@ -233,7 +233,7 @@ def _candidates(codes: np.ndarray, k: int, cctx):
 
     All of these are compressed and the smallest is kept; cheap counts only skip layouts that lose
     by construction on every trajectory measured (bench/delta_codec.py): gaps when a quarter or more
-    changed, packed when a quarter of its fields would escape (or under 1% changed: gaps wins),
+    changed, packed when a quarter of its fields would escape (or under 10% changed: gaps wins),
     dense while packed4 escapes fewer than 1 in 16 values.
     """
     n = codes.size
@@ -242,7 +242,7 @@ def _candidates(codes: np.ndarray, k: int, cctx):
         dense = _compress_planes(codes, cctx)
         yield "dense", {"value_planes": len(dense)}, dense
     for layout, bits in PACKED_BITS.items():
-        if escapes[bits] > n // 4 or k < n // 100:
+        if escapes[bits] > n // 4 or k < n // 10:
             continue
         packed, escaped = _pack(codes, bits)
         escaped_planes = _compress_planes(escaped, cctx) if escapes[bits] else []
