@@ -230,8 +230,10 @@ class ShardedTrainer(LocalTorchTrainer):
         norm in fp64, summed over ranks, then over parameters, in fp64 (the same fp32 result as one rank)."""
         from torch.distributed.tensor import DTensor
 
-        squares = torch.stack([torch.linalg.vector_norm(g.to_local() if isinstance(g, DTensor) else g,
-                                                        dtype=torch.float64) for g in grads]).square()
+        from workbench.backend.trainer.local_torch import squared_norm_fp64
+
+        squares = torch.tensor([squared_norm_fp64(g.to_local() if isinstance(g, DTensor) else g) for g in grads],
+                               dtype=torch.float64)
         dist.all_reduce(squares)
         return squares.sum().sqrt().to(torch.float32)
 
