@@ -281,12 +281,15 @@ def test_ttl_checkpoint_disappears(backend, full_job):
 
     job_id, endpoint, _, client = full_job
     ext = TrainingClient(client, endpoint.base_url, backend.api_key)
-    # A TTL long enough for both saves and the listing on a loaded machine; expiry is then waited for.
-    ttl = 15
-    snap = ext.save_weights_for_sampler_ext("short-lived", checkpoint_type="base", ttl_seconds=ttl).snapshot_name
-    ext.save_state("short-state", ttl_seconds=ttl).result()
+    # Saved with a TTL far longer than any save takes on a loaded machine, so both are listed however slow the
+    # saves are; then shortened to a few seconds with the same PATCH, and expiry is waited for.
+    snap = ext.save_weights_for_sampler_ext("short-lived", checkpoint_type="base", ttl_seconds=3600).snapshot_name
+    ext.save_state("short-state", ttl_seconds=3600).result()
     ids = [r["name"].split("/")[-1] for r in rows(backend, job_id)]
     assert snap in ids and "short-state" in ids
+    ttl = 3
+    for checkpoint_id in (snap, "short-state"):
+        ext.set_checkpoint_ttl(checkpoint_id, ttl)
     sampler_dir = backend.home / "jobs" / job_id / "sampler" / snap
     state_dir = backend.home / "jobs" / job_id / "checkpoints" / "short-state"
     deadline = time.time() + ttl + 120
