@@ -91,7 +91,10 @@ def _execute(kc, code: str, timeout: float = 240, interrupt_on_display: str | No
             out["ename"], out["evalue"] = content["ename"], content["evalue"]
         elif kind == "status" and content["execution_state"] == "idle":
             break
-    reply = kc.get_shell_msg(timeout=30)
+    while True:   # this cell's reply: an interrupted cell's late reply may still be queued before it
+        reply = kc.get_shell_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
     out["status"] = reply["content"]["status"]
     return out
 
