@@ -11,8 +11,8 @@ snapshot holds, and the XOR base the next delta applies to), and as an fp32 mode
 with (this CPU has no fast bf16). At start the replica serves the base model rounded to bf16 (what a
 base snapshot of it would hold) with identity null.
 
-Hot load (§5). Runs under one lock, in a hot-load thread of its own at a lower CPU priority than
-the engine (the caller waits for it; the server calls from off the event loop).
+Hot load (§5). Runs under one lock, in a hot-load thread of its own (the caller waits for it; the
+server calls from off the event loop).
 Loading the identity already held is a no-op that succeeds. Otherwise: resolve `<root>/<identity>`
 (or a local path from `x-fireworks-hot-load-source-url`) — only inside the workbench home or a
 configured snapshot root (`sources.py`; else 403 naming the header) —, build the new bf16 dict
@@ -70,9 +70,11 @@ from .sources import allowed_roots, find_snapshot, snapshot_candidates
 from .threads import set_torch_threads
 
 MAX_CHAIN_DELTAS = 4
-# Hot loads run in one thread of their own at this much lower CPU priority (nice) than the engine, so
-# that on busy cores the scheduler lets decode steps run first (WORKBENCH_HOTLOAD_NICE; 0: same priority).
-HOTLOAD_NICE = 5
+# Hot loads run in one thread of their own; WORKBENCH_HOTLOAD_NICE > 0 lowers its CPU priority (nice)
+# below the engine's, so that on busy cores decode steps run first. Off by default: the lower priority
+# holds against every process of the machine, and at load ~20 it made a 5M base load 3-4x slower
+# (bench/hotload.py) without a pause reduction that could be measured there.
+HOTLOAD_NICE = 0
 _IDENTITY_RE = re.compile(r"[!-.0-\[\]-~]+")   # printable ASCII but "/", "\\" and space
 SWAP_WAIT_S = 60.0            # the engine swaps between two steps: one step, unless it is wedged
 SWAP_WAIT_DRAIN_S = 600.0     # a draining swap waits for the requests in flight to finish
@@ -538,10 +540,10 @@ class WeightManager:
                 f.unlink(missing_ok=True)
 
     def _run_in_loader(self, fn, *args):
-        """fn(*args) in the hot-load thread, a dedicated one running at HOTLOAD_NICE: reading, decoding
-        and copying compete with the engine for the cores, and the engine should win (a sampler pause
-        is the engine waiting for a core). Dedicated, because a thread's nice value cannot be lowered
-        back without privileges, and the server's executor threads serve requests too."""
+        """fn(*args) in the hot-load thread, a dedicated one (optionally at a lower priority, see
+        HOTLOAD_NICE: reading, decoding and copying compete with the engine for the cores, and a
+        sampler pause is the engine waiting for a core). Dedicated, because a thread's nice value cannot
+        be raised back without privileges, and the server's executor threads serve requests too."""
         if self._loader is None:
             from concurrent.futures import ThreadPoolExecutor
             self._loader = ThreadPoolExecutor(1, thread_name_prefix="hotload", initializer=_loader_thread_setup)
