@@ -31,17 +31,13 @@ from fastapi import APIRouter, Request
 from workbench.common import is_resource_id
 from workbench.models import registry_dir
 
-from .core import ControlPlane, check_account, delete_checkpoint_dir, read_body_json, rfc3339
+from .core import AccountPlane, ControlPlane, delete_checkpoint_dir, plane, read_body_json, rfc3339
 from .errors import ApiError, require
 
 router = APIRouter()
 log = logging.getLogger("workbench.control_plane")
 MAX_PAGE_SIZE = 200
 PROMOTE_INLINE_WAIT_S = 25.0
-
-
-def _cp(request: Request) -> ControlPlane:
-    return request.app.state.cp
 
 
 def job_rows(cp: ControlPlane, job_id: str) -> list[dict]:
@@ -90,9 +86,7 @@ def _find_row(cp: ControlPlane, job_id: str, checkpoint_id: str) -> dict:
 
 
 @router.get("/v1/accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints")
-async def list_checkpoint_rows(request: Request, account: str, job_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def list_checkpoint_rows(request: Request, account: str, job_id: str, cp: AccountPlane) -> dict:
     require(cp.store.get("jobs", job_id) is not None, 404, f"rlorTrainerJob {job_id!r} not found")
     q = request.query_params
     try:
@@ -127,9 +121,7 @@ def parse_duration(value) -> float:
 
 
 @router.patch("/v1/accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints/{checkpoint_id}")
-async def update_checkpoint(request: Request, account: str, job_id: str, checkpoint_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def update_checkpoint(request: Request, account: str, job_id: str, checkpoint_id: str, cp: AccountPlane) -> dict:
     row = _find_row(cp, job_id, checkpoint_id)
     from workbench.checkpoints.manifest import read_manifest, write_manifest
 
@@ -144,9 +136,7 @@ async def update_checkpoint(request: Request, account: str, job_id: str, checkpo
 
 
 @router.delete("/v1/accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints/{checkpoint_id}")
-async def delete_checkpoint(request: Request, account: str, job_id: str, checkpoint_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def delete_checkpoint(request: Request, account: str, job_id: str, checkpoint_id: str, cp: AccountPlane) -> dict:
     row = _find_row(cp, job_id, checkpoint_id)
     delete_checkpoint_dir(Path(row["_path"]))
     return {}
@@ -154,9 +144,7 @@ async def delete_checkpoint(request: Request, account: str, job_id: str, checkpo
 
 # ---- promotion --------------------------------------------------------------------------------
 @router.post("/v1/accounts/{account}/checkpoints/{checkpoint_action}")
-async def promote_checkpoint(request: Request, account: str, checkpoint_action: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def promote_checkpoint(request: Request, account: str, checkpoint_action: str, cp: AccountPlane) -> dict:
     checkpoint_id, _, action = checkpoint_action.partition(":")
     require(action == "promote", 404, f"unknown checkpoint action {action!r} (supported: promote)")
     body = read_body_json(await request.body())
@@ -264,25 +252,21 @@ def _point_adapter_at_local_base(adapter_dir: Path, base_model: str) -> None:
 
 
 @router.get("/v1/accounts/{account}/operations/{op_id}")
-async def get_operation(request: Request, account: str, op_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def get_operation(request: Request, account: str, op_id: str, cp: AccountPlane) -> dict:
     op = cp.store.get("operations", op_id)
     require(op is not None, 404, f"operation {op_id!r} not found")
     return op
 
 
 @router.get("/v1/accounts/{account}/models")
-async def list_models(request: Request, account: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def list_models(request: Request, account: str, cp: AccountPlane) -> dict:
     models = cp.store.list("models")
     return {"models": models, "totalSize": len(models), "nextPageToken": ""}
 
 
 @router.get("/v1/accounts/{account}/models/{model_id}")
 async def get_model(request: Request, account: str, model_id: str) -> dict:
-    cp = _cp(request)
+    cp = plane(request)
     model = cp.store.get("models", model_id) if account == cp.account else None
     if model is None:
         from workbench.models import EMBEDDED_ACCOUNT, embedded_names
@@ -294,9 +278,7 @@ async def get_model(request: Request, account: str, model_id: str) -> dict:
 
 
 @router.delete("/v1/accounts/{account}/models/{model_id}")
-async def delete_model(request: Request, account: str, model_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def delete_model(request: Request, account: str, model_id: str, cp: AccountPlane) -> dict:
     model = cp.store.get("models", model_id)
     require(model is not None, 404, f"model {model_id!r} not found")
     cp.store.delete("models", model_id)

@@ -23,8 +23,10 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 import httpx
+from fastapi import Depends, Request
 
 from workbench.checkpoints.layout import DELETING_PREFIX, HomeLayout, JobLayout, job_lock_owner
 from workbench.common import ACCOUNT_ID, BodyError, parse_json_object, parse_rfc3339, rfc3339, write_json_atomic
@@ -422,6 +424,23 @@ SETTLE_WAIT_S = 20.0
 
 def check_account(cp: ControlPlane, account: str) -> None:
     require(account == cp.account, 404, f"account {account!r} not found (the local account is {cp.account!r})")
+
+
+def plane(request) -> ControlPlane:
+    """The control plane serving `request` (route modules reach state only through this)."""
+    return request.app.state.cp
+
+
+def account_plane(request: Request, account: str) -> ControlPlane:
+    """FastAPI dependency of every `/v1/accounts/{account}/...` route: the control plane, once `account` is
+    the local one (404 naming it otherwise)."""
+    cp = plane(request)
+    check_account(cp, account)
+    return cp
+
+
+AccountPlane = Annotated[ControlPlane, Depends(account_plane)]
+"""A route parameter `cp: AccountPlane` is the control plane with the path's `{account}` checked."""
 
 
 async def settled(get, transitional_state: str) -> dict:

@@ -20,7 +20,7 @@ from workbench.common import is_resource_id
 from workbench.models import ModelNotFoundError, local_path
 
 from ..deployment.engines import shape_engine, vllm_available
-from .core import ControlPlane, check_account, field, read_body_json, rfc3339, settled
+from .core import AccountPlane, ControlPlane, field, read_body_json, rfc3339, settled
 from .errors import ApiError, require
 
 router = APIRouter()
@@ -32,10 +32,6 @@ _MUTABLE = ("displayName", "description", "minReplicaCount", "maxReplicaCount", 
 
 def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
-
-
-def _cp(request: Request) -> ControlPlane:
-    return request.app.state.cp
 
 
 def _get(cp: ControlPlane, deployment_id: str) -> dict:
@@ -79,9 +75,7 @@ def _check_fields(body: dict) -> None:
 
 
 @router.post("/v1/accounts/{account}/deployments")
-async def create_deployment(request: Request, account: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def create_deployment(request: Request, account: str, cp: AccountPlane) -> dict:
     body = read_body_json(await request.body())
     deployment_id = request.query_params.get("deploymentId")
     require(bool(deployment_id), 400, "deploymentId (query parameter) is required")
@@ -141,24 +135,18 @@ def _set_bucket_url(cp: ControlPlane, dep: dict) -> None:
 
 
 @router.get("/v1/accounts/{account}/deployments")
-async def list_deployments(request: Request, account: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def list_deployments(request: Request, account: str, cp: AccountPlane) -> dict:
     deps = cp.store.list("deployments")
     return {"deployments": deps, "totalSize": len(deps), "nextPageToken": ""}
 
 
 @router.get("/v1/accounts/{account}/deployments/{deployment_id}")
-async def get_deployment(request: Request, account: str, deployment_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def get_deployment(request: Request, account: str, deployment_id: str, cp: AccountPlane) -> dict:
     return await settled(lambda: _get(cp, deployment_id), "CREATING")
 
 
 @router.patch("/v1/accounts/{account}/deployments/{deployment_id}")
-async def update_deployment(request: Request, account: str, deployment_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def update_deployment(request: Request, account: str, deployment_id: str, cp: AccountPlane) -> dict:
     dep = _get(cp, deployment_id)
     body = read_body_json(await request.body())
     mask = request.query_params.get("updateMask")
@@ -193,9 +181,7 @@ async def update_deployment(request: Request, account: str, deployment_id: str) 
 
 
 @router.delete("/v1/accounts/{account}/deployments/{deployment_id}")
-async def delete_deployment(request: Request, account: str, deployment_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def delete_deployment(request: Request, account: str, deployment_id: str, cp: AccountPlane) -> dict:
     dep = _get(cp, deployment_id)
     cp.store.delete("deployments", deployment_id)
     cp.supervisor.stop("deployment", deployment_id)

@@ -23,7 +23,7 @@ from starlette.background import BackgroundTask
 
 from workbench.common import BodyError, parse_json_object
 
-from .core import JOB_STOPPED_STATES, ControlPlane, desired_replicas
+from .core import JOB_STOPPED_STATES, ControlPlane, desired_replicas, plane
 from .errors import error_response
 
 router = APIRouter()
@@ -72,14 +72,10 @@ async def proxy(request: Request, port: int, path: str, body: bytes | None = Non
                              background=BackgroundTask(response.aclose))
 
 
-def _cp(request: Request) -> ControlPlane:
-    return request.app.state.cp
-
-
 # ---- trainer ----------------------------------------------------------------------------------
 @router.api_route("/training/v1/rlorTrainerJobs/{account}/{job_id}/api/v1/{rest:path}", methods=["GET", "POST"])
 async def trainer_gateway(request: Request, account: str, job_id: str, rest: str):
-    cp = _cp(request)
+    cp = plane(request)
     job = cp.store.get("jobs", job_id)
     if job is None or account != cp.account or job["state"] == "JOB_STATE_DELETED":
         return error_response(404, f"rlorTrainerJob {account}/{job_id} not found")
@@ -138,7 +134,7 @@ def _deployment_from_header(cp: ControlPlane, request: Request) -> tuple[str | N
 
 @router.api_route("/hot_load/v1/models/hot_load", methods=["GET", "POST"])
 async def hot_load(request: Request):
-    cp = _cp(request)
+    cp = plane(request)
     deployment_id, error = _deployment_from_header(cp, request)
     if error:
         return error
@@ -163,7 +159,7 @@ async def hot_load(request: Request):
 @router.post("/inference/v1/completions")
 @router.post("/v1/completions")
 async def completions(request: Request):
-    cp = _cp(request)
+    cp = plane(request)
     raw = await request.body()
     try:
         model = parse_json_object(raw).get("model")

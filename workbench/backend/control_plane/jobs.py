@@ -21,27 +21,21 @@ from fastapi import APIRouter, Request
 from workbench.common import is_resource_id
 from workbench.models import ModelNotFoundError, local_path
 
-from .core import JOB_STOPPED_STATES, ControlPlane, check_account, field, read_body_json, rfc3339, settled
+from .core import JOB_STOPPED_STATES, AccountPlane, ControlPlane, field, plane, read_body_json, rfc3339, settled
 from .errors import ApiError, require
 from .shapes import SHAPES, shape_for_ref, shape_version
 
 router = APIRouter()
 
 
-def _cp(request: Request) -> ControlPlane:
-    return request.app.state.cp
-
-
 @router.get("/v1/accounts")
 async def list_accounts(request: Request) -> dict:
-    cp = _cp(request)
+    cp = plane(request)
     return {"accounts": [{"name": f"accounts/{cp.account}", "displayName": "workbench (local)"}], "totalSize": 1}
 
 
 @router.get("/v1/accounts/{account}")
-async def get_account(request: Request, account: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def get_account(request: Request, account: str, cp: AccountPlane) -> dict:
     return {"name": f"accounts/{cp.account}", "displayName": "workbench (local)"}
 
 
@@ -74,9 +68,7 @@ _DURATION_RE = re.compile(r"\d{1,9}(\.\d{1,9})?s")
 
 
 @router.post("/v1/accounts/{account}/rlorTrainerJobs")
-async def create_job(request: Request, account: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def create_job(request: Request, account: str, cp: AccountPlane) -> dict:
     body = read_body_json(await request.body())
     q = request.query_params
     job_id = q.get("rlorTrainerJobId") or f"training-api-service-{secrets.token_hex(4)}"
@@ -176,9 +168,7 @@ async def create_job(request: Request, account: str) -> dict:
 
 
 @router.get("/v1/accounts/{account}/rlorTrainerJobs")
-async def list_jobs(request: Request, account: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def list_jobs(request: Request, account: str, cp: AccountPlane) -> dict:
     # Deleted jobs are hidden (the SDK treats a listed DELETED job as a tombstone); `showDeleted=true` (the
     # AIP-164 flag) lists them too, for `workbench ls --all`.
     show_deleted = request.query_params.get("showDeleted", "").lower() == "true"
@@ -187,9 +177,7 @@ async def list_jobs(request: Request, account: str) -> dict:
 
 
 @router.get("/v1/accounts/{account}/rlorTrainerJobs/{job_id}")
-async def get_job(request: Request, account: str, job_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def get_job(request: Request, account: str, job_id: str, cp: AccountPlane) -> dict:
     return await settled(lambda: _get_job(cp, job_id), "JOB_STATE_CREATING")
 
 
@@ -201,9 +189,7 @@ def _get_job(cp: ControlPlane, job_id: str) -> dict:
 
 
 @router.delete("/v1/accounts/{account}/rlorTrainerJobs/{job_id}")
-async def delete_job(request: Request, account: str, job_id: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def delete_job(request: Request, account: str, job_id: str, cp: AccountPlane) -> dict:
     _get_job(cp, job_id)
     # The row and the checkpoint files stay: promotion only needs the row (seed 000).
     cp.stop_trainer(job_id)
@@ -211,9 +197,7 @@ async def delete_job(request: Request, account: str, job_id: str) -> dict:
 
 
 @router.post("/v1/accounts/{account}/rlorTrainerJobs/{job_action}")
-async def job_action(request: Request, account: str, job_action: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def job_action(request: Request, account: str, job_action: str, cp: AccountPlane) -> dict:
     job_id, _, action = job_action.partition(":")
     require(action == "resume", 404, f"unknown trainer job action {action!r} (supported: resume)")
     job = _get_job(cp, job_id)

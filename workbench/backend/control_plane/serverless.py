@@ -48,7 +48,8 @@ from workbench.common import serverless_run_id as run_id_of
 from workbench.models import ModelNotFoundError, local_path
 
 from ..deployment.sources import ROOT_HEADER
-from .core import SERVERLESS_ANNOTATION, ControlPlane, check_account, job_id_of, read_body_json, rfc3339
+from .core import (SERVERLESS_ANNOTATION, AccountPlane, ControlPlane, check_account, job_id_of, plane, read_body_json,
+                   rfc3339)
 from .deployments import create_deployment_record
 from .errors import ApiError, error_response, require
 from .gateway import proxy
@@ -65,10 +66,6 @@ _SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 MAX_CHAIN = 10_000
 
 
-def _cp(request: Request) -> ControlPlane:
-    return request.app.state.cp
-
-
 # ---- runs ---------------------------------------------------------------------------------------
 def job_for_run(cp: ControlPlane, run: str) -> dict:
     """The trainer job named by a run id (or by its own job id); 404 naming the run otherwise."""
@@ -81,9 +78,7 @@ def job_for_run(cp: ControlPlane, run: str) -> dict:
 
 
 @router.get("/v1/accounts/{account}/trainingRuns/{run}")
-async def get_training_run(request: Request, account: str, run: str) -> dict:
-    cp = _cp(request)
-    check_account(cp, account)
+async def get_training_run(request: Request, account: str, run: str, cp: AccountPlane) -> dict:
     job = job_for_run(cp, run)
     job_id = job_id_of(job)
     return {"name": f"accounts/{cp.account}/trainingRuns/{run_id_of(job_id)}", "trainerJob": job["name"],
@@ -122,9 +117,7 @@ async def telemetry(request: Request):
 
 
 @router.delete("/v1/accounts/{account}/trainingSessions/{session_id}")
-async def delete_training_session(request: Request, account: str, session_id: str):
-    cp = _cp(request)
-    check_account(cp, account)
+async def delete_training_session(request: Request, account: str, session_id: str, cp: AccountPlane):
     request.app.state.__dict__.get("serverless_sessions", {}).pop(session_id, None)
     return {}
 
@@ -201,7 +194,7 @@ def _run_route(cp: ControlPlane, run: str, revive: bool = False) -> tuple[str, d
 
 @router.post(PREFIX + "/api/v1/create_sampling_route")
 async def create_sampling_route(request: Request):
-    cp = _cp(request)
+    cp = plane(request)
     body = read_body_json(await request.body())
     if "base_model" in body:
         deployment_id = _base_route(cp, body["base_model"], revive=True)
@@ -371,7 +364,7 @@ def _release_when_done(response: Response, holding: _Holding) -> Response:
 @router.post(PREFIX + "/inference/v1/completions")
 @router.post(PREFIX + "/v1/completions")
 async def completions(request: Request):
-    cp = _cp(request)
+    cp = plane(request)
     try:
         body = parse_json_object(await request.body())
     except BodyError as e:
