@@ -59,7 +59,7 @@ def save_file(*args, **kwargs):
 
 from . import formats
 from .delta_codec import DeltaError
-from .formats import DeltaFormatError
+from .formats import DeltaFormatError, read_tensors
 from .manifest import read_manifest
 from .staging import staged_checkpoint
 
@@ -218,22 +218,6 @@ def load_base_weights(src: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise ValueError(f"{src} is not a base snapshot (no {BASE_FILE})")
     return read_tensors(files)
-
-
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of these safetensors files, one tensor at a time.
-
-    Not `load_file`/`load(bytes)`: those build the whole file while holding the GIL (a 90 MB file
-    stalled every other thread for 96 ms and 2.1 s here), which a deployment's decode thread would
-    feel as a sampler pause; `safe_open` releases it between tensors."""
-    from safetensors import safe_open
-
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as opened:
-            for key in opened.keys():
-                weights[key] = opened.get_tensor(key)
-    return weights
 
 
 def apply_delta(src: Path, current_bf16: dict, current_identity: str, compression_format: str | None = None,
