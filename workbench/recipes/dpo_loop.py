@@ -120,19 +120,7 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    import argparse
+    from workbench.recipes.utils.cli import run_recipe_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--log-path", required=True)
-    p.add_argument("--dataset", default=Config.dataset)
-    p.add_argument("--beta", type=float, default=Config.beta)
-    p.add_argument("--epochs", type=int, default=Config.epochs)
-    p.add_argument("--learning-rate", type=float, default=Config.learning_rate)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--init-from-checkpoint")
-    p.add_argument("--output-model-id")
-    a = p.parse_args()
-    print(main(Config(log_path=a.log_path, dataset=a.dataset, beta=a.beta, epochs=a.epochs,
-                      learning_rate=a.learning_rate, max_steps=a.max_steps,
-                      init_from_checkpoint=a.init_from_checkpoint, output_model_id=a.output_model_id)))
+    run_recipe_cli(__doc__, Config, main, {"dataset": str, "beta": float, "epochs": int, "learning_rate": float,
+                                                "max_steps": int, "init_from_checkpoint": str, "output_model_id": str})

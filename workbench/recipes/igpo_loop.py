@@ -282,15 +282,7 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    import argparse
+    from workbench.recipes.utils.cli import run_recipe_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--log-path", required=True)
-    p.add_argument("--dataset", default=Config.dataset)
-    p.add_argument("--init-from-checkpoint")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--output-model-id")
-    a = p.parse_args()
-    print(main(Config(log_path=a.log_path, dataset=a.dataset, init_from_checkpoint=a.init_from_checkpoint,
-                      max_steps=a.max_steps, output_model_id=a.output_model_id)))
+    run_recipe_cli(__doc__, Config, main, {"dataset": str, "init_from_checkpoint": str, "max_steps": int,
+                                                "output_model_id": str})

@@ -76,17 +76,7 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    import argparse
+    from workbench.recipes.utils.cli import run_recipe_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--log-path", required=True)
-    p.add_argument("--dataset", default=Config.dataset)
-    p.add_argument("--orpo-lambda", type=float, default=Config.orpo_lambda)
-    p.add_argument("--epochs", type=int, default=Config.epochs)
-    p.add_argument("--learning-rate", type=float, default=Config.learning_rate)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--output-model-id")
-    a = p.parse_args()
-    print(main(Config(log_path=a.log_path, dataset=a.dataset, orpo_lambda=a.orpo_lambda, epochs=a.epochs,
-                      learning_rate=a.learning_rate, max_steps=a.max_steps, output_model_id=a.output_model_id)))
+    run_recipe_cli(__doc__, Config, main, {"dataset": str, "orpo_lambda": float, "epochs": int, "learning_rate": float,
+                                                "max_steps": int, "output_model_id": str})

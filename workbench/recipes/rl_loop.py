@@ -432,21 +432,8 @@ def run_grpo(cfg: Config, recipe: str, *, prefetch: bool = False, collect_fn=Non
         })
 
 if __name__ == "__main__":
-    import argparse
+    from workbench.recipes.utils.cli import run_recipe_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--log-path", required=True)
-    p.add_argument("--dataset", default=Config.dataset)
-    p.add_argument("--init-from-checkpoint")
-    p.add_argument("--learning-rate", type=float, default=Config.learning_rate)
-    p.add_argument("--kl-beta", type=float, default=Config.kl_beta)
-    p.add_argument("--completions-per-prompt", type=int, default=Config.completions_per_prompt)
-    p.add_argument("--prompt-groups-per-step", type=int, default=Config.prompt_groups_per_step)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--output-model-id")
-    a = p.parse_args()
-    print(main(Config(log_path=a.log_path, dataset=a.dataset, init_from_checkpoint=a.init_from_checkpoint,
-                      learning_rate=a.learning_rate, kl_beta=a.kl_beta, completions_per_prompt=a.completions_per_prompt,
-                      prompt_groups_per_step=a.prompt_groups_per_step, max_steps=a.max_steps,
-                      output_model_id=a.output_model_id)))
+    run_recipe_cli(__doc__, Config, main, {"dataset": str, "init_from_checkpoint": str, "learning_rate": float, "kl_beta": float,
+                                                "completions_per_prompt": int, "prompt_groups_per_step": int,
+                                                "max_steps": int, "output_model_id": str})

@@ -147,21 +147,12 @@ def main(cfg: Config) -> dict:
         })
 
 if __name__ == "__main__":
-    import argparse
+    from workbench.recipes.utils.cli import run_recipe_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--log-path", required=True)
-    p.add_argument("--dataset", default=Config.dataset)
-    p.add_argument("--epochs", type=int, default=Config.epochs)
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--learning-rate", type=float, default=Config.learning_rate)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--dcp-save-interval", type=int, default=0)
-    p.add_argument("--output-model-id")
-    p.add_argument("--init-from-checkpoint")
-    a = p.parse_args()
-    print(main(Config(log_path=a.log_path, dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size,
-                      learning_rate=a.learning_rate, max_steps=a.max_steps, output_model_id=a.output_model_id,
-                      init_from_checkpoint=a.init_from_checkpoint,
-                      weight_sync=WeightSyncConfig(dcp_save_interval=a.dcp_save_interval))))
+    def _with_weight_sync(values: dict) -> dict:
+        interval = values.pop("dcp_save_interval") or 0   # a WeightSyncConfig field, not one of Config's
+        return {**values, "weight_sync": WeightSyncConfig(dcp_save_interval=interval)}
+
+    run_recipe_cli(__doc__, Config, main, {"dataset": str, "epochs": int, "batch_size": int, "learning_rate": float,
+                                           "max_steps": int, "dcp_save_interval": int, "output_model_id": str,
+                                           "init_from_checkpoint": str}, build=_with_weight_sync)
