@@ -224,16 +224,27 @@ def test_optim_step_matches_torch_adamw(trainer, client):
 
     ref = local_model(w0)
     opt = torch.optim.AdamW(ref.parameters(), lr=2e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    params_ref = list(ref.parameters())
     for first, second, norm in plan:
         batch = first + second
-        for d in batch:
-            (-(datum_weights(d) * local_logprobs(ref, d)).sum()).backward()
+        for request in (first, second):
+            # The trainer's arithmetic: one datum per micro-batch here; a request of several sums its
+            # micro-batches' gradients in fp64 and adds the fp32-rounded sum to .grad (local_torch.GradSum).
+            sums = None
+            for d in request:
+                grads = torch.autograd.grad(-(datum_weights(d) * local_logprobs(ref, d)).sum(), params_ref)
+                sums = [g.double() for g in grads] if sums is None else [s + g.double() for s, g in zip(sums, grads)]
+            for p, s in zip(params_ref, sums or []):
+                g = s.float()
+                p.grad = g if p.grad is None else p.grad.add_(g)
         tokens = sum(int((datum_weights(d) != 0).sum()) for d in batch)
         divisor = {"num_loss_tokens": tokens, "num_sequences": len(batch)}.get(norm)
         if divisor:
             for p in ref.parameters():
                 p.grad /= divisor
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        # The trainer's clipping norm is summed in fp64 and rounded to fp32 (so N ranks agree to the bit).
+        total_norm = torch.stack([(p.grad.double() ** 2).sum() for p in params_ref]).sum().sqrt().float()
+        torch.nn.utils.clip_grads_with_norm_(params_ref, 0.5, total_norm)
         opt.step()
         opt.zero_grad()
     for name, p in ref.named_parameters():
