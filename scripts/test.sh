@@ -19,10 +19,13 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Notebooks run under nbval in lax mode: every cell must run without error (they check what matters
 # with asserts); cells marked `# NBVAL_CHECK_OUTPUT` also have their stored output compared.
-# The vLLM and distributed-trainer tests spend most of their time waiting on process start-up (vLLM's engine,
-# torchrun's ranks), so they run beside the rest in their own pytest process and temp directory: this keeps
-# the whole run under 30 minutes. Both reports are printed; the command fails if either run fails.
-BESIDE=(tests/test_vllm_engine_selection.py tests/test_vllm_research_loop.py tests/test_distributed_trainer.py)
+# Some test files spend most of their time waiting on other processes (vLLM's engine and torchrun's ranks
+# starting, a killed control plane's trainers dying, Jupyter kernels restarting, a browser rendering), so they
+# run beside the rest in their own pytest process and temp directory: on two cores this keeps the whole run
+# well under 30 minutes. Both reports are printed; the command fails if either run fails.
+BESIDE=(tests/test_vllm_engine_selection.py tests/test_vllm_research_loop.py tests/test_distributed_trainer.py
+        tests/test_control_plane.py tests/test_notebook_browser.py tests/test_notebook_restart.py
+        tests/test_notebook_quickstart_restart.py)
 beside_log=$(mktemp) beside_tmp=$(mktemp -d)
 .venv/bin/python -m pytest "${BESIDE[@]}" --basetemp="$beside_tmp" -p no:cacheprovider "$@" >"$beside_log" 2>&1 &
 beside_pid=$!
