@@ -1,25 +1,35 @@
 """Cold start and resident memory of the backend's processes, driven through the official SDK.
 
     python bench/cold_start.py [--model accounts/workbench/models/qwen3-tiny] [--no-importtime]
+    python bench/cold_start.py --compare /tmp/before-tree --runs 3 --no-importtime   # side by side
 
 Starts `workbench serve` in a temporary home (port 0), creates a trainer on the embedded model
 (shape `qwen3-tiny-cpu`) and then a deployment of it, and prints:
   - serve -> control plane ready (server.json written and /healthz answering), s
   - trainer create -> RUNNING with a healthy service (SDK wait_for_ready, 0.05 s polling), s
   - deployment create -> READY (SDK wait_for_ready, 0.05 s polling), s
-  - RSS (VmRSS) and peak RSS (VmHWM) of the control plane, the trainer and the deployment replica, MiB,
-    and of the trainer again after one forward_backward + optim_step through the SDK
+  - RSS (VmRSS) and peak RSS (VmHWM) of the control plane, the trainer and the deployment replica, MiB;
+    of the trainer again after one forward_backward + optim_step through the SDK, and of the replica
+    again after serving a few completions (token prompts through the SDK's DeploymentSampler and a
+    text prompt over HTTP, n=4, 32 tokens each)
   - the load average at start and end (the figures mean little on a loaded machine without it)
 and, per process, the 8 heaviest third-party imports `python -X importtime` attributes to
 importing its entry module in a fresh interpreter (where the cold start goes).
 Every process it starts is stopped at the end (the control plane stops its children).
+
+`--compare TREE` measures two source trees side by side: this bench's own tree and TREE (another
+checkout, e.g. `git worktree add /tmp/before main`), run alternately `--runs` times each (each run a
+fresh `workbench serve` with PYTHONPATH set to that tree), and prints the median and range of every
+figure per tree, with each run's load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import statistics
 import re
 import signal
 import subprocess
@@ -108,15 +118,27 @@ def import_profile(modules: str, top: int = 8) -> tuple[float, list[tuple[str, f
     return total, sorted(heavy.items(), key=lambda kv: -kv[1])[:top]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=TINY)
-    ap.add_argument("--shape", default=TINY_SHAPE)
-    ap.add_argument("--no-importtime", action="store_true", help="skip the per-process import profiles")
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+def serve_completions(base_url: str, key: str, model: str) -> None:
+    """A few completions through the control plane: token prompts with the official DeploymentSampler (the
+    text comes back detokenized) and a text prompt over HTTP (the replica tokenizes it)."""
+    from fireworks.training.sdk import DeploymentSampler
 
+    sampler = DeploymentSampler(inference_url=base_url, model=model, api_key=key)
+
+    async def go():
+        for start in (10, 50, 90):
+            out = await sampler.sample_with_prompt_tokens(list(range(start, start + 24)), n=4, max_tokens=32,
+                                                          ignore_eos=True, logprobs=True)
+            assert len(out) == 4
+    asyncio.run(go())
+    r = httpx.post(base_url + "/inference/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                   json={"model": model, "prompt": "What is 2+2? Answer:", "n": 4, "max_tokens": 32,
+                         "logprobs": True, "stream": False})
+    r.raise_for_status()
+
+
+def measure(args) -> tuple[dict, dict, str, str]:
+    """One cold start: (figures in s, {process: (pid, RSS MiB, peak MiB)}, load average at start, at end)."""
     from fireworks.training.sdk import DeploymentConfig, DeploymentManager, TrainerJobConfig, TrainerJobManager
 
     load_start = loadavg()
@@ -161,8 +183,8 @@ def main() -> None:
 
         deployments = DeploymentManager(api_key=key, base_url=base_url)
         t0 = time.perf_counter()
-        deployments.create_or_get(DeploymentConfig(deployment_id="cold-start", base_model=args.model,
-                                                   min_replica_count=1, max_replica_count=1))
+        deployment = deployments.create_or_get(DeploymentConfig(deployment_id="cold-start", base_model=args.model,
+                                                                min_replica_count=1, max_replica_count=1))
         deployments.wait_for_ready("cold-start", poll_interval_s=0.05, timeout_s=300)
         figures["deployment create -> READY"] = time.perf_counter() - t0
 
@@ -185,6 +207,9 @@ def main() -> None:
         pid = rss["trainer"][0]
         rss["trainer after 1 step"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
         service.close()
+        serve_completions(base_url, key, deployment.inference_model or deployment.name)
+        pid = rss["deployment"][0]
+        rss["deployment after completions"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
     finally:
         load_end = loadavg()
         if serve.poll() is None:
@@ -194,12 +219,65 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(serve.pid, signal.SIGKILL)
 
+    return figures, rss, load_start, load_end
+
+
+def compare(args) -> None:
+    """Alternate runs of this tree and `args.compare`, then print each figure's median and range per tree."""
+    trees = {"this tree": str(Path(__file__).resolve().parents[1]), "compared": str(Path(args.compare).resolve())}
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for i in range(args.runs):
+        for name, tree in trees.items():
+            cmd = [sys.executable, __file__, "--json", "--model", args.model, "--shape", args.shape, "--no-importtime"]
+            env = dict(os.environ, PYTHONPATH=tree)
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
+            if out.returncode != 0:
+                raise RuntimeError(f"run {i + 1} of {name} ({tree}) failed:\n{out.stderr[-4000:]}")
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[name].append(result)
+            print(f"run {i + 1} {name:9s} load {result['load_start']} -> {result['load_end']}", flush=True)
+    print(f"\nmodel {args.model}, shape {args.shape}; median [min-max] of {args.runs} alternating runs each")
+    print(f"  this tree: {trees['this tree']}\n  compared:  {trees['compared']}")
+    keys = list(runs["this tree"][0]["figures"]) + [f"{p} RSS MiB" for p in runs["this tree"][0]["rss"]]
+
+    def values(name: str, key: str) -> list[float]:
+        if key.endswith(" RSS MiB"):
+            return [r["rss"].get(key[:-8], [None, float("nan")])[1] for r in runs[name]]
+        return [r["figures"].get(key, float("nan")) for r in runs[name]]
+
+    print(f"{'':38s} {'this tree':>24s} {'compared':>24s}")
+    for key in keys:
+        cells = []
+        for name in trees:
+            v = values(name, key)
+            cells.append(f"{statistics.median(v):8.2f} [{min(v):.2f}-{max(v):.2f}]")
+        print(f"{key:38s} {cells[0]:>24s} {cells[1]:>24s}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=TINY)
+    ap.add_argument("--shape", default=TINY_SHAPE)
+    ap.add_argument("--no-importtime", action="store_true", help="skip the per-process import profiles")
+    ap.add_argument("--compare", metavar="TREE", help="also measure this source tree, alternating with ours")
+    ap.add_argument("--runs", type=int, default=3, help="with --compare: runs of each tree")
+    ap.add_argument("--json", action="store_true", help="print one JSON line of the figures (used by --compare)")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.compare:
+        compare(args)
+        return
+    figures, rss, load_start, load_end = measure(args)
+    if args.json:
+        print(json.dumps({"figures": figures, "rss": rss, "load_start": load_start, "load_end": load_end}))
+        return
     print(f"model {args.model}, shape {args.shape}; load average at start {load_start}, at end {load_end}")
     for name, seconds in figures.items():
         print(f"{name:34s} {seconds:7.2f} s")
-    print(f"{'process':16s} {'pid':>8s} {'RSS MiB':>9s} {'peak MiB':>9s}")
+    print(f"{'process':30s} {'pid':>8s} {'RSS MiB':>9s} {'peak MiB':>9s}")
     for name, (pid, now, peak) in rss.items():
-        print(f"{name:16s} {pid or '-':>8} {now:9.1f} {peak:9.1f}")
+        print(f"{name:30s} {pid or '-':>8} {now:9.1f} {peak:9.1f}")
     if not args.no_importtime:
         for name, modules in ENTRY_MODULES.items():
             total, heavy = import_profile(modules)

@@ -75,12 +75,23 @@ def make_prompts(n, seed=0, lo=1, hi=40):
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["kv-cache", "recompute-fallback"])
-def test_logprobs_match_transformers_while_batched(tiny, recompute):
+@pytest.fixture(scope="module")
+def tiny_plain():
+    """The model a replica serves the embedded models with: the plain-torch Qwen3, rounded to bf16 like `tiny`."""
+    model = models.load_model(TINY, plain=True)
+    bf16_round_(model)
+    return model, models.load_tokenizer(TINY, plain=True)
+
+
+@pytest.mark.parametrize("runner", ["kv-cache", "recompute-fallback", "plain-torch-kv-cache"])
+def test_logprobs_match_transformers_while_batched(tiny, tiny_plain, runner):
     model, tok = tiny
-    engine = Engine(model, tok, force_recompute=recompute).start()
+    recompute = runner == "recompute-fallback"
+    served, served_tok = tiny_plain if runner == "plain-torch-kv-cache" else tiny
+    engine = Engine(served, served_tok, force_recompute=recompute).start()
     try:
         assert engine.use_kv is not recompute
+        assert (engine.load()["model_code"] == "workbench.models.qwen3_torch") is (runner == "plain-torch-kv-cache")
         prompts = make_prompts(10, seed=1)
         seqs = []
         for i, p in enumerate(prompts):

@@ -180,6 +180,8 @@ def test_sdk_sampler_batches_and_reports(setup):
     after = replica.get("/healthz").json()
     # 8 concurrent streams were decoded together, not one after another
     assert after["max_batch_seen"] >= 4
+    # the embedded Qwen3 is served by the plain-torch model: the replica never imported transformers
+    assert after["model_code"] == "workbench.models.qwen3_torch" and after["transformers_imported"] is False
     assert after["decode_steps"] - before["decode_steps"] < 8 * 24 / 2
     metrics = sampler._recent_metrics[-1]
     assert metrics.prefill_queue_duration is not None and metrics.num_concurrent_requests >= 1
@@ -221,6 +223,7 @@ def test_base_then_delta_hotload_and_logprobs(setup):
     assert_logprobs_match(sampled, transformers_logprobs(ref_dir, echoed))
     state = json.loads((replica.dir / "state.json").read_text())
     assert state["identity"] == "snap-2" and [e["kind"] for e in state["chain"]] == ["base", "delta"]
+    assert replica.get("/healthz").json()["transformers_imported"] is False   # hot loads did not need it either
 
 
 def test_failed_hotloads_keep_serving(setup):

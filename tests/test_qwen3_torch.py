@@ -62,3 +62,31 @@ def test_loading_it_imports_no_transformers():
             "bad = [k for k in ('transformers', 'torch._dynamo', 'torch.distributed.checkpoint') if k in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
+def test_kv_cache_path_matches_transformers_decoder_layers():
+    """The deployment's KV-cache runner (positions, boolean mask, cache object) computes the same logits over
+    this module as over transformers' own decoder layers: left-padded prefills, decode steps, a row admitted
+    mid-flight (the cache shifts) and a row removed (the last row moves into its place)."""
+    from workbench.backend.deployment.runners import KVRunner
+
+    reference = KVRunner(models.load_model(TINY))
+    plain = KVRunner(qwen3_torch.load(models.local_path(TINY)))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(7, 512, (n,), generator=g).tolist() for n in (5, 17, 1, 30)]
+
+    def both(call, *args):
+        want, got = getattr(reference, call)(*args), getattr(plain, call)(*args)
+        return want, got
+
+    (want, want_full), (got, got_full) = both("prefill", prompts[:3], [True, False, False])
+    assert torch.equal(want, got) and torch.equal(want_full[0], got_full[0])
+    for step in range(6):
+        if step == 2:       # a longer prompt joins: every row's history shifts right
+            (want, _), (got, _) = both("prefill", prompts[3:], [False])
+            assert torch.equal(want, got)
+        if step == 4:
+            both("remove", 1)
+        tokens = [int(t) for t in torch.randint(7, 512, (reference.n,), generator=g)]
+        want, got = both("decode", tokens)
+        assert want.shape[0] == reference.n and torch.equal(want, got), (step, (want - got).abs().max())

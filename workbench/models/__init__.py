@@ -4,6 +4,8 @@
     path = models.local_path("accounts/workbench/models/qwen3-tiny")   # a directory on disk
     model = models.load_model("accounts/workbench/models/qwen3-tiny")   # fp32 Qwen3ForCausalLM
     tok = models.load_tokenizer("accounts/workbench/models/qwen3-tiny")
+    # the same without importing transformers (a deployment replica): plain-torch Qwen3, tokenizers library
+    model, tok = models.load_model(name, plain=True), models.load_tokenizer(name, plain=True)
 
 Embedded models (`accounts/workbench/models/qwen3-tiny`, ~1M parameters, and `.../qwen3-small`, ~5M)
 ship their config and tokenizer inside the package; their weights are created deterministically
@@ -166,16 +168,37 @@ def _init_from_config(directory: Path):
     return model
 
 
-def load_model(name: str, dtype=None, device: str = "cpu"):
-    """Load `name` as a causal LM (fp32 by default: this CPU has no fast bf16)."""
+def load_model(name: str, dtype=None, device: str = "cpu", plain: bool = False):
+    """Load `name` as a causal LM (fp32 by default: this CPU has no fast bf16), in eval mode.
+
+    `plain=True`: workbench's plain-torch Qwen3 (`qwen3_torch`: same logits, parameter names and state dict
+    as transformers', without importing transformers) where it supports the model, else transformers'."""
     import torch
+
+    if plain:
+        from . import qwen3_torch
+
+        model = qwen3_torch.load(local_path(name), dtype or torch.float32)
+        if model is not None:
+            return model.to(device)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(local_path(name)), dtype=dtype or torch.float32)
     return model.to(device)
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, plain: bool = False):
+    """The tokenizer of `name` (transformers' AutoTokenizer).
+
+    `plain=True`: a `plain_tokenizer.PlainTokenizer` (tokenizer.json through the `tokenizers` library, no
+    transformers import; encode/decode/get_vocab only) where the directory's tokenizer is exactly that, else
+    transformers'."""
+    if plain:
+        from . import plain_tokenizer
+
+        tok = plain_tokenizer.load(local_path(name))
+        if tok is not None:
+            return tok
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(local_path(name)))

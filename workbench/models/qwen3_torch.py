@@ -3,6 +3,8 @@
     from workbench.models import qwen3_torch
     model = qwen3_torch.load(model_dir)            # None if the directory is not a plain Qwen3 this supports
     logits = model(input_ids=ids, use_cache=False).logits
+    # serving (workbench/backend/deployment/runners.py): hidden states against a KV cache, with a mask
+    hidden = model.model(ids, position_ids=pos, attention_mask=bool_mask, cache=cache)   # cache.update(k, v, i)
 
 Why: importing transformers' Qwen3 code costs a trainer ~117 MiB and seconds of start-up (it pulls in
 torch.distributed.checkpoint, torch._dynamo and PIL), for a forward pass of a few dozen lines. This module
@@ -13,8 +15,16 @@ transformers, so `state_dict()` keys, sampler exports and DCP checkpoints are in
 transformers model's.
 
 Supported: `model_type` "qwen3" with default RoPE, full attention on every layer, SiLU MLP, and no rope
-scaling; anything else returns None and the caller uses transformers. No KV cache, no attention mask: the
-trainer only runs whole, unpadded sequences. LoRA jobs keep transformers (PEFT wraps its classes).
+scaling; anything else returns None and the caller uses transformers. LoRA jobs keep transformers (PEFT
+wraps its classes).
+
+Two ways to call it. `Qwen3ForCausalLM.forward` runs whole, unpadded sequences (the trainer's case; a
+padding mask is refused). `Qwen3Model.forward` also takes explicit position ids, a boolean attention mask
+`[batch, 1, q, k]` (True = attend) and a cache object whose `update(key, value, layer_idx)` stores the
+step's keys/values and returns the keys/values to attend to: that is how the deployment's KV-cache runner
+serves it. With a mask it computes what transformers' sdpa attention computes when handed the same mask
+(keys/values repeated per query head, or, for one query token, the query heads folded onto the key/value
+heads), so a deployment serving this module reports the logprobs transformers would.
 """
 
 from __future__ import annotations
@@ -73,9 +83,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[b, kv_heads, t, d] -> [b, kv_heads * n_rep, t, d], each key/value head repeated for its query heads."""
+    b, kv_heads, t, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv_heads, n_rep, t, d).reshape(b, kv_heads * n_rep, t, d)
+
+
 class Attention(nn.Module):
-    def __init__(self, c, device=None):
+    def __init__(self, c, layer_idx: int = 0, device=None):
         super().__init__()
+        self.layer_idx = layer_idx           # which of the cache's layers this one reads and writes
         self.head_dim = c.head_dim
         self.num_key_value_groups = c.num_attention_heads // c.num_key_value_heads
         self.scaling = self.head_dim ** -0.5
@@ -87,7 +104,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, device)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         input_shape = x.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_norm(self.q_proj(x).view(hidden_shape)).transpose(1, 2)
@@ -96,25 +114,41 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = (q * cos) + (_rotate_half(q) * sin)
         k = (k * cos) + (_rotate_half(k) * sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         q_length = q.shape[2]
-        # As transformers' sdpa path with no mask: grouped-query attention inside sdpa, causal above 1 token.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=self.scaling,
-                                             is_causal=q_length > 1,
-                                             enable_gqa=self.num_key_value_groups > 1)
+        groups = self.num_key_value_groups
+        if attention_mask is None:
+            # As transformers' sdpa path with no mask: grouped-query attention inside sdpa, causal above 1 token.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=self.scaling,
+                                                 is_causal=q_length > 1, enable_gqa=groups > 1)
+        else:
+            # As transformers' sdpa path with a mask: no enable_gqa; one query token has its query heads folded
+            # onto the key/value heads (their "pack_gqa"), longer queries get the key/value heads repeated.
+            if groups > 1 and q_length == 1:
+                q = q.reshape(q.shape[0], q.shape[1] // groups, groups, q.shape[-1])
+                if attention_mask.shape[1] != 1:
+                    attention_mask = attention_mask.reshape(attention_mask.shape[0], -1, groups,
+                                                            attention_mask.shape[-1])
+            elif groups > 1:
+                k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0,
+                                                 scale=self.scaling, is_causal=False)
         out = out.reshape(out.shape[0], -1, q_length, v.shape[-1]).transpose(1, 2).contiguous()
         return self.o_proj(out.reshape(*input_shape, -1).contiguous())
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c, device=None):
+    def __init__(self, c, layer_idx: int = 0, device=None):
         super().__init__()
-        self.self_attn = Attention(c, device)
+        self.self_attn = Attention(c, layer_idx, device)
         self.mlp = MLP(c, device)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -139,16 +173,22 @@ class Qwen3Model(nn.Module):
         # _weight: no random init (on the meta device it would go through torch._refs, importing torch._dynamo).
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id,
                                          _weight=torch.empty(c.vocab_size, c.hidden_size, device=device))
-        self.layers = nn.ModuleList(DecoderLayer(c, device) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i, device) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device)
         self.rotary_emb = RotaryEmbedding(c)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Final-norm hidden states [b, t, hidden]. Without arguments: whole causal sequences at positions
+        0..t-1. `position_ids` [b, t]; `attention_mask` boolean, broadcastable to [b, heads, t, keys]
+        (True = attend; required once `cache` returns more keys than queries); `cache.update(k, v, layer)`
+        stores each layer's new keys/values and returns those to attend to (see the module docstring)."""
         x = self.embed_tokens(input_ids)
-        position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         cos, sin = self.rotary_emb(x, position_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, attention_mask, cache)
         return self.norm(x)
 
 
@@ -172,6 +212,15 @@ class Qwen3ForCausalLM(nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def set_tied(self, tied: bool) -> None:
+        """Share the LM head with the embedding (tied) or give it a weight of its own (a copy), as a
+        transformers model whose head was replaced (PEFT's modules_to_save) has."""
+        embedding = self.model.embed_tokens.weight
+        if tied and self.lm_head.weight is not embedding:
+            self.lm_head.weight = embedding
+        elif not tied and self.lm_head.weight is embedding:
+            self.lm_head.weight = nn.Parameter(embedding.detach().clone(), requires_grad=embedding.requires_grad)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 use_cache: bool | None = None) -> CausalLMOutput:
@@ -236,4 +285,9 @@ def load(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Qwen3ForC
         model.lm_head.weight = model.model.embed_tokens.weight   # assign=True replaced the tied Parameter
     rotary = model.model.rotary_emb
     rotary.inv_freq = rotary.compute_inv_freq()   # a non-persistent buffer: still on the meta device
+    try:    # as transformers' `model.generation_config`: a deployment reads its end-of-sequence ids
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+        model.generation_config = SimpleNamespace(**generation) if isinstance(generation, dict) else None
+    except (OSError, json.JSONDecodeError):
+        model.generation_config = None
     return model.eval()

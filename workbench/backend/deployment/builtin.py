@@ -11,6 +11,7 @@ implements `replica.Replica`, which is all the HTTP server sees; `__main__.py` p
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .engine import Sequence
@@ -23,7 +24,10 @@ class BuiltinReplica(WeightManagedReplica):
         super().__init__(WeightManager(deployment_dir, config, max_batch=max_batch), config)
 
     def health(self) -> dict:
-        return self.engine.load() if self.engine is not None else {}
+        """The engine's counters, plus whether this process has imported transformers (a plain Qwen3 is
+        served without it: runners.py; the import alone costs the process ~100 MiB)."""
+        return {**(self.engine.load() if self.engine is not None else {}),
+                "transformers_imported": "transformers" in sys.modules}
 
     def submit(self, request: GenerationRequest, sink: GenerationSink) -> Sequence:
         return self.engine.submit(Sequence(request.prompt_ids, request.params, sink=sink, arrival=request.arrival))

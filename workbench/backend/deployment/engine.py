@@ -1,6 +1,6 @@
 """The built-in batching generation engine: continuous batching over a KV cache, token ids in and out.
 
-    engine = Engine(model, tokenizer)              # model: fp32 HF causal LM, eval mode
+    engine = Engine(model, tokenizer)              # model: fp32 causal LM (plain-torch Qwen3 or HF), eval mode
     engine.start()                                 # the scheduler thread
     seq = Sequence([1, 2, 3], SamplingParams(max_tokens=64, temperature=1.0), sink=my_sink)
     engine.submit(seq)                             # my_sink.on_events([...]) runs on the scheduler thread
@@ -46,6 +46,8 @@ import traceback
 from typing import Any
 
 import torch
+
+from workbench.models import qwen3_torch
 
 from .replica import FinalEvent, SamplingParams, TokenEvent, TokenInfo
 from .runners import KVRunner, RecomputeRunner, kv_runner_supported
@@ -184,6 +186,9 @@ class Engine:
         pad = getattr(model.config, "pad_token_id", None)
         pad = pad if isinstance(pad, int) else 0
         self.use_kv = kv_runner_supported(model) and not force_recompute
+        if not self.use_kv and isinstance(model, qwen3_torch.Qwen3ForCausalLM):
+            raise ValueError("the plain-torch Qwen3 is served with the KV cache only (it takes no padding mask); "
+                             "load the model with transformers for force_recompute")
         self.runner = KVRunner(model, pad) if self.use_kv else RecomputeRunner(model, pad)
         self.eos = set(eos_token_ids if eos_token_ids is not None else eos_ids(model, tokenizer))
         self.snapshot = snapshot                  # identity of the weights in use (None: base model)
@@ -260,10 +265,12 @@ class Engine:
         return worst
 
     def load(self) -> dict:
-        """Counters for /healthz: current load, decode steps run, largest batch seen, runner kind."""
+        """Counters for /healthz: current load, decode steps run, largest batch seen, runner kind, and
+        which model code computes ("workbench.models.qwen3_torch" or the model's transformers module)."""
         with self.cond:
             return {"active": len(self.active), "waiting": len(self.waiting), "decode_steps": self.steps,
-                    "max_batch_seen": self.max_batch_seen, "kv_cache": self.use_kv}
+                    "max_batch_seen": self.max_batch_seen, "kv_cache": self.use_kv,
+                    "model_code": type(self.model).__module__}
 
     # -- scheduler thread ---------------------------------------------------------------------------
     def _apply_swap(self, model, snapshot) -> None:

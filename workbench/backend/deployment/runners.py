@@ -13,13 +13,18 @@ The KV cache (`KVRunner`) is one preallocated buffer per layer, `[rows, kv_heads
 All active sequences share the column axis and write their new key/value at the same column each step;
 a sequence's prompt is right-aligned to the current column when it is admitted, so a row's valid
 history is the columns `[start_row, cur)` and a boolean mask hides everything left of `start_row`.
-Rows are kept dense, so every forward works on plain slices of the buffers, with no gather. The decoder
-layers themselves are Hugging Face's own modules (called one by one with our cache object and mask),
-so the numerics are those of `transformers`; only the model-level glue (embedding, rotary positions,
-mask, final norm, LM head) is ours. That glue fits the Llama family (Llama, Mistral, Qwen2, Qwen3)
-without sliding-window layers; any other architecture falls back to `RecomputeRunner`, which re-runs
-the whole left-padded batch through the stock HF forward each step: slow, but correct for every
-causal LM.
+Rows are kept dense, so every forward works on plain slices of the buffers, with no gather.
+
+Which model code computes. A plain Qwen3 is served by workbench's own plain-torch Qwen3
+(`workbench.models.qwen3_torch`, loaded by `models.load_model(name, plain=True)`): its `Qwen3Model`
+takes our positions, mask and cache object directly and computes what transformers' sdpa attention
+computes with them, so the replica never imports transformers. For other models the decoder layers
+are Hugging Face's own modules (called one by one with our cache object and mask), so the numerics are
+those of `transformers`; only the model-level glue (embedding, rotary positions, mask, final norm, LM
+head) is ours. That glue fits the Llama family (Llama, Mistral, Qwen2, Qwen3) without sliding-window
+layers; any other architecture falls back to `RecomputeRunner`, which re-runs the whole left-padded
+batch through the stock HF forward each step: slow, but correct for every causal LM (not for the
+plain-torch Qwen3, which takes no padding mask: it always gets the KV cache).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+
+from workbench.models import qwen3_torch
 
 # Architectures whose decoder layers take (hidden, attention_mask, position_ids, past_key_values,
 # position_embeddings) and whose model-level forward is embed -> layers -> norm -> lm_head.
@@ -91,7 +98,8 @@ class _CacheView:
 
 
 class KVRunner:
-    """Dense-row KV cache over HF decoder layers (the `Runner` protocol; layout in the module docstring)."""
+    """Dense-row KV cache over a plain-torch Qwen3 or HF decoder layers (the `Runner` protocol; layout and
+    model code in the module docstring)."""
 
     def __init__(self, model, pad_id: int = 0):
         self.model = model
@@ -161,6 +169,8 @@ class KVRunner:
     # -- forwards -------------------------------------------------------------------------------
     def _layers(self, input_ids, position_ids, mask, cache):
         inner = self.model.model
+        if isinstance(inner, qwen3_torch.Qwen3Model):       # takes positions, mask and cache itself
+            return inner(input_ids, position_ids=position_ids, attention_mask=mask, cache=cache)
         h = inner.embed_tokens(input_ids)
         pe = inner.rotary_emb(h, position_ids)
         for layer in inner.layers:

@@ -170,8 +170,10 @@ class WeightManager:
 
             set_torch_threads()
 
-            self.tokenizer = models.load_tokenizer(self.base_model)
-            model = models.load_model(self.base_model).eval()
+            # plain: a plain Qwen3 is served without importing transformers (runners.py)
+            plain = os.environ.get("WORKBENCH_DEPLOYMENT_MODEL_IMPL", "auto") != "transformers"
+            self.tokenizer = models.load_tokenizer(self.base_model, plain=plain)
+            model = models.load_model(self.base_model, plain=plain).eval()
             bf16_round_(model)
             self.base_bf16 = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
             check_finite(self.base_bf16, None)
@@ -434,8 +436,19 @@ class WeightManager:
         import torch
         from peft import PeftModel
 
+        from workbench.models import qwen3_torch
+
         if not (adapter_dir / "adapter_config.json").exists():
             raise HotloadError(422, f"{adapter_dir} has no adapter_config.json")
+        if isinstance(target, qwen3_torch.Qwen3ForCausalLM):
+            # PEFT wraps transformers' classes: merge in a fresh transformers model (the base's fp32 weights),
+            # then copy the result into the plain-torch target, whose parameter names are the same
+            from workbench import models
+            merged = PeftModel.from_pretrained(models.load_model(self.base_model), str(adapter_dir)).merge_and_unload()
+            target.set_tied(merged.lm_head.weight is merged.get_input_embeddings().weight)
+            self._targets.pop(target, None)
+            self._load_into(target, merged.state_dict())
+            return {k: v.detach().to(torch.bfloat16) for k, v in merged.state_dict().items()}
         if self._base_fp32 is None:     # loaded on the first LoRA load only: full-parameter runs never pay
             from workbench import models
             self._base_fp32 = {k: v.detach().clone() for k, v in
