@@ -14,7 +14,7 @@ JSON-shaped result of the future.
 
 Model state. A trainer job owns exactly one trainable model (full-parameter, or the base wrapped in
 PEFT LoRA adapters when the job's `lora_rank` > 0) and one persistent `torch.optim.AdamW` over its
-trainable parameters. Every `create_model` returns a new handle (`model_id`), but all training handles
+trainable parameters (`optim.AdamW`: torch's own, minus its torch._dynamo import). Every `create_model` returns a new handle (`model_id`), but all training handles
 share that model and optimizer: a client that reconnects continues from the same weights and moments.
 `base_only` handles get a separate frozen copy of the base model (reference logprobs).
 
@@ -44,6 +44,7 @@ import torch
 from workbench.checkpoints.layout import HomeLayout, JobLayout
 
 from . import losses
+from .optim import AdamW
 from .protocol import (AdamStep, CreateModel, Datum, ForwardInput, JobConfig, LoraSpec, ModelLimits,
                        SamplerSave, TrainStateRef, UserError, describe_failure)
 from .replace import replacing, sampler_dependants
@@ -326,8 +327,9 @@ class LocalTorchTrainer:
         return [p for p in self.train_model.parameters() if p.requires_grad]
 
     def _new_optimizer(self) -> torch.optim.AdamW:
-        # Hyperparameters are overwritten by every optim_step from its AdamParams.
-        return torch.optim.AdamW(self._trainable(), lr=self.job.learning_rate)
+        # Hyperparameters are overwritten by every optim_step from its AdamParams. optim.AdamW: torch's,
+        # without its torch._dynamo import (~71 MiB, ~3 s at the first step).
+        return AdamW(self._trainable(), lr=self.job.learning_rate)
 
     def unload_model(self, model_id: str) -> dict:
         with self._handles_lock:
