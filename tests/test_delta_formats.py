@@ -58,6 +58,49 @@ def test_library_reads_what_workbench_writes(tmp_path, fmt):
     assert same_bits(out, new)
 
 
+def test_arc_v2_decodes_into_spare_tensors_as_the_library_does(tmp_path):
+    """workbench decodes arc_v2 itself, in chunks, into the tensors a deployment retired: the same bits
+    as the library's decoder on the same file, and a damaged patch is refused."""
+    from fireworks_delta_compression import delta_decompress_dict_from_file
+
+    new, old = weights_pair()
+    g = torch.Generator().manual_seed(3)
+    old["big.weight"] = torch.randn(1000, 333, generator=g).to(torch.bfloat16)    # several 256 KiB chunks
+    new["big.weight"] = (old["big.weight"].float() * (1 + 1e-2 * torch.randn(1000, 333, generator=g))).to(torch.bfloat16)
+    old["empty"], new["empty"] = torch.zeros(0, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.bfloat16)
+    stats = ck.save_sampler_delta(tmp_path / "s-1", new, old, "s-0", {}, delta_format="arc_v2")
+    delta_file = tmp_path / "s-1" / stats["file"]
+    library = delta_decompress_dict_from_file(src=dict(old), diff_file=str(delta_file), compression_format="arc_v2")
+    spare = {k: torch.full_like(v, 7.0) for k, v in new.items()}
+    spare["c.norm"] = torch.zeros(3, dtype=torch.bfloat16)                    # wrong shape: not written into
+    got = formats.read_delta(tmp_path / "s-1", old, "arc_v2", "s-0", out=spare)
+    assert same_bits(got, library) and same_bits(got, new)
+    assert all(got[k] is spare[k] for k in ("a.weight", "b.bias", "big.weight")) and got["c.norm"] is not spare["c.norm"]
+    assert same_bits(old, weights_pair()[1] | {"big.weight": old["big.weight"], "empty": old["empty"]})
+
+    import zstandard
+    blob = delta_file.read_bytes()
+    patch = bytes(formats._load_patches([delta_file])[0]["big.weight"])
+    raw = zstandard.ZstdDecompressor().decompress(patch)
+    for bad, error in ((patch[: len(patch) // 2], "corrupt arc_v2"),                              # cut short
+                       (zstandard.ZstdCompressor().compress(raw + b"\0\0"), "holds 666002 bytes"),  # too long
+                       (zstandard.ZstdCompressor(write_content_size=False).compress(raw[:-2]), "ends after"),
+                       (zstandard.ZstdCompressor().compress(bytes([raw[0] ^ 1]) + raw[1:]), "checksum mismatch")):
+        delta_file.write_bytes(blob)
+        _replace_patch(delta_file, "big.weight", bad)
+        with pytest.raises(ck.DeltaError, match=f"big.weight.*{error}"):
+            formats.read_delta(tmp_path / "s-1", old, "arc_v2", "s-0")
+
+
+def test_base_weights_are_read_into_spare_tensors(tmp_path):
+    new, old = weights_pair()
+    ck.save_sampler_base(tmp_path / "s-0", new, models.local_path(models.DEFAULT_MODEL), {})
+    spare = {k: torch.full_like(v, 7.0) for k, v in new.items()}
+    spare["b.bias"] = spare["b.bias"].float()                                   # wrong dtype: not written into
+    got = ck.load_base_weights(tmp_path / "s-0", out=spare)
+    assert same_bits(got, new) and got["a.weight"] is spare["a.weight"] and got["b.bias"] is not spare["b.bias"]
+
+
 def test_a_disagreeing_format_is_refused_naming_both(tmp_path):
     new, old = weights_pair()
     ck.save_sampler_delta(tmp_path / "s-1", new, old, "s-0", {}, delta_format="arc_v3")

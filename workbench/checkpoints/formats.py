@@ -31,7 +31,7 @@ from workbench.common import LazyModule
 
 torch = LazyModule("torch")  # imported on first use: the control plane reads formats without tensors
 
-from .delta_codec import DeltaError
+from .delta_codec import DeltaError, pace, reusable
 
 # arc2's decoder wraps zstd's read-only output in a tensor it only reads; torch warns about that once.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -96,6 +96,12 @@ def safetensors_header(path: Path) -> tuple[dict, dict]:
     ValueError if the header is unreadable, an entry is malformed, or the data section is not exactly
     what the entries describe (a truncated or padded file).
     """
+    entries, metadata, _ = _safetensors_layout(path)
+    return entries, metadata
+
+
+def _safetensors_layout(path: Path) -> tuple[dict, dict, int]:
+    """safetensors_header's (entries, metadata) and the file offset where the tensor data starts."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -124,7 +130,7 @@ def safetensors_header(path: Path) -> tuple[dict, dict]:
         end = max(end, stop)
     if 8 + n + end != size:
         raise ValueError(f"{path.name}: the tensors need {8 + n + end} bytes, the file has {size} (truncated or corrupt)")
-    return header, metadata if isinstance(metadata, dict) else {}
+    return header, metadata if isinstance(metadata, dict) else {}, 8 + n
 
 
 def is_delta_header(entries: dict, metadata: dict) -> bool:
@@ -161,8 +167,14 @@ def _patch_format(patch: bytes) -> str | None:
     return None
 
 
-def read_tensors(files: list[Path]) -> dict[str, "torch.Tensor"]:
+def read_tensors(files: list[Path], out: dict | None = None) -> dict[str, "torch.Tensor"]:
     """Every tensor of these safetensors files, one tensor at a time.
+
+    `out`: bf16 tensors the caller no longer needs (a deployment's retired snapshot). A BF16 entry
+    with a tensor of its name and shape there (contiguous, CPU) is read straight into it with
+    `readinto`, and that tensor is returned in its place: no fresh memory, whose first touch costs
+    more than the read on this VM (see delta_codec.py), and the GIL is free during the read. After a
+    failure their contents are undefined. Other entries are read with safetensors' `safe_open`.
 
     Not `load_file`/`load(bytes)`: those build the whole file while holding the GIL (a 90 MB file
     stalled every other thread for 96 ms and 2.1 s here), which a deployment's decode thread would
@@ -171,29 +183,64 @@ def read_tensors(files: list[Path]) -> dict[str, "torch.Tensor"]:
 
     weights: dict[str, "torch.Tensor"] = {}
     for f in files:
+        into = {}
+        if out:
+            entries, _, data_start = _safetensors_layout(f)
+            for key, entry in entries.items():
+                t = reusable(out, key, entry["shape"])
+                start, stop = (int(x) for x in entry["data_offsets"])
+                if t is not None and entry["dtype"] == "BF16" and stop - start == 2 * t.numel():
+                    into[key] = (t, data_start + start)
+        if into:
+            with open(f, "rb", buffering=0) as raw:
+                for key, (t, offset) in into.items():
+                    raw.seek(offset)
+                    _read_exactly(raw, t.view(-1).view(torch.uint8).numpy(), f)
+                    weights[key] = t
+                    pace()
         with safe_open(str(f), framework="pt") as opened:
             for key in opened.keys():
-                weights[key] = opened.get_tensor(key)
+                if key not in into:
+                    weights[key] = opened.get_tensor(key)
+                    pace()
     return weights
 
 
+def _read_exactly(raw, buf, path) -> None:
+    """Fill the uint8 array `buf` from the unbuffered file `raw` (readinto may return less than asked)."""
+    view, got = memoryview(buf), 0
+    while got < len(view):
+        n = raw.readinto(view[got:])
+        if not n:
+            raise ValueError(f"{Path(path).name}: ends early (truncated)")
+        got += n
+
+
 def _load_patches(files: list[Path]) -> tuple[dict, dict]:
+    """(key -> its patch, key -> its checksum string). A patch is a read-only memoryview of the file,
+    mapped rather than read: no copy, and no fresh memory to fault in (see read_tensors)."""
+    import mmap
+
     patches, checksums = {}, {}
     for path in files:
-        _, metadata = safetensors_header(path)
         try:
-            tensors = read_tensors([path])
-        except Exception as e:
+            entries, metadata, data_start = _safetensors_layout(path)
+            with open(path, "rb") as f:
+                view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if entries else None
+        except (OSError, ValueError) as e:
             raise DeltaError(f"{path.name}: unreadable safetensors ({type(e).__name__}: {e})") from e
-        for key, t in tensors.items():
+        for key, entry in entries.items():
+            start, stop = (int(x) for x in entry["data_offsets"])
+            if entry["dtype"] != "U8" or [int(d) for d in entry["shape"]] != [stop - start]:
+                raise DeltaError(f"{path.name}: tensor {key!r} is not a 1-D uint8 patch of its {stop - start} bytes")
             if key in patches:
                 raise DeltaError(f"tensor {key!r} appears in two delta files")
-            patches[key], checksums[key] = t, str(metadata[key])
+            patches[key], checksums[key] = view[data_start + start:data_start + stop], str(metadata[key])
     return patches, checksums
 
 
 def _sniff_patches(patches: dict) -> str:
-    found = {_patch_format(bytes(t.numpy()[:16])) for t in patches.values()}
+    found = {_patch_format(bytes(p[:16])) for p in patches.values()}
     if len(found) != 1 or None in found:
         raise DeltaError(f"delta patches are not in one known arc format (found {sorted(map(str, found))})")
     return found.pop()
@@ -300,8 +347,9 @@ def read_delta(directory: Path, current: dict, delta_format: str, base_identity:
     """NEW dict: the delta in `directory` (in `delta_format`) applied to `current`, every checksum verified.
 
     `base_identity` is what `current` is (checked by workbench_v1, whose file records its base).
-    `out`: bf16 tensors the caller no longer needs, which workbench_v1 decodes into instead of fresh
-    memory (delta_codec.decode); the library's arc_* decoders allocate their own.
+    `out`: bf16 tensors the caller no longer needs, which workbench_v1 (delta_codec.decode) and arc_v2
+    (_Arc2Decoder) decode into instead of fresh memory; arc_v1 and arc_v3 go through the library's
+    decoder, which allocates its own.
     Raises DeltaError (DeltaFormatError if the files are in another format); `current` is never modified.
     """
     directory = Path(directory)
@@ -336,20 +384,86 @@ def read_delta(directory: Path, current: dict, delta_format: str, base_identity:
                          f"not in current weights: {extra[:5]})")
     from fireworks_delta_compression import delta_decompress
 
-    out = {}
+    result, arc2 = {}, _Arc2Decoder() if delta_format == "arc_v2" else None
     for key, patch in patches.items():
         old = current[key]
+        if arc2 is not None and old.numel():
+            result[key] = arc2.apply(key, patch, old, checksums[key], reusable(out, key, old.shape, avoid=old))
+            continue
         if delta_format == "arc_v3":
-            _check_arc3_patch(key, bytes(patch.numpy()), old.numel())
+            _check_arc3_patch(key, bytes(patch), old.numel())
         try:
-            out[key] = delta_decompress(src=old, compressed_diff=patch, checksum=checksums[key],
-                                        compression_format=delta_format)
+            compressed = torch.frombuffer(patch, dtype=torch.uint8) if len(patch) else torch.empty(0, dtype=torch.uint8)
+            result[key] = delta_decompress(src=old, compressed_diff=compressed, checksum=checksums[key],
+                                           compression_format=delta_format)
         except Exception as e:   # the library raises ValueError/RuntimeError/zstd.Error/zlib.error/KeyError
             if "checksum mismatch" in str(e).lower():
                 raise DeltaError(f"tensor {key}: checksum mismatch after applying the delta (corrupted delta, or the "
                                  f"current weights are not the snapshot it was made against): {e}") from e
             raise DeltaError(f"tensor {key}: corrupt {delta_format} patch ({type(e).__name__}: {e})") from e
-        if out[key].data_ptr() == old.data_ptr():
-            out[key] = out[key].clone()
-    return out
+        if result[key].data_ptr() == old.data_ptr():
+            result[key] = result[key].clone()
+        pace()
+    return result
 
+
+class _Arc2Decoder:
+    """arc_v2 patches applied in bounded chunks: zstd-decompress a chunk of the XOR into a reused
+    scratch buffer, XOR it onto the held bytes into the result, carry the adler32 along.
+
+    Bit for bit what the library's `delta_decompress` computes (tests/test_delta_formats.py checks
+    it on the same files), but the library's decoder allocates the whole decompressed XOR and the
+    whole result per tensor (two fresh copies of every weight: their first touch costs more than the
+    decode on this VM) and uses zlib's adler32 (~10x zlib-ng's). Here the result goes into `target`
+    (a tensor the caller no longer needs) when given, and every step is one short C call that frees
+    the GIL: a deployment's sampler threads keep running while it decodes."""
+
+    CHUNK = 1 << 18          # bytes per step: stays in L2, few Python steps per tensor
+
+    def __init__(self):
+        import zstandard
+
+        self.zstd = zstandard
+        self.dctx = zstandard.ZstdDecompressor()
+        self.scratch = None
+
+    def apply(self, key: str, patch, old, expected: str, target=None):
+        import numpy as np
+
+        from .delta_codec import adler32
+
+        nbytes = old.numel() * old.element_size()
+        try:
+            declared = self.zstd.frame_content_size(patch)
+        except self.zstd.ZstdError as e:
+            raise DeltaError(f"tensor {key}: corrupt arc_v2 patch (not a zstd frame: {e})") from e
+        if declared not in (nbytes, -1):    # -1: a frame that does not declare its size (checked below)
+            raise DeltaError(f"tensor {key}: corrupt arc_v2 patch (it holds {declared} bytes, the tensor {nbytes})")
+        if self.scratch is None:
+            self.scratch = np.empty(self.CHUNK, np.uint8)
+        result = target if target is not None else torch.empty_like(old, memory_format=torch.contiguous_format)
+        src = old.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        dst = result.view(-1).view(torch.uint8).numpy()
+        reader = self.dctx.stream_reader(patch, read_across_frames=False)
+        checksum = 1            # adler32's initial value
+        try:
+            for a in range(0, nbytes, self.CHUNK):
+                c = min(self.CHUNK, nbytes - a)
+                xor = self.scratch[:c]
+                view, got = memoryview(xor), 0
+                while got < c:
+                    n = reader.readinto(view[got:])
+                    if n == 0:
+                        raise DeltaError(f"tensor {key}: corrupt arc_v2 patch (it ends after {a + got} of {nbytes} bytes)")
+                    got += n
+                np.bitwise_xor(src[a:a + c], xor, out=dst[a:a + c])
+                checksum = adler32(dst[a:a + c], checksum)
+                pace()
+            if reader.read(1):
+                raise DeltaError(f"tensor {key}: corrupt arc_v2 patch (longer than the tensor's {nbytes} bytes)")
+        except self.zstd.ZstdError as e:
+            raise DeltaError(f"tensor {key}: corrupt arc_v2 patch ({e})") from e
+        if str(checksum) != expected:
+            raise DeltaError(f"tensor {key}: checksum mismatch after applying the delta (corrupted delta, or the "
+                             f"current weights are not the snapshot it was made against): {checksum} != {expected}")
+        return result

@@ -23,7 +23,7 @@ Trainer side:
 
 Deployment side:
 
-    current = load_base_weights(root / "step-1-ab12cd34")
+    current = load_base_weights(root / "step-1-ab12cd34")                     # out=: read into spare tensors
     current = apply_delta(root / "step-2-ab12cd34", current, current_identity="step-1-ab12cd34",
                           compression_format="arc_v2")   # the hot-load request's; must match the snapshot's
     same = reconstruct([root / "step-1-ab12cd34", root / "step-2-ab12cd34"])
@@ -211,13 +211,16 @@ def delta_format_of(src: Path) -> str:
     return recorded if isinstance(recorded, str) else formats.sniff_delta_format(src)
 
 
-def load_base_weights(src: Path) -> dict[str, torch.Tensor]:
-    """The weights of a base snapshot (bf16 for workbench's own), keyed like bf16_state(); shards merged."""
+def load_base_weights(src: Path, out: dict | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a base snapshot (bf16 for workbench's own), keyed like bf16_state(); shards merged.
+
+    `out`: bf16 tensors the caller no longer needs; those matching a tensor's name and shape are read
+    into and returned in its place (formats.read_tensors)."""
     src = Path(src)
     files = _weight_files(src)
     if not files:
         raise ValueError(f"{src} is not a base snapshot (no {BASE_FILE})")
-    return read_tensors(files)
+    return read_tensors(files, out=out)
 
 
 def apply_delta(src: Path, current_bf16: dict, current_identity: str, compression_format: str | None = None,

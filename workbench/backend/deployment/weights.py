@@ -22,8 +22,10 @@ base model's own fp32 weights, as the trainer's LoRA forward computes), refuse n
 copy it into the spare fp32 model, record it in state.json, then ask the engine to swap models
 between two steps (with `drain`, once the requests in flight have finished). The previous model
 becomes the spare for the next load (double buffering: serving never waits on a load, and a swap is a
-pointer change). Likewise the bf16 dict a swap retires is kept and the next delta decodes into it
-(workbench_v1 does; no fresh memory to fault in), at the cost of one more bf16 copy of the weights held. state.json is written before the swap and put back if the swap fails, so the
+pointer change). Likewise the bf16 dict a swap retires is kept and the next load writes into it
+(a base is read into it, workbench_v1 and arc_v2 deltas decode into it: no fresh memory to fault in;
+it stays the spare if that load fails), at the cost of one more bf16 copy of the weights held.
+state.json is written before the swap and put back if the swap fails, so the
 answer, the live weights and the restart state always agree. Any failure leaves the served snapshot
 untouched, sets `loading_state` to stage "error" for that target with a message, and raises
 `HotloadError` with an HTTP status the server returns: 400 malformed request or metadata (or a delta
@@ -75,6 +77,13 @@ MAX_CHAIN_DELTAS = 4
 # holds against every process of the machine, and at load ~20 it made a 5M base load 3-4x slower
 # (bench/hotload.py) without a pause reduction that could be measured there.
 HOTLOAD_NICE = 0
+# Bounded slices (see _Pacer): while the engine has sequences to decode, the hot-load thread sleeps
+# HOTLOAD_PACE times as long as each slice of its work took (a tensor read or decoded, 4 MiB copied),
+# so it takes at most 1 / (1 + HOTLOAD_PACE) of a core beside the engine. WORKBENCH_HOTLOAD_PACE
+# overrides it (0: off); bench/hotload.py measures the pause samplers see with and without it.
+HOTLOAD_PACE = 1.0
+_PACE_SLEEP_MAX_S = 0.05
+_COPY_SLICE = 1 << 20          # elements per copy_ into the spare model (4 MiB of fp32)
 _IDENTITY_RE = re.compile(r"[!-.0-\[\]-~]+")   # printable ASCII but "/", "\\" and space
 SWAP_WAIT_S = 60.0            # the engine swaps between two steps: one step, unless it is wedged
 SWAP_WAIT_DRAIN_S = 600.0     # a draining swap waits for the requests in flight to finish
@@ -306,7 +315,7 @@ class WeightManager:
                 self.loading_state = {"stage": "loading", "target_snapshot_identity": identity}
             t0 = time.perf_counter()
             try:
-                result = self._run_in_loader(self._load, identity, meta, snapshot_root, source_url,
+                result = self._run_in_loader(self._load_keeping_spares, identity, meta, snapshot_root, source_url,
                                              self.drain_default if drain is None else drain)
             except HotloadError as e:
                 raise self._fail(identity, e.status, e.message, e.field)
@@ -357,14 +366,13 @@ class WeightManager:
             if prev != self.current_identity:
                 raise HotloadError(409, f"delta {identity!r} applies to {prev!r}, but this replica holds "
                                         f"{self.current_identity!r}; hot-load a full (base) snapshot first")
-            recycled, self._retired_bf16 = self._retired_bf16, None     # lost if this load fails: no matter
-            weights = decode_delta(src, self.current_bf16, self.current_identity, meta, out=recycled)
+            weights = decode_delta(src, self.current_bf16, self.current_identity, meta, out=self._take_retired())
             chain = self.chain + [entry]
             since_base = self.deltas_since_base + 1
         elif kind == "base":
             # a full snapshot is valid whatever metadata came with it (flow4c: a LoRA policy's syncer
             # may send delta metadata for what is really a full save)
-            weights = ck.load_base_weights(src)
+            weights = ck.load_base_weights(src, out=self._take_retired())
             chain, since_base = [entry], 0
         elif kind == "lora":
             weights = self._merge_lora(src, self.spare)        # merges straight into the spare
@@ -411,6 +419,26 @@ class WeightManager:
                 "swap_wait_seconds": round(t_swapped - t_persisted, 6),
                 "max_sampler_pause_seconds": round(self.engine.pauses_seen(), 6),
                 "drained": bool(drain)}
+
+    def _take_retired(self) -> dict | None:
+        """The bf16 tensors the last swap retired, for this load to write into (see _load_keeping_spares)."""
+        recycled, self._retired_bf16 = self._retired_bf16, None
+        return recycled
+
+    def _load_keeping_spares(self, *args) -> dict:
+        """_load; if it fails, the retired bf16 tensors it may have written into serve nothing, so they
+        stay the spares of the next load (fresh memory is what they save: see checkpoints/delta_codec.py)."""
+        from workbench.checkpoints.delta_codec import paced
+
+        retired = self._retired_bf16
+        try:
+            with paced(_Pacer(self.engine, float(os.environ.get("WORKBENCH_HOTLOAD_PACE", HOTLOAD_PACE)))):
+                return self._load(*args)
+        except BaseException:
+            held = {id(t) for t in (self.current_bf16 or {}).values()}
+            if retired is not None and self._retired_bf16 is None and not any(id(t) in held for t in retired.values()):
+                self._retired_bf16 = retired
+            raise
 
     def _resolve(self, identity: str, snapshot_root, source_url) -> tuple[Path, str]:
         """The snapshot directory and the header that named it (sources.py: 400 / 403 / 404)."""
@@ -488,9 +516,18 @@ class WeightManager:
         if missing or unexpected or wrong:
             raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: missing {missing[:5]}, "
                                     f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+        from workbench.checkpoints.delta_codec import pace
         with torch.no_grad():
             for k, v in weights.items():
-                tensors[k].copy_(v)
+                target = tensors[k]
+                if target.numel() > _COPY_SLICE and target.is_contiguous() and v.is_contiguous():
+                    flat, src = target.view(-1), v.view(-1)
+                    for a in range(0, flat.numel(), _COPY_SLICE):   # bounded slices (see _Pacer)
+                        flat[a:a + _COPY_SLICE].copy_(src[a:a + _COPY_SLICE])
+                        pace()
+                else:
+                    target.copy_(v)
+                    pace()
 
     def _read_state(self) -> bytes | None:
         try:
@@ -602,10 +639,31 @@ def check_finite(weights: dict, identity: str | None) -> None:
     extreme): one read pass and no temporary, where `isfinite(t).all()` writes a bool per element
     into fresh memory (bf16, 4.7M elements: 178 ms against 0.8 ms on this VM)."""
     import torch
+
+    from workbench.checkpoints.delta_codec import pace
     for name, t in weights.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
             raise HotloadError(422, f"snapshot {identity!r} has non-finite values (NaN or inf) in {name}; "
                                     "refused, the previous snapshot keeps serving")
+        pace()
+
+
+class _Pacer:
+    """The hot-load thread's `paced` hook (checkpoints/delta_codec.py), called after each bounded slice of
+    its work: while the engine has sequences to decode, sleep `ratio` times as long as the slice took
+    (at most _PACE_SLEEP_MAX_S), leaving the CPU to the engine; with nothing to decode, go on at full
+    speed. The swap itself stays a reference change between two decode steps (engine.swap_model)."""
+
+    def __init__(self, engine, ratio: float):
+        self.engine, self.ratio = engine, ratio
+        self.t = time.perf_counter()
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        if self.ratio > 0 and self.engine is not None and self.engine.load().get("active"):
+            time.sleep(min((now - self.t) * self.ratio, _PACE_SLEEP_MAX_S))
+            now = time.perf_counter()
+        self.t = now
 
 
 def _dir_bytes(path: Path) -> int:
