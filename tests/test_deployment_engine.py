@@ -116,6 +116,11 @@ def test_logprobs_match_transformers_while_batched(tiny, tiny_plain, runner):
         engine.stop()
 
 
+def test_plain_torch_model_refuses_the_recompute_runner(tiny_plain):
+    with pytest.raises(ValueError, match="KV cache only"):   # it takes no padding mask
+        Engine(tiny_plain[0], tiny_plain[1], force_recompute=True)
+
+
 def test_greedy_matches_generate_and_cache_grows(tiny):
     model, tok = tiny
     engine = Engine(model, tok).start()
