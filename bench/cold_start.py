@@ -29,9 +29,10 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import re
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -218,7 +219,7 @@ def measure(args) -> tuple[dict, dict, str, str]:
                 serve.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(serve.pid, signal.SIGKILL)
-
+    shutil.rmtree(home, ignore_errors=True)     # only after a run that succeeded: a failed one keeps its logs
     return figures, rss, load_start, load_end
 
 
