@@ -25,7 +25,11 @@ Environment (all optional):
   COOKBOOK_HOME      cache directory            (default ~/.cache/workbench-cookbook)
   COOKBOOK_TORCH     pip requirement for torch  (default torch==2.13.0; a CPU wheel index may be needed)
   COOKBOOK_SDK       pip requirement for the SDK (default: whatever the cookbook resolves)
-  COOKBOOK_TIMEOUT   seconds per item           (default 900)
+  COOKBOOK_TIMEOUT   seconds per recipe / tool  (default 900)
+  COOKBOOK_E2E_TIMEOUT seconds per e2e test     (default 2400: a resume test is two whole runs, and the
+                     GRPO ones sample up to the context length on CPU)
+  COOKBOOK_RENDER_WORKERS  render worker processes the e2e tests' DataLoaders may start (default 0:
+                     in-process; see scripts/cookbook_plugin.py)
   WORKBENCH_PYTHON   python that runs `workbench serve` (default: this interpreter)
 """
 
@@ -240,6 +244,7 @@ def main(argv: list[str]) -> int:
     logdir = home / "logs" / time.strftime("%Y%m%d-%H%M%S")
     logdir.mkdir(parents=True)
     timeout = float(os.environ.get("COOKBOOK_TIMEOUT", "900"))
+    e2e_timeout = float(os.environ.get("COOKBOOK_E2E_TIMEOUT", "2400"))
     wb_home = Path(tempfile.mkdtemp(prefix="wb-cookbook-"))
     proc, base_url, api_key = start_backend(wb_home)
     log(f"backend {base_url} (home {wb_home}); setup took {time.time() - t_all:.0f}s; logs in {logdir}")
@@ -247,7 +252,7 @@ def main(argv: list[str]) -> int:
     try:
         env = item_env(base_url, api_key, hf_home, logdir / "work")
         for item in items:
-            ok, secs, err = run_item(item, py, src, env, logdir, timeout)
+            ok, secs, err = run_item(item, py, src, env, logdir, e2e_timeout if item.startswith("test_") else timeout)
             results.append((item, ok, secs, err))
             print(f"{'PASS' if ok else 'FAIL'} {item:40s} {secs:6.0f}s {err}", flush=True)
     finally:
