@@ -1,6 +1,7 @@
 """Hot-load cost of a deployment replica vs the in-process floor, and the pause samplers see.
 
     /tmp/venv/bin/python bench/hotload.py [--models small,75m] [--repeats 3] [--engine builtin,vllm]
+                                          [--format arc_v2|workbench_v1] [--compare OTHER_TREE[,...]]
 
 For each model, a base snapshot and a delta snapshot over it are written with workbench.checkpoints
 (the delta as after one small optimizer step: every weight nudged by ~0.1% noise). Then:
@@ -20,6 +21,12 @@ reports its wait, ~0.1 ms); what samplers feel is the hot load's CPU work compet
 for two shared cores. Measured in-process: the same decode+copy loop run in a second *process*
 slowed decode steps as much as in a thread, so it is CPU, not the GIL. Compare the "during" figure
 with the quiet window of the same run: on a busy machine both are dominated by other processes.
+
+`--compare OTHER_TREE` runs the replica from each listed source tree too (PYTHONPATH=<tree>), on the same
+snapshots and floor, one after the other in this run (before/after figures side by side, each section
+with the load average when it ended). `--format` is the delta's format (arc_v2: what WeightSyncer sends).
+The hot-load thread paces itself while samplers decode (deployment/weights.py, WORKBENCH_HOTLOAD_PACE);
+set that variable to 0 in the environment to measure without it.
 
 "75m" is a ~75M-parameter Qwen3 built here from a config (random weights, registered through a
 temporary model catalog): with the 5M model a whole hot load is a few milliseconds and the HTTP round
@@ -67,7 +74,7 @@ def make_medium(where: Path) -> Path:
     return d
 
 
-def write_snapshots(model_name: str, root: Path) -> tuple[dict, dict]:
+def write_snapshots(model_name: str, root: Path, delta_format: str = "arc_v2") -> tuple[dict, dict]:
     from workbench import checkpoints as ck
     from workbench import models
 
@@ -79,7 +86,8 @@ def write_snapshots(model_name: str, root: Path) -> tuple[dict, dict]:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 1e-3 * p.abs())
     w2 = ck.bf16_state(model)
-    stats = ck.save_sampler_delta(root / "snap-delta", w2, w1, "snap-base", {"base_model": model_name})
+    stats = ck.save_sampler_delta(root / "snap-delta", w2, w1, "snap-base", {"base_model": model_name},
+                                  delta_format=delta_format)
     return w1, stats
 
 
@@ -109,10 +117,11 @@ class Floor:
         return time.perf_counter() - t0
 
 
-def start_replica(model_name: str, work: Path, env: dict, engine: str = "builtin") -> tuple[subprocess.Popen, int]:
+def start_replica(model_name: str, work: Path, env: dict, engine: str = "builtin",
+                  tag: str = "") -> tuple[subprocess.Popen, int]:
     from workbench.backend.deployment.engines import replica_command
 
-    ddir = work / f"dep-{engine}"
+    ddir = work / f"dep-{engine}{tag}"      # its own directory: no port file or state.json of another
     ddir.mkdir(parents=True, exist_ok=True)
     (ddir / "deployment.json").write_text(json.dumps(
         {"deployment_id": "bench", "account": "bench", "base_model": model_name, "home": str(work)}))
@@ -120,7 +129,7 @@ def start_replica(model_name: str, work: Path, env: dict, engine: str = "builtin
     python, args, extra = replica_command(engine, ddir)
     proc = subprocess.Popen([python, *args, "--port-file", str(port_file)],
                             env=dict(env, WORKBENCH_API_KEY=KEY, **extra),
-                            stdout=subprocess.DEVNULL, stderr=open(work / f"replica-{engine}.log", "wb"))
+                            stdout=subprocess.DEVNULL, stderr=open(ddir / "replica.log", "wb"))
     deadline = time.time() + (1800 if engine == "vllm" else 180)   # vLLM starts in minutes on a busy CPU
     while time.time() < deadline:
         if port_file.exists():
@@ -128,13 +137,14 @@ def start_replica(model_name: str, work: Path, env: dict, engine: str = "builtin
             if httpx.get(f"http://127.0.0.1:{port}/readyz", headers={"x-api-key": KEY}).status_code == 200:
                 return proc, port
         if proc.poll() is not None:
-            raise RuntimeError((work / f"replica-{engine}.log").read_text()[-5000:])
+            raise RuntimeError((ddir / "replica.log").read_text()[-5000:])
         time.sleep(0.1)
     raise TimeoutError("replica did not start")
 
 
 class Hotloader:
-    def __init__(self, port: int, root: Path):
+    def __init__(self, port: int, root: Path, delta_format: str = "arc_v2"):
+        self.delta_format = delta_format
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                                    headers={"x-api-key": KEY, "x-workbench-snapshot-root": str(root)})
 
@@ -143,7 +153,7 @@ class Hotloader:
         body = {"identity": identity, "reset_prompt_cache": True}
         if previous:
             body["incremental_snapshot_metadata"] = {"previous_snapshot_identity": previous,
-                                                     "compression_format": "arc_v2", "checksum_format": "alder32"}
+                                                     "compression_format": self.delta_format, "checksum_format": "alder32"}
         t0 = time.perf_counter()
         r = self.client.post("/hot_load/v1/models/hot_load", json=body)
         r.raise_for_status()
@@ -193,27 +203,31 @@ def start_samplers(port: int, seconds: float, n_streams: int = 4) -> subprocess.
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def bench_model(model_name: str, repeats: int, env: dict, engines: list[str] = ("builtin",)) -> None:
+def bench_model(model_name: str, repeats: int, env: dict, engines: list[str] = ("builtin",),
+                delta_format: str = "arc_v2", trees: list[str | None] = (None,)) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root = work / "sampler"
         root.mkdir()
-        base_w, dstats = write_snapshots(model_name, root)
+        base_w, dstats = write_snapshots(model_name, root, delta_format)
         floor = Floor(model_name, root, base_w)
         params = sum(t.numel() for t in base_w.values())
         for engine in engines:
-            t_start = time.perf_counter()
-            proc, port = start_replica(model_name, work, env, engine)
-            print(f"\n-- engine {engine} (replica ready in {time.perf_counter() - t_start:.0f} s)", end="")
-            try:
-                _bench_replica(port, root, floor, repeats, model_name, params, dstats)
-            finally:
-                proc.terminate()
-                proc.wait(60)
+            for i, tree in enumerate(trees):
+                tree_env = dict(env, PYTHONPATH=str(Path(tree).resolve())) if tree else env
+                t_start = time.perf_counter()
+                proc, port = start_replica(model_name, work, tree_env, engine, tag=f"-{i}")
+                print(f"\n-- engine {engine}, replica from {tree or 'this tree'} (ready in "
+                      f"{time.perf_counter() - t_start:.0f} s), {delta_format} delta", end="")
+                try:
+                    _bench_replica(port, root, floor, repeats, model_name, params, dstats, delta_format)
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
 
 
-def _bench_replica(port, root, floor, repeats, model_name, params, dstats) -> None:
-    hl = Hotloader(port, root)
+def _bench_replica(port, root, floor, repeats, model_name, params, dstats, delta_format="arc_v2") -> None:
+    hl = Hotloader(port, root, delta_format)
     times = {"base": [], "delta": []}
     floors = {"base": [], "delta": []}
     server = {"base": [], "delta": []}
@@ -247,10 +261,11 @@ def _bench_replica(port, root, floor, repeats, model_name, params, dstats) -> No
     q0 = time.perf_counter()
     time.sleep(2.0)
     q1 = time.perf_counter()
-    n_loads = 0
+    n_loads, engine_pause = 0, 0.0
     while time.perf_counter() - q1 < 2.0 or n_loads < 4:
-        hl.load("snap-base")
-        hl.load("snap-delta", previous="snap-base")
+        for identity, previous in (("snap-base", None), ("snap-delta", "snap-base")):
+            hl.load(identity, previous=previous)
+            engine_pause = max(engine_pause, hl.last.get("max_sampler_pause_seconds", 0.0))
         n_loads += 2
     h1 = time.perf_counter()
     gaps = json.loads(child.communicate(timeout=120)[0])
@@ -259,7 +274,8 @@ def _bench_replica(port, root, floor, repeats, model_name, params, dstats) -> No
     print(f"  concurrent samplers (4 streams, own process): median chunk gap {quiet[len(quiet) // 2] * 1000:.1f} ms; "
           f"longest gap without hot loads {quiet[-1] * 1000:.1f} ms, during {n_loads} hot loads "
           f"{busy[-1] * 1000:.1f} ms (p99 {quiet[int(len(quiet) * .99)] * 1000:.1f} / "
-          f"{busy[int(len(busy) * .99)] * 1000:.1f} ms)")
+          f"{busy[int(len(busy) * .99)] * 1000:.1f} ms); the replica's own longest step gap during loads "
+          f"{engine_pause * 1000:.1f} ms; load average {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:
@@ -271,6 +287,8 @@ def main() -> None:
     ap.add_argument("--models", default="small,75m")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--engine", default="builtin", help="comma-separated: builtin, vllm (each in turn)")
+    ap.add_argument("--format", default="arc_v2", help="the delta snapshot's format (arc_v2, workbench_v1, ...)")
+    ap.add_argument("--compare", default="", help="comma-separated source trees whose replica runs too (before/after)")
     args = ap.parse_args()
     torch.set_num_threads(1)     # the replica computes single-threaded too (WORKBENCH_DEPLOYMENT_THREADS)
     from workbench import models
@@ -292,7 +310,8 @@ def main() -> None:
             else:
                 names.append(m)
         for name in names:
-            bench_model(name, args.repeats, env, args.engine.split(","))
+            bench_model(name, args.repeats, env, args.engine.split(","), args.format,
+                        [None, *filter(None, args.compare.split(","))])
 
 
 if __name__ == "__main__":
