@@ -16,6 +16,8 @@ interleaved so machine noise hits all alike):
   - the same GET through the control plane's gateway (adds the proxy hop)
   - SDK forward(...).result() straight to the trainer's port (SDK client + trainer, no gateway)
   - SDK forward(...).result() through the gateway (what a user's loop pays)
+  - SDK forward(...).result() against bench/canned_trainer.py, a server with canned answers and no workbench
+    code (the SDK's own floor: client-side cost no server can remove; also a side in --compare)
 then, per SDK call, the HTTP requests the SDK makes (counted and timed by wrapping httpx's
 AsyncClient.send in this process), the client-side cProfile of the calling thread, and with --py-spy
 a sampled profile of the trainer and the control plane (py-spy, non-idle samples) grouped by the
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -35,6 +38,7 @@ import io
 import os
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +99,33 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def start_canned(client, datum, workdir: Path) -> tuple[subprocess.Popen, str]:
+    """bench/canned_trainer.py in its own process, answering forwards with the result `client` just got for
+    `datum` from a real trainer (so the SDK parses the same body); (process, base_url)."""
+    import orjson
+
+    def wire(value):   # the SDK's result types are dataclasses; TensorData keeps its values in numpy
+        if hasattr(value, "to_numpy") and hasattr(value, "dtype"):
+            return {"data": value.tolist(), "dtype": str(getattr(value.dtype, "value", value.dtype)),
+                    "shape": value.shape}
+        if dataclasses.is_dataclass(value):
+            return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if not f.name.startswith("_")}
+        raise TypeError(type(value))
+
+    result = client.forward(datum, "cross_entropy").result()
+    body_file, port_file = workdir / "canned-forward.json", workdir / "canned-port"
+    body_file.write_bytes(orjson.dumps(result, default=wire, option=orjson.OPT_PASSTHROUGH_DATACLASS))
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("canned_trainer.py")), str(port_file),
+                             str(body_file)])
+    deadline = time.time() + 120
+    while not port_file.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("bench/canned_trainer.py did not start")
+        time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{int(port_file.read_text())}"
+
+
 def compare(model_name: str, other_tree: str, calls: int) -> None:
     """Interleaved SDK forwards through two backends: this tree's and `other_tree`'s."""
     import tinker
@@ -131,10 +162,17 @@ def compare(model_name: str, other_tree: str, calls: int) -> None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved
+    canned = None
     try:
         datum = [tinker.Datum(model_input=tinker.ModelInput.from_ints([11, 12, 13, 14]),
                               loss_fn_inputs={"target_tokens": tinker.TensorData(data=[12, 13, 14, 15],
                                                                                  dtype="int64", shape=[4])})]
+        # The SDK's own floor, measured in the same interleaved blocks (see bench/canned_trainer.py).
+        canned, canned_url = start_canned(sides["this tree"]["client"], datum, Path(homes[0]))
+        canned_service = FiretitanServiceClient(base_url=canned_url, api_key="canned")
+        services.append(canned_service)
+        sides["SDK floor"] = {"client": canned_service.create_training_client(base_model=model_name, lora_rank=0),
+                              "pids": {"canned server": canned.pid}, "lat": [], "cpu": collections.Counter()}
         for side in sides.values():
             for _ in range(5):
                 side["client"].forward(datum, "cross_entropy").result()   # warm up
@@ -151,19 +189,24 @@ def compare(model_name: str, other_tree: str, calls: int) -> None:
                 for n, p in side["pids"].items():
                     side["cpu"][n] += cpu_seconds(p) - before[n]
         print(f"model {model_name}; load average at start {load_start}, at end {loadavg()}")
+        columns = ["control plane", "trainer", "canned server", "client (SDK)"]
         print(f"{'':12s} {'median ms':>10s} {'p10 ms':>8s}   CPU ms per call: "
-              f"{'control plane':>13s} {'trainer':>8s} {'client (SDK)':>12s} {'sum':>6s}")
+              + " ".join(f"{c:>13s}" for c in columns) + f" {'sum':>6s}")
         for name, side in sides.items():
             n = len(side["lat"])
             lat = sorted(side["lat"])
             cpu = {k: v / n * 1e3 for k, v in side["cpu"].items()}
-            print(f"{name:12s} {statistics.median(lat) * 1e3:10.2f} {lat[n // 10] * 1e3:8.2f}   "
-                  f"{'':16s}{cpu['control plane']:13.2f} {cpu['trainer']:8.2f} {cpu['client (SDK)']:12.2f} "
-                  f"{sum(cpu.values()):6.2f}")
-        print("trees: " + ", ".join(f"{k} = {v}" for k, v in trees.items()) + f"; {n} calls each")
+            print(f"{name:12s} {statistics.median(lat) * 1e3:10.2f} {lat[n // 10] * 1e3:8.2f}   {'':16s}"
+                  + " ".join(f"{cpu[c]:13.2f}" if c in cpu else f"{'-':>13s}" for c in columns)
+                  + f" {sum(cpu.values()):6.2f}")
+        print("trees: " + ", ".join(f"{k} = {v}" for k, v in trees.items()) + f"; {n} calls each; SDK floor = "
+              "the same SDK call against bench/canned_trainer.py (canned answers, no workbench code)")
     finally:
         for s in services:
             s.close()
+        if canned is not None:
+            canned.kill()
+            canned.wait()
         for home in homes:
             stop(home)
 
@@ -197,7 +240,7 @@ def main() -> None:
     home = resolve_home(tempfile.mkdtemp(prefix="wb-callprof-"))
     info = start_detached(home)
     key = ensure_api_key(home)
-    services = []
+    services, canned = [], None
     try:
         mgr = TrainerJobManager(api_key=key, base_url=info["base_url"])
         created = mgr.create(TrainerJobConfig(base_model=model_name, lora_rank=0, learning_rate=1e-4))
@@ -213,6 +256,10 @@ def main() -> None:
         datum = [tinker.Datum(model_input=tinker.ModelInput.from_ints([11, 12, 13, 14]),
                               loss_fn_inputs={"target_tokens": tinker.TensorData(data=[12, 13, 14, 15],
                                                                                  dtype="int64", shape=[4])})]
+        canned, canned_url = start_canned(direct_client, datum, home)
+        canned_service = FiretitanServiceClient(base_url=canned_url, api_key="canned")
+        services.append(canned_service)
+        canned_client = canned_service.create_training_client(base_model=model_name, lora_rank=0)
         model = load_model(model_name)
         ids = torch.tensor([[11, 12, 13, 14]])
         http = httpx.Client(headers={"X-Api-Key": key}, timeout=60)
@@ -228,6 +275,7 @@ def main() -> None:
             .raise_for_status(),
             "SDK forward 1x4, direct": lambda: direct_client.forward(datum, "cross_entropy").result(),
             "SDK forward 1x4, via gateway": lambda: gw_client.forward(datum, "cross_entropy").result(),
+            "SDK forward 1x4, canned server": lambda: canned_client.forward(datum, "cross_entropy").result(),
         }
         times = {name: [] for name in paths}
         for fn in paths.values():
@@ -304,9 +352,12 @@ def main() -> None:
         print(f"  gateway proxy hop                   "
               f"{med['SDK forward 1x4, via gateway'] - med['SDK forward 1x4, direct']:8.2f} ms "
               f"(healthz: {med['httpx GET healthz, via gateway'] - med['httpx GET healthz, direct']:.2f} ms)")
+        print(f"  SDK floor (canned server)           {med['SDK forward 1x4, canned server']:8.2f} ms "
+              f"(the SDK, its HTTP stack and 2 loopback round trips; no server can remove it)")
+        print(f"  trainer server beyond the floor     "
+              f"{med['SDK forward 1x4, direct'] - med['SDK forward 1x4, canned server'] - local_ms:8.2f} ms "
+              f"(SDK direct minus floor minus compute: HTTP serving, futures, worker hand-off)")
         print(f"  one bare loopback HTTP round trip   {med['httpx GET healthz, direct']:8.2f} ms")
-        print(f"  SDK direct beyond compute           {med['SDK forward 1x4, direct'] - local_ms:8.2f} ms "
-              f"(SDK + trainer server: request building, 2+ round trips, worker hand-off)")
         n_req = statistics.median(len(reqs) for _, reqs in per_call)
         in_http = statistics.median(sum(d for _, d in reqs) for _, reqs in per_call) * 1e3
         total = statistics.median(t for t, _ in per_call) * 1e3
@@ -332,6 +383,9 @@ def main() -> None:
     finally:
         for s in services:
             s.close()
+        if canned is not None:
+            canned.kill()
+            canned.wait()
         stop(home)
 
 

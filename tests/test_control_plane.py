@@ -87,6 +87,22 @@ def test_gateway_unknown_job_and_deployment(backend):
     assert r.status_code == 400 and "fireworks-deployment" in r.json()["error"]["message"]
 
 
+def test_trainer_gateway_fast_path_checks_key_account_job_and_method(backend):
+    """Trainer calls are answered by the pure-ASGI TrainerGateway, before FastAPI routing: the same checks hold."""
+    job_path = "/training/v1/rlorTrainerJobs/workbench/nope/api/v1"
+    for method, rest in [("GET", "healthz"), ("POST", "retrieve_future"), ("POST", "forward")]:
+        for headers in ({}, {"X-Api-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, f"{backend.base_url}{job_path}/{rest}", headers=headers, json={}, timeout=60)
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"], (method, rest, r.text)
+        r = httpx.request(method, f"{backend.base_url}{job_path}/{rest}", headers=backend.headers(), json={},
+                          timeout=60)
+        assert r.status_code == 404 and "workbench/nope" in r.json()["error"]["message"], (method, rest, r.text)
+    r = backend.post("/training/v1/rlorTrainerJobs/other/nope/api/v1/forward", json={})
+    assert r.status_code == 404 and "other/nope" in r.json()["error"]["message"]
+    r = httpx.put(f"{backend.base_url}{job_path}/forward", headers=backend.headers(), timeout=60)
+    assert r.status_code == 405 and "PUT" in r.json()["error"]["message"]
+
+
 def test_trainer_prefixed_control_plane_paths(backend):
     # R1.2: a service client built on a trainer endpoint calls /v1/... under the trainer prefix.
     r = backend.get("/training/v1/rlorTrainerJobs/workbench/anyjob/v1/accounts?pageSize=2")

@@ -29,6 +29,7 @@ from .home import ensure_api_key, pid_alive, read_server_info, server_file, writ
 def serve_foreground(home: Path, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
     import uvicorn
 
+    from .coalesce import CoalescingHttpToolsProtocol
     from .control_plane.app import create_app
 
     # One home, however it was given (--home, $WORKBENCH_HOME or the default): everything in this process
@@ -57,8 +58,9 @@ def serve_foreground(home: Path, host: str = "127.0.0.1", port: int = 0, log_lev
                               mode=0o600)
             print(f"workbench backend serving at {base_url} (home {home})", flush=True)
 
+    # One segment per answer (coalesce.py); the event loop is uvloop ("auto": uvloop is a dependency).
     config = uvicorn.Config(create_app(home, api_key), log_level=log_level, timeout_keep_alive=75,
-                            lifespan="on", access_log=False)
+                            lifespan="on", access_log=False, http=CoalescingHttpToolsProtocol)
     server = _Server(config)
     try:
         server.run(sockets=[sock])

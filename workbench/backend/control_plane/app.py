@@ -4,8 +4,8 @@
 
 It serves the Fireworks REST surface (`/v1/accounts/...`: trainer jobs, training shapes, checkpoints,
 promotion, operations, models, deployments) and is the single entry point clients talk to: the
-gateway routes (gateway.py) proxy trainer, hot-load and inference traffic to the processes that the
-`Supervisor` starts, and the serverless routes (serverless.py) serve the SDK's standalone sampling.
+gateway (gateway.py: `TrainerGateway` in front of the routes for trainer calls, routes for hot-load and
+inference) proxies traffic to the processes that the `Supervisor` starts, and the serverless routes (serverless.py) serve the SDK's standalone sampling.
 State lives in SQLite (`Store`); checkpoint files live under `jobs/<job>/`.
 
 This module only assembles: the state and lifecycle rules are in core.py, the routes in jobs.py,
@@ -32,7 +32,8 @@ from ..home import ensure_api_key
 from . import checkpoints, deployments, gateway, jobs, serverless
 from .core import ControlPlane
 from .errors import ApiError, api_error_handler, error_response, http_exception_handler, validation_error_handler
-from .gateway import strip_trainer_prefix
+from .gateway import TrainerGateway, strip_trainer_prefix
+from .relay import UpstreamPool
 
 
 def create_app(home: Path, api_key: str | None = None) -> FastAPI:
@@ -40,6 +41,7 @@ def create_app(home: Path, api_key: str | None = None) -> FastAPI:
     cp = ControlPlane(home, api_key)
     app = FastAPI(title="workbench control plane", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.cp = cp
+    app.state.upstream = UpstreamPool()   # the trainer calls' keep-alive connections (TrainerGateway)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
@@ -54,9 +56,12 @@ def create_app(home: Path, api_key: str | None = None) -> FastAPI:
     @app.on_event("shutdown")
     async def _shutdown() -> None:
         await app.state.http.aclose()
+        await app.state.upstream.close()
         cp.shutdown()
 
-    # Added last = outermost: the boundary also covers the auth middleware.
+    # Added last = outermost: the boundary also covers the auth middleware, and the key is checked before
+    # the trainer gateway sees a request.
+    app.add_middleware(TrainerGateway, cp=cp, pool=app.state.upstream)
     app.add_middleware(AuthAndPrefixMiddleware, api_key=api_key, key_file=HomeLayout(home).api_key_file)
     app.add_middleware(ErrorBoundaryMiddleware)
 

@@ -4,8 +4,11 @@
     /hot_load/v1/models/hot_load                             -> the replica named by the `fireworks-deployment` header (§5)
     /inference/v1/completions, /v1/completions               -> the replica named by the body's `model` (§6)
 
-Requests and responses pass through unchanged: an answer of known length up to BUFFER_LIMIT is relayed
-whole, anything else (SSE, chunked, large) is streamed back as it arrives. A
+Trainer calls (two per SDK operation: the POST, then `retrieve_future`) are answered by `TrainerGateway`,
+a pure ASGI layer in front of FastAPI that checks the job and relays over pooled keep-alive connections
+(relay.py); hot-load and inference go through FastAPI routes and httpx (`proxy`). Requests and responses
+pass through unchanged: an answer of known length up to BUFFER_LIMIT is relayed whole, anything else
+(SSE, chunked, large) is streamed back as it arrives. A
 target that is not running answers 503 with a JSON body: the SDK retries 503 on every surface, which
 is exactly what a client should do while a trainer resumes or a crashed replica restarts.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from urllib.parse import unquote
 
 import httpx
 from fastapi import APIRouter, Request
@@ -25,6 +29,7 @@ from workbench.common import BodyError, parse_json_object
 
 from .core import JOB_STOPPED_STATES, ControlPlane, desired_replicas, plane
 from .errors import error_response
+from .relay import UpstreamPool
 
 router = APIRouter()
 
@@ -73,9 +78,54 @@ async def proxy(request: Request, port: int, path: str, body: bytes | None = Non
 
 
 # ---- trainer ----------------------------------------------------------------------------------
-@router.api_route("/training/v1/rlorTrainerJobs/{account}/{job_id}/api/v1/{rest:path}", methods=["GET", "POST"])
-async def trainer_gateway(request: Request, account: str, job_id: str, rest: str):
-    cp = plane(request)
+_TRAINER_API = re.compile(rb"^/training/v1/rlorTrainerJobs/([^/]+)/([^/]+)(/api/v1/[^?]*)$")
+
+
+class TrainerGateway:
+    """Pure ASGI, in front of the FastAPI app: `/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/*` is
+    answered here and relayed to the job's trainer (relay.py); every other request goes on to `app`.
+
+        app.add_middleware(TrainerGateway, cp=cp, pool=UpstreamPool())   # inside the API-key middleware
+
+    Every SDK training call is two of these requests (the operation, then `retrieve_future`), so they skip
+    FastAPI's routing, Request objects and httpx: that was most of the control plane's cost per call.
+    The checks are the ones any control-plane route makes: the key (the middleware outside this one),
+    the account and the job (404), the job's state (`_not_serving`: 412/503 naming state and reason).
+    """
+
+    def __init__(self, app, cp: ControlPlane, pool: UpstreamPool):
+        self.app = app
+        self.cp = cp
+        self.pool = pool
+
+    async def __call__(self, scope, receive, send):
+        m = _TRAINER_API.match(scope.get("raw_path") or scope["path"].encode()) if scope["type"] == "http" else None
+        if m is None:
+            return await self.app(scope, receive, send)
+        account, job_id = unquote(m.group(1).decode("latin-1")), unquote(m.group(2).decode("latin-1"))
+        rest = unquote(m.group(3).decode("latin-1"))[len("/api/v1/"):]
+        if scope["method"] not in ("GET", "POST"):
+            return await error_response(405, f"method {scope['method']} not allowed on the trainer API "
+                                             "(GET or POST)")(scope, receive, send)
+        port = await trainer_port(self.cp, account, job_id, rest)
+        if not isinstance(port, int):
+            return await port(scope, receive, send)
+        parts = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+        target = m.group(3) + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
+        if not await self.pool.relay(port, scope["method"].encode(), target, scope["headers"], body, send):
+            await error_response(503, f"upstream process on port {port} is unavailable; retry")(scope, receive, send)
+
+
+async def trainer_port(cp: ControlPlane, account: str, job_id: str, rest: str) -> int | JSONResponse:
+    """The port of the trainer serving `account/job_id`, or the error answer (404, 412, 503) for `rest`."""
     job = cp.store.get("jobs", job_id)
     if job is None or account != cp.account or job["state"] == "JOB_STATE_DELETED":
         return error_response(404, f"rlorTrainerJob {account}/{job_id} not found")
@@ -94,7 +144,7 @@ async def trainer_gateway(request: Request, account: str, job_id: str, rest: str
                 break
     if port is None or job["state"] != "JOB_STATE_RUNNING":
         return _not_serving(job_id, job, rest)
-    return await proxy(request, port, f"/api/v1/{rest}")
+    return port
 
 
 EXIT_SETTLE_S = 10.0
