@@ -68,11 +68,13 @@ def categorize(raw: str) -> collections.Counter:
         files = re.findall(r"\(([^)]*)\)", stack)
         leaf = stack.rsplit(";", 1)[-1]
         # py-spy counts a thread inside a syscall as busy; on a loaded machine these are mostly waits for a CPU.
-        if "_SelectorSocketTransport.write" in leaf or "sock_sendall" in leaf or "SocketStream.send" in leaf:
+        # uvloop's transports are C: a send shows as the Python line that called transport.write.
+        if ("_SelectorSocketTransport.write" in leaf or "sock_sendall" in leaf or "SocketStream.send" in leaf
+                or "_CoalescingTransport._flush" in leaf or "UpstreamPool.relay" in leaf):
             counts["socket send syscalls"] += int(n)
             continue
-        if "Selector.select" in leaf:
-            counts["epoll wait (event loop)"] += int(n)
+        if "Selector.select" in leaf or "Runner.run" in leaf or "run_forever" in leaf:
+            counts["epoll wait (event loop)"] += int(n)   # under uvloop: its C loop (epoll, reads, callbacks)
             continue
         if "_write_to_self" in leaf:
             counts["waking the event loop from a worker thread"] += int(n)
