@@ -25,8 +25,8 @@ with the quiet window of the same run: on a busy machine both are dominated by o
 `--compare OTHER_TREE` runs the replica from each listed source tree too (PYTHONPATH=<tree>), on the same
 snapshots and floor, one after the other in this run (before/after figures side by side, each section
 with the load average when it ended). `--format` is the delta's format (arc_v2: what WeightSyncer sends).
-The hot-load thread paces itself while samplers decode (deployment/weights.py, WORKBENCH_HOTLOAD_PACE);
-set that variable to 0 in the environment to measure without it.
+WORKBENCH_HOTLOAD_PACE=1 in the environment makes the replica's hot-load thread sleep as long as each
+slice of its work took while samplers decode (deployment/weights.py; off by default).
 
 "75m" is a ~75M-parameter Qwen3 built here from a config (random weights, registered through a
 temporary model catalog): with the 5M model a whole hot load is a few milliseconds and the HTTP round

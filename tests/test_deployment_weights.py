@@ -303,3 +303,41 @@ def test_hotload_guards_nonfinite_noop_fault_rollback_and_drain(tmp_path):
         assert wm2.current_identity == "s3" and wm2.deltas_since_base == 2
     finally:
         wm2.stop()
+
+
+def test_hotload_work_is_sliced_and_paced_only_while_the_engine_decodes(tmp_path, monkeypatch):
+    """Reads, decodes and copies call the hot-load thread's `paced` hook after every bounded slice, and
+    the pacer sleeps (ratio x the slice's time) only while the engine has sequences."""
+    from workbench.backend.deployment import weights as weights_module
+    from workbench.backend.deployment.weights import _Pacer
+    from workbench.checkpoints.delta_codec import paced
+
+    root = tmp_path / "sampler"
+    w0 = ck.bf16_state(models.load_model(TINY))
+    w1 = {k: (v.float() * 1.01).to(torch.bfloat16) for k, v in w0.items()}
+    ck.save_sampler_base(root / "s0", w0, models.local_path(TINY), {})
+    for fmt in ("arc_v2", "workbench_v1"):
+        ck.save_sampler_delta(root / fmt, w1, w0, "s0", {}, delta_format=fmt)
+    for read in (lambda: ck.load_base_weights(root / "s0"),
+                 lambda: ck.apply_delta(root / "arc_v2", w0, "s0"),
+                 lambda: ck.apply_delta(root / "workbench_v1", w0, "s0")):
+        calls = []
+        with paced(lambda: calls.append(1)):
+            read()
+        assert len(calls) >= len(w0)
+
+    class Engine:
+        active = 0
+
+        def load(self):
+            return {"active": self.active}
+
+    slept = []
+    monkeypatch.setattr(weights_module.time, "sleep", slept.append)
+    engine = Engine()
+    pacer = _Pacer(engine, ratio=2.0)
+    for active in (0, 1):
+        engine.active = active
+        pacer.t = weights_module.time.perf_counter() - 0.02          # a slice of 20 ms just ended
+        pacer()
+    assert len(slept) == 1 and 0.04 <= slept[0] <= 0.05          # twice the slice, capped at 50 ms

@@ -77,11 +77,13 @@ MAX_CHAIN_DELTAS = 4
 # holds against every process of the machine, and at load ~20 it made a 5M base load 3-4x slower
 # (bench/hotload.py) without a pause reduction that could be measured there.
 HOTLOAD_NICE = 0
-# Bounded slices (see _Pacer): while the engine has sequences to decode, the hot-load thread sleeps
+# Bounded slices (see _Pacer): while the engine has sequences to decode, the hot-load thread may sleep
 # HOTLOAD_PACE times as long as each slice of its work took (a tensor read or decoded, 4 MiB copied),
-# so it takes at most 1 / (1 + HOTLOAD_PACE) of a core beside the engine. WORKBENCH_HOTLOAD_PACE
-# overrides it (0: off); bench/hotload.py measures the pause samplers see with and without it.
-HOTLOAD_PACE = 1.0
+# taking at most 1 / (1 + HOTLOAD_PACE) of a core beside the engine. Off by default: at load 5-7 on this
+# 2-core machine, pace 1 doubled the 5M model's loads under sampling (base 67 -> 141 ms, delta 186 ->
+# 302 ms) with no pause reduction that could be told from the pauses other processes caused (longest
+# step gap without a load: 77-133 ms). WORKBENCH_HOTLOAD_PACE sets it per replica.
+HOTLOAD_PACE = 0.0
 _PACE_SLEEP_MAX_S = 0.05
 _COPY_SLICE = 1 << 20          # elements per copy_ into the spare model (4 MiB of fp32)
 _IDENTITY_RE = re.compile(r"[!-.0-\[\]-~]+")   # printable ASCII but "/", "\\" and space
