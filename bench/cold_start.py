@@ -6,7 +6,13 @@
 Starts `workbench serve` in a temporary home (port 0), creates a trainer on the embedded model
 (shape `qwen3-tiny-cpu`) and then a deployment of it, and prints:
   - serve -> control plane ready (server.json written and /healthz answering), s
-  - trainer create -> RUNNING with a healthy service (SDK wait_for_ready, 0.05 s polling), s
+  - trainer create -> RUNNING with a healthy service (SDK wait_for_ready, 0.05 s polling), s, and the
+    trainer's CPU seconds (user + system, /proc) by then: on a loaded machine wall time stretches, CPU
+    time much less, so it is what argues the quiet-machine figure
+  - the trainer's phase timeline, s after the create request (and its CPU s at each): the control
+    plane's spawn (the supervisor's log header), fork, interpreter up, job lock held, imports done,
+    model loaded, backend built, app created, port written (the trainer's `startup` log line), the
+    control plane's RUNNING (the job's updateTime) and the SDK seeing RUNNING + healthz
   - deployment create -> READY (SDK wait_for_ready, 0.05 s polling), s
   - RSS (VmRSS) and peak RSS (VmHWM) of the control plane, the trainer and the deployment replica, MiB;
     of the trainer again after one forward_backward + optim_step through the SDK, and of the replica
@@ -37,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -80,6 +87,37 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a live process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def trainer_timeline(home: Path, job_id: str, created_at: float, ready_at: float,
+                     running_time: str | None) -> dict[str, float]:
+    """The trainer's start-up phases as `trainer @ <phase>` (s after the create request was sent) and
+    `trainer CPU @ <phase>` (its CPU seconds then): the control plane's spawn (its log header), the
+    trainer's own `startup` line (trees before it was logged lack those), the control plane's RUNNING
+    (the job's updateTime) and the SDK's wait_for_ready returning."""
+    out: dict[str, float] = {}
+    text = (home / "logs" / f"trainer-{job_id}.log").read_text(errors="replace")
+    spawns = re.findall(r"^===== (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(\.\d+)? starting trainer", text, re.M)
+    if spawns:
+        stamp, frac = spawns[-1]
+        out["trainer @ control plane spawns"] = (time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+                                                 + float(frac or 0) - created_at)
+    phases = re.findall(r"startup (\[.*\])$", text, re.M)
+    for phase, wall, cpu in (json.loads(phases[-1]) if phases else []):
+        out[f"trainer @ {phase}"] = wall - created_at
+        out[f"trainer CPU @ {phase}"] = cpu
+    if running_time:
+        out["trainer @ job RUNNING (control plane)"] = (
+            datetime.strptime(running_time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+            - created_at)
+    out["trainer @ RUNNING + healthz (SDK)"] = ready_at - created_at
+    return out
 
 
 def find_child(root: int, module: str) -> int | None:
@@ -176,11 +214,17 @@ def measure(args) -> tuple[dict, dict, str, str]:
 
         trainers = TrainerJobManager(api_key=key, base_url=base_url)
         profile = trainers.resolve_training_profile(args.shape)
-        t0 = time.perf_counter()
+        t0, created_at = time.perf_counter(), time.time()
         created = trainers.create(TrainerJobConfig(base_model=args.model, training_shape_ref=profile.training_shape,
                                                    lora_rank=0, learning_rate=1e-4))
         trainers.wait_for_ready(created.job_id, poll_interval_s=0.05, timeout_s=300)
         figures["trainer create -> RUNNING"] = time.perf_counter() - t0
+        ready_at = time.time()
+        trainer_pid = find_child(serve.pid, "workbench.backend.trainer")
+        if trainer_pid:
+            figures["trainer CPU s until RUNNING"] = cpu_seconds(trainer_pid)
+        figures.update(trainer_timeline(home, created.job_id, created_at, ready_at,
+                                        trainers.get(created.job_id).get("updateTime")))
 
         deployments = DeploymentManager(api_key=key, base_url=base_url)
         t0 = time.perf_counter()
@@ -246,13 +290,13 @@ def compare(args) -> None:
             return [r["rss"].get(key[:-8], [None, float("nan")])[1] for r in runs[name]]
         return [r["figures"].get(key, float("nan")) for r in runs[name]]
 
-    print(f"{'':38s} {'this tree':>24s} {'compared':>24s}")
+    print(f"{'':42s} {'this tree':>24s} {'compared':>24s}")
     for key in keys:
         cells = []
         for name in trees:
             v = values(name, key)
             cells.append(f"{statistics.median(v):8.2f} [{min(v):.2f}-{max(v):.2f}]")
-        print(f"{key:38s} {cells[0]:>24s} {cells[1]:>24s}")
+        print(f"{key:42s} {cells[0]:>24s} {cells[1]:>24s}")
 
 
 def main() -> None:
@@ -275,7 +319,10 @@ def main() -> None:
         return
     print(f"model {args.model}, shape {args.shape}; load average at start {load_start}, at end {load_end}")
     for name, seconds in figures.items():
-        print(f"{name:34s} {seconds:7.2f} s")
+        if not name.startswith("trainer CPU @"):
+            cpu = figures.get(name.replace("trainer @", "trainer CPU @"))
+            cpu = f"   CPU {cpu:5.2f} s" if name.startswith("trainer @") and cpu is not None else ""
+            print(f"{name:42s} {seconds:7.2f} s{cpu}")
     print(f"{'process':30s} {'pid':>8s} {'RSS MiB':>9s} {'peak MiB':>9s}")
     for name, (pid, now, peak) in rss.items():
         print(f"{name:30s} {pid or '-':>8} {now:9.1f} {peak:9.1f}")

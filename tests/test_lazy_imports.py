@@ -3,6 +3,8 @@
 Importing torch (and torch.distributed.checkpoint) there cost ~230 MiB of RSS and ~4.5 s of start-up
 (bench/cold_start.py: 303.6 -> 74.0 MiB, 6.03 -> 1.47 s). This pins the reason it is gone: the
 checkpoint package and its codec/format/sampler modules import torch and numpy only on first use.
+numpy too: the delta codec's lookup tables were built at import, so the control plane's first trainer
+create (which reads the job's delta format) imported numpy on the request path (~0.3 s at load 6).
 """
 
 import subprocess
@@ -18,7 +20,7 @@ import workbench.backend.control_plane.app
 from workbench import checkpoints as ck
 from workbench.checkpoints import detect, formats, sampler, delta_codec
 ck.list_checkpoints, ck.DeltaError, formats.choose_job_format, sampler.snapshot_kind
-heavy = sorted(m for m in ("torch", "transformers", "torch.distributed.checkpoint") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "torch.distributed.checkpoint", "numpy") if m in sys.modules)
 print(",".join(heavy))
 """
 

@@ -67,6 +67,27 @@ def test_create_is_idempotent_by_id_and_409s(backend, trainer):
     assert job["trainingConfig"]["maxContextLength"] == 2048
 
 
+def test_trainer_logs_its_startup_timeline(backend, trainer):
+    """The trainer logs its start-up phases (wall time, CPU seconds) once it serves: bench/cold_start.py's
+    phase table reads this line and the supervisor's millisecond spawn header."""
+    import json
+    import re
+    from datetime import datetime
+
+    _, created, *_ = trainer
+    text = (backend.home / "logs" / f"trainer-{created.job_id}.log").read_text()
+    spawned = re.search(r"^===== (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) starting trainer", text, re.M)
+    assert spawned, text[:500]
+    phases = json.loads(re.search(r"startup (\[.*\])$", text, re.M).group(1))
+    names = [name for name, _, _ in phases]
+    assert names[-7:] == ["interpreter up", "job lock held", "imports done", "model loaded", "backend built",
+                          "app created", "port written"], names
+    walls, cpus = [wall for _, wall, _ in phases], [cpu for _, _, cpu in phases]
+    assert walls == sorted(walls) and cpus == sorted(cpus) and cpus[-1] > 0
+    spawn_time = datetime.strptime(spawned.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    assert spawn_time - 1 <= walls[0] <= walls[-1] < spawn_time + 600
+
+
 def test_duplicate_training_client_raises(trainer):
     *_, service, _ = trainer
     with pytest.raises(ValueError):

@@ -154,3 +154,20 @@ def test_a_backend_that_cannot_continue_fails_later_futures_and_asks_to_exit(ser
     assert fatal and "rank 1 died" in fatal[0]
     out = _op(client, "save_weights", {"model_id": model_id, "path": "b", "seq_id": 2})
     assert out["category"] == "server" and "not run" in out["error"] and "rank 1 died" in out["error"]
+
+
+def test_http_errors_carry_json_bodies_and_plain_routes_answer(served):
+    """The app is plain Starlette (no FastAPI): unknown paths, wrong methods, bad bodies and a missing key
+    still answer the gRPC-style JSON error the SDK parses, and the parameterless GET routes answer."""
+    client, _backend, _model_id, _fatal = served
+    r = client.post("/api/v1/no_such_op", json={}, headers=H)
+    assert r.status_code == 404 and "no trainer endpoint POST /api/v1/no_such_op" in r.json()["error"]["message"]
+    r = client.get("/api/v1/forward_backward", headers=H)
+    assert r.status_code == 405 and r.json()["error"]["message"]
+    r = client.post("/api/v1/create_model", content=b"{not json", headers=H)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = client.get("/api/v1/healthz")
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert client.get("/api/v1/healthz", headers=H).json() == {"status": "ok"}
+    assert client.get("/api/v1/get_server_capabilities", headers=H).json() == {"supported_models": []}
+    assert client.get("/api/v1/list_checkpoints", headers=H).json() == {"checkpoints": []}

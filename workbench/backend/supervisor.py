@@ -39,6 +39,9 @@ from workbench.checkpoints.layout import HomeLayout
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 5.0
 """Seconds a child gets between SIGTERM and SIGKILL (an idle trainer or replica exits well within it)."""
+READY_POLL_S = 0.01
+"""How often `wait_ready` looks for the port file: each look is one failed open, so polling finely is
+free, while every interval is latency a job's create -> RUNNING pays (half of it on average)."""
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
@@ -87,7 +90,7 @@ class ChildProcess:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"{self.kind} process exited with code {self.popen.returncode} before it was "
                                    f"ready:\n{log_tail(self.log_path)}")
-            time.sleep(0.05)
+            time.sleep(READY_POLL_S)
         raise TimeoutError(f"{self.kind} process not ready after {timeout:.0f}s:\n{log_tail(self.log_path)}")
 
 
@@ -136,7 +139,9 @@ class Supervisor:
         env.update(extra_env or {})
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # logs may quote requests
         with os.fdopen(fd, "ab") as log:
-            log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {kind} {key}\n".encode())
+            now = time.time()   # to the millisecond: bench/cold_start.py times the spawn by it
+            log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} "
+                      f"starting {kind} {key}\n".encode())
             log.flush()
             popen = self._spawner.submit(
                 subprocess.Popen, [python or sys.executable, *args, "--port-file", str(run_dir / "port")],

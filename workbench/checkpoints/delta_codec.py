@@ -49,6 +49,7 @@ passes, not per-chunk Python overhead (chunks are 64K elements; the 5M model's 6
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import struct
 import threading
@@ -244,6 +245,7 @@ def _pack(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return packed.astype(np.uint8), escaped.astype(np.uint16)
 
 
+@functools.cache   # built on first decode, not at import: the control plane imports this module without numpy
 def _lookup_table(bits: int, transform: str) -> np.ndarray:
     """byte -> its `8 // bits` decoded uint16 values (difference or XOR), as one numpy item per byte.
 
@@ -256,9 +258,6 @@ def _lookup_table(bits: int, transform: str) -> np.ndarray:
     byte = np.arange(256)
     table = np.stack([values[(byte >> (bits * j)) & escape] for j in range(per)], axis=1).astype(np.uint16)
     return np.ascontiguousarray(table).view(np.uint64 if per == 4 else np.uint32).reshape(256)
-
-
-_TABLES = {(bits, transform): _lookup_table(bits, transform) for bits in PACKED_BITS.values() for transform in TRANSFORMS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,7 +468,7 @@ def _decode_dense(out, old, sections, n, transform, s: _Scratch, name) -> int:
 
 def _decode_packed(out, old, sections, n, bits, escapes, transform, s: _Scratch, name) -> int:
     per = 8 // bits
-    table = _TABLES[bits, transform]
+    table = _lookup_table(bits, transform)
     # The packed bytes (n/4 or n/2) and the escaped codes are small: read each in one go.
     nbytes = -(-n // per)
     packed = _FrameReader(sections[0], nbytes, s.dctx[0], f"tensor {name} packed codes").read_into(s.grown("packed", nbytes, np.uint8))

@@ -450,9 +450,9 @@ async def settled(get, transitional_state: str) -> dict:
     their first poll instead of sleeping a whole interval; the client's GET timeout is 30 s.
     """
     resource = get()
-    waited = 0.0
-    while resource["state"] == transitional_state and waited < SETTLE_WAIT_S:
-        await asyncio.sleep(0.1)
-        waited += 0.1
+    deadline = time.monotonic() + SETTLE_WAIT_S   # real time: on a loaded machine each sleep overshoots
+    while resource["state"] == transitional_state and time.monotonic() < deadline:
+        # 20 ms: a store read is ~0.1 ms, and the interval is latency on every create -> RUNNING/READY.
+        await asyncio.sleep(0.02)
         resource = get()
     return resource

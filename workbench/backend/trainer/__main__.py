@@ -35,18 +35,56 @@ i.e. equal-length datums are batched).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
 import os
-import signal
-import socket
-import sys
-import threading
 import time
-from pathlib import Path
+
+# The first instant this module runs (interpreter up): taken before any other import, for the start-up
+# timeline (see `Startup`).
+_INTERPRETER_UP = (time.time(), os.times())
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 log = logging.getLogger("workbench.trainer")
+
+
+def _forked_at() -> float | None:
+    """Wall-clock time this process was forked (10 ms resolution: /proc/self/stat's start time in clock
+    ticks since boot against CLOCK_BOOTTIME now), or None off Linux."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class Startup:
+    """This process's start-up timeline: (phase, wall-clock time, CPU seconds user+system of this process
+    so far) per phase, logged as one `startup {json}` line once the trainer serves. bench/cold_start.py
+    reads it to show where a cold start goes, and CPU seconds argue the quiet-machine figure on a
+    loaded one."""
+
+    def __init__(self) -> None:
+        wall, times = _INTERPRETER_UP
+        forked = _forked_at()
+        self.marks: list[tuple[str, float, float]] = [] if forked is None else [("forked", forked, 0.0)]
+        self.marks.append(("interpreter up", wall, times.user + times.system))
+
+    def mark(self, phase: str) -> None:
+        times = os.times()
+        self.marks.append((phase, time.time(), times.user + times.system))
+
+    def line(self) -> str:
+        return json.dumps([[phase, round(wall, 4), round(cpu, 3)] for phase, wall, cpu in self.marks])
 
 
 EXIT_FATAL = 3        # the worker could not continue (reason in the last log line)
@@ -118,6 +156,7 @@ def main(argv: list[str] | None = None, backend_factory=None) -> int:
     parser.add_argument("--port-file", required=True, type=Path, help="written with the port once serving")
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
+    startup = Startup()
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -141,6 +180,7 @@ def main(argv: list[str] | None = None, backend_factory=None) -> int:
     lock_fd = _take_job_lock(args.job_dir, float(os.environ.get("WORKBENCH_TRAINER_LOCK_WAIT_S") or 10))
     if lock_fd is None:
         return EXIT_LOCKED
+    startup.mark("job lock held")
 
     import torch
     import uvicorn
@@ -154,6 +194,7 @@ def main(argv: list[str] | None = None, backend_factory=None) -> int:
     from .protocol import JobConfig
     from .server import create_app
 
+    startup.mark("imports done")
     # torch's default thread count is kept unless overridden: CPU kernels reduce in a thread-count-
     # dependent order, so the default is what makes results reproducible by a plain torch process on
     # the same machine (Adam with a tiny eps turns 1e-7 gradient differences into visible weight
@@ -186,6 +227,7 @@ def main(argv: list[str] | None = None, backend_factory=None) -> int:
         # No port file is written: the control plane sees the process exit and fails the job.
         log.error("job %s: cannot load base model: %s", job.job_id, e)
         return 2
+    startup.mark("model loaded")
     log.info("job %s: model implementation %s.%s", job.job_id, type(model).__module__, type(model).__name__)
     backend = (backend_factory or LocalTorchTrainer)(
         args.job_dir, job, model, model_dir, base_loader=load_base,
@@ -198,8 +240,10 @@ def main(argv: list[str] | None = None, backend_factory=None) -> int:
         fatal["reason"] = reason
         server.should_exit = True
 
+    startup.mark("backend built")
     app = create_app(backend, api_key, on_fatal=on_fatal,
                      long_poll_s=float(os.environ.get("WORKBENCH_TRAINER_LONG_POLL_S") or 20.0))
+    startup.mark("app created")
 
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
     # every keep-alive response waits ~40 ms for the client\'s delayed ACK (Nagle).
@@ -238,7 +282,9 @@ def main(argv: list[str] | None = None, backend_factory=None) -> int:
             await asyncio.sleep(0.02)
         if server.started:
             atomic_write_text(args.port_file, f"{port}\n")
+            startup.mark("port written")
             log.info("job %s: serving on %s:%d", job.job_id, args.host, port)
+            log.info("job %s: startup %s", job.job_id, startup.line())
         await task
 
     # uvloop (a dependency) when importable: its loop costs less per request than asyncio's on every
