@@ -341,6 +341,50 @@ def test_resave_refused_while_a_delta_or_deployment_depends_on_it(tmp_path):
     assert (eng.sampler_dir / "s1").is_dir()
 
 
+def test_resave_of_a_delta_as_base_writes_a_full_copy_a_deployment_still_restores(tmp_path):
+    """Full-parameter RL in the cookbook re-saves its final sampler (a delta) as `checkpoint_type="base"` so it
+    can be promoted: the same weights become a base, even while a deployment's chain holds the delta."""
+    import json
+    import time
+
+    from workbench import checkpoints as ck
+    from workbench.backend.deployment.weights import WeightManager
+
+    eng = _engine(tmp_path)
+    create(eng, {"base_model": DEFAULT_MODEL, "lora_config": {"rank": 0}}, "m")
+    eng.save_sampler("m", p.parse_save_sampler({"path": "s0", "checkpoint_type": "base"}))
+    fwdbwd(eng, "m", {"loss_fn": "cross_entropy", "data": [_datum([1, 2, 3], [2, 3, 4])]})
+    step(eng, "m", {"learning_rate": 1e-2})
+    eng.save_sampler("m", p.parse_save_sampler({"path": "s1", "checkpoint_type": "delta"}))
+    s0, s1 = eng.sampler_dir / "s0", eng.sampler_dir / "s1"
+    assert ck.snapshot_kind(s1) == "delta"
+    trained = ck.reconstruct([s0, s1])
+    dep = tmp_path / "deployments" / "dep-a"
+    dep.mkdir(parents=True)
+    (dep / "state.json").write_text(json.dumps({
+        "version": 1, "identity": "s1", "kind": "delta",
+        "chain": [{"identity": "s0", "kind": "base", "dir": str(s0)},
+                  {"identity": "s1", "kind": "delta", "dir": str(s1)}]}))
+    eng.save_sampler("m", p.parse_save_sampler({"path": "s1", "checkpoint_type": "base"}))
+    assert ck.snapshot_kind(s1) == "base"                            # promotable now
+    full = ck.load_base_weights(s1)
+    assert all(torch.equal(full[k], trained[k]) for k in trained)
+    assert all(torch.equal(v, trained[k]) for k, v in ck.reconstruct([s0, s1]).items())
+    # The deployment's restart replays its recorded chain onto the rewritten snapshot: same weights.
+    wm = WeightManager(dep, {"deployment_id": "dep-a", "account": "acct", "base_model": DEFAULT_MODEL,
+                             "home": str(tmp_path)})
+    wm.start()
+    deadline = time.time() + 120
+    while not wm.ready:
+        assert wm.startup_error is None and time.time() < deadline, wm.startup_error
+        time.sleep(0.05)
+    try:
+        assert wm.current_identity == "s1", wm.loading_state
+        assert all(torch.equal(wm.current_bf16[k], trained[k]) for k in trained)
+    finally:
+        wm.stop()
+
+
 def test_overwrite_flag_means_what_every_save_does():
     assert p.parse_save_state({"path": "step-1", "overwrite": True}) == "step-1"
     assert p.parse_save_sampler({"path": "s_1", "overwrite": False}).name == "s_1"

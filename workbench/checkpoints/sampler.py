@@ -264,6 +264,8 @@ def reconstruct(chain: list[Path]) -> dict:
     weights = load_base_weights(first)
     identity = snapshot_identity(first)
     for link in chain[1:]:
-        weights = apply_delta(link, weights, identity)
+        # A link may have been rewritten as a full copy of the same weights (a trainer re-saving an
+        # unchanged delta as a base): its own weights are the link's content.
+        weights = load_base_weights(link) if snapshot_kind(link) == "base" else apply_delta(link, weights, identity)
         identity = snapshot_identity(link)
     return weights

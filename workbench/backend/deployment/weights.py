@@ -265,6 +265,10 @@ class WeightManager:
                 weights = _ckpt().load_base_weights(entry["dir"])
             elif k == "lora":
                 weights = self._merge_lora(Path(entry["dir"]), target)
+            elif k == "delta" and _ckpt().snapshot_kind(Path(entry["dir"])) == "base":
+                # Rewritten as a full copy of the same weights since it was loaded (a trainer re-saving
+                # unchanged weights as a base, see LocalTorchTrainer.save_sampler): load it as one.
+                weights = _ckpt().load_base_weights(entry["dir"])
             elif k == "delta":
                 if weights is None:
                     raise ValueError("state.json chain starts with a delta")

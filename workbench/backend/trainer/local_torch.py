@@ -599,7 +599,9 @@ class LocalTorchTrainer:
         """A sampler snapshot `DIR/sampler/<name>/`: HF base, a delta over the last one, or LoRA adapter.
 
         Re-saving a name replaces the snapshot atomically. Saving the same weights again under the name
-        this process last gave them (a recipe re-saving its final step) is a no-op. Replacing different
+        this process last gave them (a recipe re-saving its final step) is a no-op, except that a base asked
+        for where they were saved as a delta rewrites the snapshot as a full copy (so it can be promoted;
+        what depends on the name sees the same content). Replacing different
         weights is refused, naming the dependant, when something live relies on the old content: a
         deployment that holds it (its state.json chain replays it on restart) or a delta snapshot
         encoded against it (the name is the identity deltas refer to).
@@ -609,7 +611,17 @@ class LocalTorchTrainer:
         dest = self.layout.sampler(name)
         if dest.exists():
             if self._saved_samplers.get(name) == self._weights_version:
-                log.info("save_weights_for_sampler %s: unchanged weights already saved under this name", name)
+                if not self._full_copy_wanted(dest, ctype):
+                    log.info("save_weights_for_sampler %s: unchanged weights already saved under this name", name)
+                    return {"type": "save_weights_for_sampler", "path": name}
+                # A full copy of weights saved here as a delta (the cookbook's full-parameter RL re-saves its
+                # final step as a base so that it can be promoted). The content under this name stays
+                # bit-identical, so deltas encoded against it and deployments holding it are unaffected (a
+                # deployment's restart replays a base where its chain recorded a delta): rewrite it as a base.
+                weights = self._sampler_weights(ctype)
+                with replacing(dest) as target, _writing(f"sampler snapshot {name!r}", dest.parent):
+                    ckpt_base = self._export_sampler(target, ctype, weights, self._meta(name, "sampler"))
+                log.info("save_weights_for_sampler %s: rewrote the delta as a %s (unchanged weights)", name, ckpt_base)
                 return {"type": "save_weights_for_sampler", "path": name}
             dependants = sampler_dependants(self.home, self.layout, dest)
             if dependants:
@@ -625,6 +637,17 @@ class LocalTorchTrainer:
         self._saved_samplers[name] = self._weights_version
         log.info("save_weights_for_sampler %s (%s requested, wrote %s, step %d)", name, ctype, written, self.step)
         return {"type": "save_weights_for_sampler", "path": name}
+
+    def _full_copy_wanted(self, dest: Path, ctype: str) -> bool:
+        """True if a full (base) snapshot is asked for where the same weights are saved as a delta."""
+        from workbench import checkpoints as ckpt
+
+        if ctype != "base" or self.is_lora:
+            return False
+        try:
+            return ckpt.snapshot_kind(dest) == "delta"
+        except ValueError:
+            return False
 
     def _sampler_weights(self, ctype: str) -> dict | None:
         """bf16 weights a full (or delta) snapshot exports; None for a LoRA adapter snapshot."""
