@@ -263,3 +263,18 @@ def test_healthz_answers_while_a_request_is_in_flight(fake):
     fake.gate.set()
     t.join(30)
     assert out["r"].status_code == 200
+
+
+def test_plain_starlette_routes_answer_json_and_http_errors_carry_json(fake):
+    """The app is Starlette with route decorators (workbench.backend.asgi), not FastAPI: dict answers are
+    JSON, and an unknown path, a wrong method or a missing key answer a JSON error naming the problem."""
+    c = client_for(fake)
+    assert c.get("/healthz", headers=KEY).json()["status"] == "ok"
+    assert c.get("/readyz", headers=KEY).json() == {"ready": True}
+    assert "replicas" in c.get("/hot_load/v1/models/hot_load", headers=KEY).json()
+    r = c.get("/no/such/route", headers=KEY)
+    assert r.status_code == 404 and "no replica endpoint GET /no/such/route" in r.json()["error"]["message"]
+    r = c.get("/v1/completions", headers=KEY)
+    assert r.status_code == 405 and r.json()["error"]["message"]
+    r = c.get("/healthz")
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]

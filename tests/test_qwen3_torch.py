@@ -58,11 +58,11 @@ def test_unsupported_models_fall_back(tmp_path):
 
 def test_loading_it_imports_no_transformers():
     # nor does a training step with the trainer's AdamW (torch.optim's own imports torch._dynamo: ~71 MiB),
-    # nor the trainer's own modules: its server is plain Starlette (fastapi was ~0.57 CPU s of a trainer's start)
+    # nor the trainer's and replica's servers: plain Starlette (fastapi was ~0.57 CPU s of a trainer's start)
     code = ("import sys; from workbench import models; from workbench.models import qwen3_torch; "
             "from workbench.backend.trainer.optim import AdamW; "
             "import workbench.backend.trainer.__main__, workbench.backend.trainer.server, "
-            "workbench.backend.trainer.local_torch; "
+            "workbench.backend.trainer.local_torch, workbench.backend.deployment.server; "
             f"m = qwen3_torch.load(models.local_path({TINY!r})); o = AdamW(list(m.parameters()), lr=1e-3); "
             "m(input_ids=__import__('torch').tensor([[1, 2]])).logits.sum().backward(); "
             "o.step(); o.zero_grad(set_to_none=True); "

@@ -1,4 +1,4 @@
-"""HTTP surface of a deployment replica (FastAPI): completions, hot load, health.
+"""HTTP surface of a deployment replica (Starlette, `workbench.backend.asgi`): completions, hot load, health.
 
     app = create_app(replica, api_key="...")    # any `Replica` (replica.py); served by uvicorn (__main__.py)
 
@@ -42,10 +42,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
 
-from workbench.common import api_key_ok
+from workbench.backend.asgi import RouteApp
+from workbench.common import ApiKeyMiddleware
 
 from .detokenize import Choice, ChoiceSink, TokenText
 from .protocol import (InvalidRequest, _safe, echo_text, logprob_entries, max_token_chars, parse_completion_request,
@@ -128,8 +130,8 @@ class LoopPoster:
             q.put_nowait(item)
 
 
-def create_app(replica: Replica, api_key: str, max_body_bytes: int | None = None) -> FastAPI:
-    app = FastAPI(title="workbench deployment replica", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(replica: Replica, api_key: str, max_body_bytes: int | None = None) -> RouteApp:
+    app = RouteApp()
     app.state.replica = replica
     limit = int(max_body_bytes or os.environ.get("WORKBENCH_MAX_REQUEST_BYTES") or DEFAULT_MAX_BODY_BYTES)
     deployment_name = f"accounts/{replica.account}/deployments/{replica.deployment_id}"
@@ -159,20 +161,23 @@ def create_app(replica: Replica, api_key: str, max_body_bytes: int | None = None
             t = token_texts[id(tokenizer)] = TokenText(tokenizer)
         return t
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if not api_key_ok(request.headers, api_key or ""):
-            return error(401, "missing or invalid API key (send X-Api-Key or Authorization: Bearer)")
-        return await call_next(request)
+    app.add_middleware(ApiKeyMiddleware, api_key=api_key,
+                       reject=error(401, "missing or invalid API key (send X-Api-Key or Authorization: Bearer)"))
+
+    async def http_error(request: Request, exc: HTTPException):   # unknown path, wrong method: JSON too
+        if exc.status_code == 404:
+            return error(404, f"no replica endpoint {request.method} {request.url.path}")
+        return error(exc.status_code, str(exc.detail), headers=exc.headers)
+    app.add_exception_handler(HTTPException, http_error)
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz(_request: Request):
         return {"status": "ok", "ready": replica.ready, "deployment": deployment_name,
                 "current_snapshot_identity": replica.current_identity, "startup_error": replica.startup_error,
                 **replica.health()}
 
     @app.get("/readyz")
-    async def readyz():
+    async def readyz(_request: Request):
         if replica.ready:
             return {"ready": True}
         return error(503, replica.startup_error or "weights are still loading")

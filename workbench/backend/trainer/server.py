@@ -36,11 +36,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from workbench.backend.asgi import RouteApp
 from workbench.common import ApiKeyMiddleware, error_body
 
 from . import protocol
@@ -267,26 +267,8 @@ class FutureStore:
 
 
 # ---- the app ------------------------------------------------------------------------------------------
-class TrainerApp(Starlette):
-    """A Starlette app with FastAPI-style `get`/`post` route decorators. The trainer uses nothing of FastAPI
-    (no models, no dependency injection, no OpenAPI: every route reads its body and answers bytes), and
-    importing fastapi was ~0.57 of the ~3.9 CPU seconds from a trainer's spawn to RUNNING."""
-
-    def get(self, path: str):
-        return self._route(path, "GET")
-
-    def post(self, path: str):
-        return self._route(path, "POST")
-
-    def _route(self, path: str, method: str):
-        def add(endpoint):
-            self.add_route(path, endpoint, methods=[method])
-            return endpoint
-        return add
-
-
 def create_app(backend: TrainerBackend, api_key: str | None, *, long_poll_s: float = 20.0,
-               gap_timeout_s: float = 3.0, on_fatal: Callable[[str], None] | None = None) -> TrainerApp:
+               gap_timeout_s: float = 3.0, on_fatal: Callable[[str], None] | None = None) -> RouteApp:
     """The trainer's ASGI app over `backend`; `on_fatal(reason)` is called (from the worker thread)
     if the worker cannot continue — the process should then exit non-zero (see __main__)."""
     futures = FutureStore()
@@ -304,11 +286,11 @@ def create_app(backend: TrainerBackend, api_key: str | None, *, long_poll_s: flo
             rec.event.set()
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: TrainerApp):
+    async def lifespan(_app: RouteApp):
         yield
         begin_shutdown()
 
-    app = TrainerApp(lifespan=lifespan)
+    app = RouteApp(lifespan=lifespan)
     app.state.backend, app.state.worker, app.state.futures = backend, worker, futures
     app.state.begin_shutdown = begin_shutdown   # called by __main__ as soon as SIGTERM arrives
 
