@@ -410,7 +410,7 @@ def test_grpo_loss_per_token_advantages_and_mask():
 
 def test_igpo_turn_advantages_and_lookup_task():
     from workbench.recipes.utils.lookup_task import (answer, lookup_reward, lookup_tool, make_lookup_rows,
-                                                     make_lookup_sft)
+                                                     make_lookup_sft, make_lookup_warm_start)
 
     # two trajectories: the first looked up (IG 2.0) then answered right, the second answered at once, wrong
     adv = igpo_loop.turn_advantages([[2.0, 0.0], [0.0]], [1.0, 0.0], gamma=0.5, ig_weight=1.0)
@@ -435,6 +435,12 @@ def test_igpo_turn_advantages_and_lookup_task():
     color = demo[2]["content"].split()[-1]
     assert tok.encode(" " + color, add_special_tokens=False)[0] in tok.encode(demo[3]["content"], add_special_tokens=False)
     D.check_rows(D.read_jsonl(D.DATA_DIR / "lookup_igpo.jsonl"), "rl", "lookup_igpo.jsonl")
+    # the warm-start mix: every 4th row ends at the call (its last assistant turn), the others at the answer
+    warm = make_lookup_warm_start(8)
+    assert [len(r["messages"]) for r in warm] == [2, 4, 4, 4, 2, 4, 4, 4]
+    assert warm[0]["messages"][1]["content"].startswith("lookup ") and warm[1] == make_lookup_sft(8)[1]
+    w = D.render_chat(tok, warm[1]["messages"], "last_assistant_message").weights
+    assert 0 < sum(w) < sum(D.render_chat(tok, warm[1]["messages"]).weights)
 
 
 def test_igpo_config_checks(tmp_path, no_backend):

@@ -69,6 +69,18 @@ def make_lookup_sft(n: int = 64, seed: int = 1) -> list[dict]:
     return out
 
 
+def make_lookup_warm_start(n: int = 4096, seed: int = 1, call_every: int = 4) -> list[dict]:
+    """Demonstrations for an SFT warm start with `train_on_what="last_assistant_message"` that weights the
+    answer turn above the tool-call turn: every `call_every`-th row stops after the lookup call (its loss is
+    on the call), the others are whole trajectories (loss on the answer only). Copying the looked-up color
+    is what a tiny model learns late; this mix teaches it in far fewer steps than training both turns of
+    every row, and keeps the call turn trained (answer-only SFT alone unlearns it)."""
+    out = []
+    for k, row in enumerate(make_lookup_sft(n, seed)):
+        out.append({"messages": row["messages"][:2]} if k % call_every == 0 else row)
+    return out
+
+
 def lookup_tool(text: str, row: dict) -> str | None:
     """The environment: the reply to the tool call in `text` (the first one), or None when there is none."""
     m = _CALL.search(text or "")
