@@ -5,8 +5,8 @@
     /inference/v1/completions, /v1/completions               -> the replica named by the body's `model` (§6)
 
 Trainer calls (two per SDK operation: the POST, then `retrieve_future`) are answered by `TrainerGateway`,
-a pure ASGI layer in front of FastAPI that checks the job and relays over pooled keep-alive connections
-(relay.py); hot-load and inference go through FastAPI routes and httpx (`proxy`). Requests and responses
+a pure ASGI layer in front of FastAPI that checks the job and relays itself; hot-load and inference go
+through FastAPI routes and `proxy`. Both use pooled keep-alive connections (relay.py). Requests and responses
 pass through unchanged: an answer of known length up to BUFFER_LIMIT is relayed whole, anything else
 (SSE, chunked, large) is streamed back as it arrives. A
 target that is not running answers 503 with a JSON body: the SDK retries 503 on every surface, which
@@ -20,7 +20,6 @@ import re
 import time
 from urllib.parse import unquote
 
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -35,8 +34,6 @@ router = APIRouter()
 
 _TRAINER_PREFIX = re.compile(r"^/training/v1/rlorTrainerJobs/[^/]+/[^/]+(/.*)$")
 BUFFER_LIMIT = 4 << 20   # proxied answers of a known length up to this size are relayed whole, not streamed
-_HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade",
-               "proxy-authorization", "te", "trailer"}
 
 
 def strip_trainer_prefix(path: str) -> str | None:
@@ -49,32 +46,45 @@ def strip_trainer_prefix(path: str) -> str | None:
 
 async def proxy(request: Request, port: int, path: str, body: bytes | None = None,
                 extra_headers: dict | None = None) -> Response:
-    client: httpx.AsyncClient = request.app.state.http
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-    headers.update(extra_headers or {})
-    url = httpx.URL(f"http://127.0.0.1:{port}{path}", query=request.url.query.encode())
-    upstream = client.build_request(request.method, url, headers=headers,
-                                    content=body if body is not None else await request.body())
+    """`request` relayed to the process on `port` at `path` (over the app's `UpstreamPool`); the answer is
+    read whole when it is complete on arrival (returned as a plain Response, so a caller knows the upstream
+    is done with it), else streamed."""
+    pool: UpstreamPool = request.app.state.upstream
+    headers = list(request.scope["headers"])
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra_headers or {}).items()]
+    target = path.encode() + (b"?" + request.scope["query_string"] if request.scope.get("query_string") else b"")
+    answer = await pool.request(port, request.method.encode(), target, headers,
+                                body if body is not None else await request.body())
+    if answer is None:
+        return error_response(503, f"upstream process on port {port} is unavailable; retry")
     try:
-        response = await client.send(upstream, stream=True)
-    except httpx.TransportError as e:
-        return error_response(503, f"upstream process on port {port} is unavailable ({type(e).__name__}); retry")
-    out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-encoding"}}
-    length = response.headers.get("content-length", "")
-    if length.isdigit() and int(length) <= BUFFER_LIMIT:
-        # A small answer of known length (every trainer call, hot-load status, non-streamed completions):
-        # read it whole and answer in one piece. Streaming it back costs a task group per request and a
-        # chunked body (three socket writes, each waking the client) for a body that is already here.
-        try:
-            body = await response.aread()
-        except httpx.TransportError as e:
-            return error_response(503, f"upstream process on port {port} broke off its answer "
-                                       f"({type(e).__name__}); retry")
-        finally:
-            await response.aclose()
-        return Response(body, status_code=response.status_code, headers=out_headers)
-    return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=out_headers,
-                             background=BackgroundTask(response.aclose))
+        data = await answer.read_some()
+        while not answer.complete and _known_small(answer):
+            data += await answer.read_some()
+    except BaseException:
+        answer.close()
+        raise
+    if answer.complete:
+        answer.close()
+        return Response(data, status_code=answer.status, headers=_header_dict(answer.headers))
+
+    async def rest():
+        yield data
+        async for chunk in answer.chunks():
+            yield chunk
+
+    return StreamingResponse(rest(), status_code=answer.status, headers=_header_dict(answer.headers),
+                             background=BackgroundTask(answer.close))
+
+
+def _known_small(answer) -> bool:
+    """A body of known length up to BUFFER_LIMIT: read whole (one message, no chunked re-framing)."""
+    length = dict(answer.headers).get(b"content-length", b"")
+    return length.isdigit() and int(length) <= BUFFER_LIMIT
+
+
+def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
 
 
 # ---- trainer ----------------------------------------------------------------------------------
@@ -88,7 +98,7 @@ class TrainerGateway:
         app.add_middleware(TrainerGateway, cp=cp, pool=UpstreamPool())   # inside the API-key middleware
 
     Every SDK training call is two of these requests (the operation, then `retrieve_future`), so they skip
-    FastAPI's routing, Request objects and httpx: that was most of the control plane's cost per call.
+    FastAPI's routing and Request objects.
     The checks are the ones any control-plane route makes: the key (the middleware outside this one),
     the account and the job (404), the job's state (`_not_serving`: 412/503 naming state and reason).
     """

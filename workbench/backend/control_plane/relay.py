@@ -166,42 +166,83 @@ class UpstreamPool:
             for c in self._idle.pop(p):
                 c.transport.close()
 
-    async def relay(self, port: int, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
-                    body: bytes, send) -> bool:
+    async def request(self, port: int, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                      body: bytes) -> "UpstreamAnswer | None":
         """Send `method target` with `headers` (hop-by-hop ones are dropped) and `body` to the process on
-        `port` and answer through the ASGI `send`. False if no answer started (the process cannot be
-        reached, or broke the connection first): nothing was sent, the caller answers. An upstream that
-        breaks off mid-answer raises (the client's connection is then closed, as any proxy must)."""
+        `port`; its answer once status and headers are in, or None if there is none (the process cannot be
+        reached, or broke the connection first). The caller must `close()` the answer."""
         try:
             conn = await self._acquire(port)
         except (OSError, asyncio.TimeoutError):
-            return False
+            return None
         head = [b"%s %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-length: %d\r\n" % (method, target, port, len(body))]
         head += [b"%s: %s\r\n" % (k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
         conn.transport.write(b"".join(head) + b"\r\n" + body)
         try:
-            try:
-                status = await conn.head
-            except (OSError, ConnectionError):
-                return False
-            out_headers = [(k, v) for k, v in conn.headers if k not in _DROP_ANSWER]
-            data = await conn.body_so_far()
-            if conn.complete:
-                # The usual case (every trainer call): the whole small answer is already here.
-                await send({"type": "http.response.start", "status": status, "headers": out_headers})
-                await send({"type": "http.response.body", "body": data})
-                return True
-            await send({"type": "http.response.start", "status": status, "headers": out_headers})
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-            while not conn.complete:
-                data = await conn.body_so_far()
-                await send({"type": "http.response.body", "body": data, "more_body": not conn.complete})
+            status = await conn.head
+        except (OSError, ConnectionError):
+            self._release(port, conn)
+            return None
+        except BaseException:
+            self._release(port, conn)
+            raise
+        return UpstreamAnswer(self, port, conn, status)
+
+    async def relay(self, port: int, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                    body: bytes, send) -> bool:
+        """`request`, answered through the ASGI `send`. False if there is no answer: nothing was sent, the
+        caller answers. An upstream that breaks off mid-answer raises (the client's connection is then
+        closed, as any proxy must)."""
+        answer = await self.request(port, method, target, headers, body)
+        if answer is None:
+            return False
+        try:
+            data = await answer.read_some()
+            await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+            # The usual case (every trainer call): the whole small answer is already here, one body message.
+            await send({"type": "http.response.body", "body": data, "more_body": not answer.complete})
+            while not answer.complete:
+                data = await answer.read_some()
+                await send({"type": "http.response.body", "body": data, "more_body": not answer.complete})
             return True
         finally:
-            self._release(port, conn)
+            answer.close()
 
     async def close(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
                 conn.transport.close()
         self._idle.clear()
+
+
+class UpstreamAnswer:
+    """An answer whose status and headers are in; its body is read with `read_some` / `chunks`."""
+
+    def __init__(self, pool: UpstreamPool, port: int, conn: _Connection, status: int):
+        self._pool, self._port, self._conn = pool, port, conn
+        self.status = status
+        self.headers = [(k, v) for k, v in conn.headers if k not in _DROP_ANSWER]
+        self._closed = False
+
+    @property
+    def complete(self) -> bool:
+        return self._conn.complete
+
+    async def read_some(self) -> bytes:
+        """The body bytes received since the last call (waits for some unless the body is complete)."""
+        return await self._conn.body_so_far()
+
+    async def chunks(self):
+        """The rest of the body as it arrives."""
+        while True:
+            data = await self.read_some()
+            if data:
+                yield data
+            if self.complete:
+                return
+
+    def close(self) -> None:
+        """Give the connection back (kept if the answer was read whole, else closed)."""
+        if not self._closed:
+            self._closed = True
+            self._pool._release(self._port, self._conn)
