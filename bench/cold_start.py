@@ -13,7 +13,7 @@ Starts `workbench serve` in a temporary home (port 0), creates a trainer on the 
     plane's spawn (the supervisor's log header), fork, interpreter up, job lock held, imports done,
     model loaded, backend built, app created, port written (the trainer's `startup` log line), the
     control plane's RUNNING (the job's updateTime) and the SDK seeing RUNNING + healthz
-  - deployment create -> READY (SDK wait_for_ready, 0.05 s polling), s
+  - deployment create -> READY (SDK wait_for_ready, 0.05 s polling), s, and the replica's CPU s by then
   - RSS (VmRSS) and peak RSS (VmHWM) of the control plane, the trainer and the deployment replica, MiB;
     of the trainer again after one forward_backward + optim_step through the SDK, and of the replica
     again after serving a few completions (token prompts through the SDK's DeploymentSampler and a
@@ -232,6 +232,9 @@ def measure(args) -> tuple[dict, dict, str, str]:
                                                                 min_replica_count=1, max_replica_count=1))
         deployments.wait_for_ready("cold-start", poll_interval_s=0.05, timeout_s=300)
         figures["deployment create -> READY"] = time.perf_counter() - t0
+        replica_pid = find_child(serve.pid, "workbench.backend.deployment")
+        if replica_pid:
+            figures["deployment CPU s until READY"] = cpu_seconds(replica_pid)
 
         rss["control plane"] = (serve.pid, *rss_mib(serve.pid))
         for name, module in (("trainer", "workbench.backend.trainer"), ("deployment", "workbench.backend.deployment")):

@@ -247,7 +247,8 @@ class ControlPlane:
                     raise RuntimeError(f"replica reported a startup error: {health['startup_error']}")
                 if health.get("ready"):
                     return
-                if self._closed.wait(0.1):
+                # One small request to the loading replica per look; every interval is READY latency.
+                if self._closed.wait(0.05):
                     raise RuntimeError("control plane shutting down")
         raise TimeoutError(f"replica not ready after {timeout:.0f}s")
 

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None, backend_factory=None) -> int:
     async def serve() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)   # uvicorn has no "started" event; each interval delays RUNNING
         if server.started:
             atomic_write_text(args.port_file, f"{port}\n")
             startup.mark("port written")
