@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=90, help="warm-start SFT steps (batch 16, lr 6e-3)")
     ap.add_argument("--igpo-steps", type=int, default=20, help="IGPO steps (4 prompts x 8 trajectories each)")
     ap.add_argument("--igpo-lr", type=float, default=2e-3)
+    ap.add_argument("--ig-weight", type=float, default=1.0, help="igpo_loop's ig_weight (0: outcome reward only)")
     ap.add_argument("--control", action="store_true", help="also an SFT-only continuation of equal steps")
     ap.add_argument("--work", default=None, help="directory for logs and the backend's home (default: a temp dir)")
     args = ap.parse_args()
@@ -78,7 +79,8 @@ def main() -> None:
                   seed=0)
         t0 = time.time()
         ig = igpo_loop.main(igpo_loop.Config(log_path=str(work / "igpo"), init_from_checkpoint=warm,
-                                             max_steps=args.igpo_steps, learning_rate=args.igpo_lr, **rl))
+                                             max_steps=args.igpo_steps, learning_rate=args.igpo_lr,
+                                             ig_weight=args.ig_weight, **rl))
         # the evaluation draws completions_per_prompt trajectories per held-out prompt: 32 x 8 = 256 samples
         out.update({"igpo_steps": args.igpo_steps, "igpo_s": round(time.time() - t0, 1),
                     "eval_samples": 32 * rl["completions_per_prompt"],
