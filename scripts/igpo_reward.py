@@ -14,9 +14,9 @@
    show whether the gain is the RL's or just more training.
 
 Measured (2-core CPU, defaults unless named; 256 eval samples, paired): the 90-step warm start calls the tool
-in 91% of trajectories and scores 0.359. igpo_loop, 20 steps at lr 2e-3: 0.266; with --ig-weight 0: 0.379;
-at lr 5e-4: 0.375 (an outcome/IG normalization over only the turns that carry each reward, tried: 0.254);
-40 steps at lr 5e-4: 0.395. The SFT-only control (20 more SFT steps): 0.449. So far IGPO does not beat
+in 91% of trajectories and scores 0.359. igpo_loop, 20 steps at lr 2e-3: 0.266; 40 steps at lr 5e-4:
+0.395. With a trial change (IG and outcome each z-normalized only over the turns that carry them, not
+landed): 20 steps at lr 2e-3: 0.254, with --ig-weight 0: 0.379, at lr 5e-4: 0.375; 40 at 5e-4: 0.359. The SFT-only control (20 more SFT steps): 0.449. So far IGPO does not beat
 more SFT on this task; the reward does not rise reliably.
 """
 
