@@ -610,20 +610,15 @@ class LocalTorchTrainer:
         name, ctype = request.name, request.checkpoint_type
         dest = self.layout.sampler(name)
         if dest.exists():
-            if self._saved_samplers.get(name) == self._weights_version:
-                if not self._full_copy_wanted(dest, ctype):
-                    log.info("save_weights_for_sampler %s: unchanged weights already saved under this name", name)
-                    return {"type": "save_weights_for_sampler", "path": name}
-                # A full copy of weights saved here as a delta (the cookbook's full-parameter RL re-saves its
-                # final step as a base so that it can be promoted). The content under this name stays
-                # bit-identical, so deltas encoded against it and deployments holding it are unaffected (a
-                # deployment's restart replays a base where its chain recorded a delta): rewrite it as a base.
-                weights = self._sampler_weights(ctype)
-                with replacing(dest) as target, _writing(f"sampler snapshot {name!r}", dest.parent):
-                    ckpt_base = self._export_sampler(target, ctype, weights, self._meta(name, "sampler"))
-                log.info("save_weights_for_sampler %s: rewrote the delta as a %s (unchanged weights)", name, ckpt_base)
+            unchanged = self._saved_samplers.get(name) == self._weights_version
+            if unchanged and not self._full_copy_wanted(dest, ctype):
+                log.info("save_weights_for_sampler %s: unchanged weights already saved under this name", name)
                 return {"type": "save_weights_for_sampler", "path": name}
-            dependants = sampler_dependants(self.home, self.layout, dest)
+            # Unchanged weights reach here only when a full (base) copy is asked for where they are saved as a
+            # delta (the cookbook's full-parameter RL re-saves its final step as a base to promote it): the
+            # content under this name stays bit-identical, so what depends on it is unaffected (a deployment's
+            # restart replays a base where its chain recorded a delta) and it is rewritten below.
+            dependants = [] if unchanged else sampler_dependants(self.home, self.layout, dest)
             if dependants:
                 raise UserError(f"path: sampler snapshot {name!r} cannot be replaced: "
                                 f"{'; '.join(dependants)}. Save under a new name")
