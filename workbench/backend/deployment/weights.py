@@ -19,7 +19,7 @@ configured snapshot root (`sources.py`; else 403 naming the header) —, build t
 (base: load whole; delta: check `previous_snapshot_identity` equals what we hold, then
 `decode_delta`, which verifies the base and the checksum; LoRA: merge the adapter with peft onto the
 base model's own fp32 weights, as the trainer's LoRA forward computes), refuse non-finite values,
-copy it into the spare fp32 model, record it in state.json, then ask the engine to swap models
+copy it into the spare fp32 model (made at the first load), record it in state.json, then ask the engine to swap models
 between two steps (with `drain`, once the requests in flight have finished). The previous model
 becomes the spare for the next load (double buffering: serving never waits on a load, and a swap is a
 pointer change). Likewise the bf16 dict a swap retires is kept and the next load writes into it
@@ -188,8 +188,7 @@ class WeightManager:
             bf16_round_(model)
             self.base_bf16 = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
             check_finite(self.base_bf16, None)
-            self.model = model
-            self.spare = copy.deepcopy(model)
+            self.model = model        # the spare is made at the first load (_spare_model): RSS at READY
             cfg = model.config
             self.vocab_size = int(cfg.vocab_size)
             self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
@@ -231,10 +230,10 @@ class WeightManager:
                               "message": "restoring the last hot-loaded snapshot"}
         t0 = time.perf_counter()
         try:
-            weights, kind = self._replay(chain, self.spare)     # built on the spare, swapped on success
+            weights, kind = self._replay(chain, self._spare_model())    # built on the spare, swapped on success
         except Exception as e:
             traceback.print_exc()
-            self.spare = copy.deepcopy(self.model)              # a failed LoRA merge may leave it modified
+            self.spare = None                   # a failed LoRA merge may leave it modified: made afresh
             self.current_identity = None
             self.loading_state = {"stage": "error", "target_snapshot_identity": identity,
                                   "message": f"could not restore snapshot {identity!r} after a restart "
@@ -381,14 +380,14 @@ class WeightManager:
             weights = ck.load_base_weights(src, out=self._take_retired())
             chain, since_base = [entry], 0
         elif kind == "lora":
-            weights = self._merge_lora(src, self.spare)        # merges straight into the spare
+            weights = self._merge_lora(src, self._spare_model())   # merges straight into the spare
             chain, since_base = [entry], 0
         else:
             raise HotloadError(422, f"snapshot {identity!r} has unknown kind {kind!r}")
         check_finite(weights, identity)
         t_decoded = time.perf_counter()
         if kind != "lora":
-            self._load_into(self.spare, weights)
+            self._load_into(self._spare_model(), weights)
         t_copied = time.perf_counter()
 
         old_state = self._read_state()
@@ -425,6 +424,14 @@ class WeightManager:
                 "swap_wait_seconds": round(t_swapped - t_persisted, 6),
                 "max_sampler_pause_seconds": round(self.engine.pauses_seen(), 6),
                 "drained": bool(drain)}
+
+    def _spare_model(self):
+        """The fp32 model a load writes into while the engine computes with the other. Made (a copy of the
+        active model) at the first load that needs it, not at start: a replica that is never hot-loaded
+        holds one model, and READY comes with one model's memory less (bench/cold_start.py)."""
+        if self.spare is None:
+            self.spare = copy.deepcopy(self.model)
+        return self.spare
 
     def _take_retired(self) -> dict | None:
         """The bf16 tensors the last swap retired, for this load to write into (see _load_keeping_spares)."""
@@ -493,8 +500,8 @@ class WeightManager:
         except Exception:
             # peft injects its layers into `target` before it loads the adapter: a failure half-way
             # would leave a modified model; rebuild the spare from the clean active model
-            if target is self.spare and self.model is not None:
-                self.spare = copy.deepcopy(self.model)
+            if target is self.spare:
+                self.spare = None               # made afresh from the clean active model at the next load
             raise
         finally:
             # peft swaps modules in and out (modules_to_save puts a trained copy of lm_head in place
