@@ -14,19 +14,23 @@ For each model, a base snapshot and a delta snapshot over it are written with wo
            minus its poll interval). Median of --repeats. Target: <= 1.5x the floor.
   pause    while hot loads run back to back, 4 streaming samplers decode continuously; the longest
            gap between two consecutive SSE chunks any of them sees, against the longest gap in an
-           equally long window without hot loads. Target: <= 50 ms.
+           equally long window without hot loads; the difference is the pause the loads added.
+           Target: <= 50 ms added (at 75M one decode step of 4 streams alone takes ~100 ms here).
 
 What the pause is made of: the swap itself is a pointer change between two decode steps (the replica
 reports its wait, ~0.1 ms); what samplers feel is the hot load's CPU work competing with decoding
-for two shared cores. Measured in-process: the same decode+copy loop run in a second *process*
-slowed decode steps as much as in a thread, so it is CPU, not the GIL. Compare the "during" figure
-with the quiet window of the same run: on a busy machine both are dominated by other processes.
+for two shared cores: the engine thread waits for a core (its run-queue wait per step rose from
+~0-14 ms to 50-100 ms during a delta decode, /proc/<tid>/schedstat, while its CPU time per step did
+not change), so it is CPU, not the GIL. Hence the replica's step window (below): while samplers
+decode, a load computes only at the start of each step. Compare the "during" figure with the quiet
+window of the same run: on a busy machine both are dominated by other processes.
 
 `--compare OTHER_TREE` runs the replica from each listed source tree too (PYTHONPATH=<tree>), on the same
 snapshots and floor, one after the other in this run (before/after figures side by side, each section
 with the load average when it ended). `--format` is the delta's format (arc_v2: what WeightSyncer sends).
-WORKBENCH_HOTLOAD_PACE=1 in the environment makes the replica's hot-load thread sleep as long as each
-slice of its work took while samplers decode (deployment/weights.py; off by default).
+WORKBENCH_HOTLOAD_STEP_WINDOW_MS in the environment sets the replica's step window (deployment/weights.py:
+while samplers decode, the hot-load thread works only in the first N ms of each decode step; default 20,
+0 = off), e.g. `WORKBENCH_HOTLOAD_STEP_WINDOW_MS=0` for the unpaced figures beside the paced ones.
 
 "75m" is a ~75M-parameter Qwen3 built here from a config (random weights, registered through a
 temporary model catalog): with the 5M model a whole hot load is a few milliseconds and the HTTP round
@@ -276,6 +280,8 @@ def _bench_replica(port, root, floor, repeats, model_name, params, dstats, delta
           f"{busy[-1] * 1000:.1f} ms (p99 {quiet[int(len(quiet) * .99)] * 1000:.1f} / "
           f"{busy[int(len(busy) * .99)] * 1000:.1f} ms); the replica's own longest step gap during loads "
           f"{engine_pause * 1000:.1f} ms; load average {os.getloadavg()[0]:.1f}")
+    print(f"  pause the hot loads added (longest gap during minus without): {(busy[-1] - quiet[-1]) * 1000:.1f} ms "
+          "(target <= 50)")
 
 
 def main() -> None:

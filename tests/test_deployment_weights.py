@@ -305,11 +305,15 @@ def test_hotload_guards_nonfinite_noop_fault_rollback_and_drain(tmp_path):
         wm2.stop()
 
 
-def test_hotload_work_is_sliced_and_paced_only_while_the_engine_decodes(tmp_path, monkeypatch):
-    """Reads, decodes and copies call the hot-load thread's `paced` hook after every bounded slice, and
-    the pacer sleeps (ratio x the slice's time) only while the engine has sequences."""
-    from workbench.backend.deployment import weights as weights_module
-    from workbench.backend.deployment.weights import _Pacer
+def test_hotload_work_is_sliced_and_paced_to_the_start_of_each_decode_step(tmp_path):
+    """Reads, decodes and copies call the hot-load thread's `paced` hook after every bounded slice; the
+    pacer lets the load work only in the first `window` of a decode step: past it, it waits until the
+    next step starts (or the engine idles), and with nothing decoding it does not wait at all."""
+    import threading
+    import time
+
+    from workbench.backend.deployment.engine import Engine
+    from workbench.backend.deployment.weights import _StepWindowPacer
     from workbench.checkpoints.delta_codec import paced
 
     root = tmp_path / "sampler"
@@ -326,18 +330,27 @@ def test_hotload_work_is_sliced_and_paced_only_while_the_engine_decodes(tmp_path
             read()
         assert len(calls) >= len(w0)
 
-    class Engine:
-        active = 0
+    engine = Engine(models.load_model(TINY, plain=True).eval())     # not started: the test plays its loop
 
-        def load(self):
-            return {"active": self.active}
-
-    slept = []
-    monkeypatch.setattr(weights_module.time, "sleep", slept.append)
-    engine = Engine()
-    pacer = _Pacer(engine, ratio=2.0)
-    for active in (0, 1):
-        engine.active = active
-        pacer.t = weights_module.time.perf_counter() - 0.02          # a slice of 20 ms just ended
+    def waited(pacer) -> float:
+        t0 = time.perf_counter()
         pacer()
-    assert len(slept) == 1 and 0.04 <= slept[0] <= 0.05          # twice the slice, capped at 50 ms
+        return time.perf_counter() - t0
+
+    pacer = _StepWindowPacer(engine, window_s=0.05)
+    engine.step_started = None                                     # nothing decoding: no wait
+    assert waited(pacer) < 0.5
+    engine.step_started = time.perf_counter() - 10                 # a step far past the window:
+    assert waited(_StepWindowPacer(engine, window_s=0)) < 0.5      # (pacing off: no wait)
+    assert waited(pacer) >= 0.5                                    # waits its longest (_PACE_WAIT_MAX_S)
+
+    def next_step():                                               # the engine starts its next step
+        time.sleep(0.1)
+        with engine.cond:
+            engine.step_started = time.perf_counter()
+            engine.cond.notify_all()
+
+    threading.Thread(target=next_step).start()
+    t0 = time.perf_counter()
+    engine.wait_for_step_window(0.05, timeout_s=60)                # what the pacer calls, with a long timeout
+    assert 0.1 <= time.perf_counter() - t0 < 60                    # woken by the new step, not the timeout

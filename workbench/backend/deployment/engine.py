@@ -202,6 +202,7 @@ class Engine:
         self.steps = 0
         self.max_batch_seen = 0
         self.last_step_end = time.perf_counter()
+        self.step_started: float | None = None     # perf_counter at the start of the working step under way
         self._pause_watch: float | None = None    # longest step gap while a hot load runs (None: off)
 
     # -- public API (any thread) ------------------------------------------------------------------
@@ -264,6 +265,20 @@ class Engine:
             worst, self._pause_watch = self._pause_watch or 0.0, None
         return worst
 
+    def wait_for_step_window(self, window_s: float, timeout_s: float) -> None:
+        """Return at once unless a working step has been running for more than `window_s`; then wait
+        until the next step starts or the engine has nothing to do (at most `timeout_s`). A hot-load
+        thread calls it between slices of its work: it then computes only in the first `window_s` of
+        each decode step, and a step it competes with for a core is lengthened by about that much at
+        most, whatever the load's size (see weights.py, _StepWindowPacer)."""
+        deadline = time.perf_counter() + timeout_s
+        with self.cond:
+            while True:
+                started, now = self.step_started, time.perf_counter()
+                if started is None or now - started <= window_s or now >= deadline:
+                    return
+                self.cond.wait(deadline - now)
+
     def load(self) -> dict:
         """Counters for /healthz: current load, decode steps run, largest batch seen, runner kind, and
         which model code computes ("workbench.models.qwen3_torch" or the model's transformers module)."""
@@ -288,6 +303,9 @@ class Engine:
                 while not (self._stop or self.waiting or self.active or self._swap):
                     had_work = False
                     self.cond.wait()
+                # a new working step (wakes a hot-load thread waiting for its window)
+                self.step_started = time.perf_counter()
+                self.cond.notify_all()
                 if self._stop:
                     break
                 swap = self._swap
@@ -310,10 +328,10 @@ class Engine:
                 traceback.print_exc()
                 self._fail_all(f"{type(e).__name__}: {e}")
             now = time.perf_counter()
-            if had_work and self._pause_watch is not None:
-                with self.cond:
-                    if self._pause_watch is not None:
-                        self._pause_watch = max(self._pause_watch, now - self.last_step_end)
+            with self.cond:
+                self.step_started = None
+                if had_work and self._pause_watch is not None:
+                    self._pause_watch = max(self._pause_watch, now - self.last_step_end)
             had_work = bool(self.active or self.waiting)
             self.last_step_end = now
         self._fail_all("deployment replica shutting down")

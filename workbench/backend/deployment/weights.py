@@ -77,14 +77,16 @@ MAX_CHAIN_DELTAS = 4
 # holds against every process of the machine, and at load ~20 it made a 5M base load 3-4x slower
 # (bench/hotload.py) without a pause reduction that could be measured there.
 HOTLOAD_NICE = 0
-# Bounded slices (see _Pacer): while the engine has sequences to decode, the hot-load thread may sleep
-# HOTLOAD_PACE times as long as each slice of its work took (a tensor read or decoded, 4 MiB copied),
-# taking at most 1 / (1 + HOTLOAD_PACE) of a core beside the engine. Off by default: at load 5-7 on this
-# 2-core machine, pace 1 doubled the 5M model's loads under sampling (base 67 -> 141 ms, delta 186 ->
-# 302 ms) with no pause reduction that could be told from the pauses other processes caused (longest
-# step gap without a load: 77-133 ms). WORKBENCH_HOTLOAD_PACE sets it per replica.
-HOTLOAD_PACE = 0.0
-_PACE_SLEEP_MAX_S = 0.05
+# Bounded slices (see _StepWindowPacer): while the engine decodes, the hot-load thread works only in the
+# first HOTLOAD_STEP_WINDOW_S of each engine step (and between steps), so a step it competes with for a
+# core grows by about that much at most. Why not a share of the CPU (sleeping N times each slice's time,
+# the previous scheme): what slowed decode steps was the engine thread waiting for a core, and a share
+# caps that wait per load, not per step. At 75M on this 2-core machine, 4 streams decoding, steps
+# doubled (~100 -> ~240 ms) during a 0.4 s delta decode, with or without a 1:1 share (bench/hotload.py).
+# The cost: while requests decode, a load runs at ~window/step of its speed. WORKBENCH_HOTLOAD_STEP_WINDOW_MS
+# sets it per replica; 0 turns pacing off (loads run at full speed beside decoding).
+HOTLOAD_STEP_WINDOW_S = 0.02
+_PACE_WAIT_MAX_S = 0.5          # a step longer than this (a huge prefill) still lets a load advance
 _COPY_SLICE = 1 << 20          # elements per copy_ into the spare model (4 MiB of fp32)
 _IDENTITY_RE = re.compile(r"[!-.0-\[\]-~]+")   # printable ASCII but "/", "\\" and space
 SWAP_WAIT_S = 60.0            # the engine swaps between two steps: one step, unless it is wedged
@@ -445,7 +447,9 @@ class WeightManager:
 
         retired = self._retired_bf16
         try:
-            with paced(_Pacer(self.engine, float(os.environ.get("WORKBENCH_HOTLOAD_PACE", HOTLOAD_PACE)))):
+            window_ms = os.environ.get("WORKBENCH_HOTLOAD_STEP_WINDOW_MS")
+            window_s = HOTLOAD_STEP_WINDOW_S if window_ms is None else float(window_ms) / 1000
+            with paced(_StepWindowPacer(self.engine, window_s)):
                 return self._load(*args)
         except BaseException:
             held = {id(t) for t in (self.current_bf16 or {}).values()}
@@ -535,7 +539,7 @@ class WeightManager:
                 target = tensors[k]
                 if target.numel() > _COPY_SLICE and target.is_contiguous() and v.is_contiguous():
                     flat, src = target.view(-1), v.view(-1)
-                    for a in range(0, flat.numel(), _COPY_SLICE):   # bounded slices (see _Pacer)
+                    for a in range(0, flat.numel(), _COPY_SLICE):   # bounded slices (see _StepWindowPacer)
                         flat[a:a + _COPY_SLICE].copy_(src[a:a + _COPY_SLICE])
                         pace()
                 else:
@@ -661,22 +665,18 @@ def check_finite(weights: dict, identity: str | None) -> None:
         pace()
 
 
-class _Pacer:
+class _StepWindowPacer:
     """The hot-load thread's `paced` hook (checkpoints/delta_codec.py), called after each bounded slice of
-    its work: while the engine has sequences to decode, sleep `ratio` times as long as the slice took
-    (at most _PACE_SLEEP_MAX_S), leaving the CPU to the engine; with nothing to decode, go on at full
-    speed. The swap itself stays a reference change between two decode steps (engine.swap_model)."""
+    its work (a tensor read or decoded, 4 MiB copied): while a decode step has been running for more
+    than `window_s`, wait for the next step (Engine.wait_for_step_window); with nothing to decode, go on
+    at full speed. The swap itself stays a reference change between two decode steps (engine.swap_model)."""
 
-    def __init__(self, engine, ratio: float):
-        self.engine, self.ratio = engine, ratio
-        self.t = time.perf_counter()
+    def __init__(self, engine, window_s: float):
+        self.engine, self.window_s = engine, window_s
 
     def __call__(self) -> None:
-        now = time.perf_counter()
-        if self.ratio > 0 and self.engine is not None and self.engine.load().get("active"):
-            time.sleep(min((now - self.t) * self.ratio, _PACE_SLEEP_MAX_S))
-            now = time.perf_counter()
-        self.t = now
+        if self.window_s > 0 and self.engine is not None:
+            self.engine.wait_for_step_window(self.window_s, _PACE_WAIT_MAX_S)
 
 
 def _dir_bytes(path: Path) -> int:
