@@ -270,7 +270,12 @@ def test_failed_hotloads_keep_serving(setup):
 
 
 def test_restart_comes_back_on_last_good_snapshot(setup):
-    replica, _ = setup
+    replica, root = setup
+    if replica.status()["current_snapshot_identity"] != "snap-2":    # run alone: load the base + delta chain
+        mgr = manager(replica, root)
+        assert mgr.hotload_and_wait(DEP, TINY, "snap-1", timeout_seconds=60)
+        meta = {"previous_snapshot_identity": "snap-1", "compression_format": "arc_v2", "checksum_format": "alder32"}
+        assert mgr.hotload_and_wait(DEP, TINY, "snap-2", incremental_snapshot_metadata=meta, timeout_seconds=60)
     probe = dict(prompt=[5, 6, 7, 8], max_tokens=12, temperature=0.0, ignore_eos=True, raw_output=True)
     before = replica.complete(**probe)["choices"][0]["raw_output"]["completion_token_ids"]
     replica.kill()
