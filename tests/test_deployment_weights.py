@@ -90,6 +90,52 @@ def test_lora_snapshot_merges_like_peft_and_restores(tmp_path):
 FORMATS = ("arc_v2", "workbench_v1")
 
 
+def test_foreign_adapter_with_its_own_head_then_a_base_load(tmp_path):
+    """An adapter trained elsewhere with a head of its own (modules_to_save, no weight tying) unties the
+    served model's head; a base snapshot loaded after it ties it again and serves the base exactly."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                        modules_to_save=["lm_head"])
+    peft_model = get_peft_model(models.load_model(TINY), config)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape) * 0.05)
+    root = tmp_path / "sampler"
+    ck.save_sampler_lora(root / "foreign", peft_model, models.local_path(TINY), {"base_model": TINY})
+    ck.save_sampler_base(root / "full", ck.bf16_state(models.load_model(TINY)), models.local_path(TINY), {})
+    ck.save_sampler_base(root / "full-2", ck.bf16_state(models.load_model(TINY)), models.local_path(TINY), {})
+    prompt = [1, 9, 33, 120, 4]
+
+    def reference(model) -> list[int]:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(prompt):]
+
+    wm = started(tmp_path / "dep")
+    try:
+        wm.hotload("full", None, snapshot_root=str(root))
+        base_ids = generate(wm, prompt).token_ids
+        wm.hotload("foreign", None, snapshot_root=str(root))
+        lora_ids = generate(wm, prompt).token_ids
+        assert lora_ids == reference(PeftModel.from_pretrained(models.load_model(TINY), str(root / "foreign")).eval())
+        wm.hotload("full", None, snapshot_root=str(root))        # into the spare, still tied
+        assert generate(wm, prompt).token_ids == base_ids != lora_ids
+        # the next load goes into the model the adapter untied (double buffering): was a 422,
+        # "missing lm_head.weight"
+        wm.hotload("full-2", None, snapshot_root=str(root))
+        assert wm.model.lm_head.weight is wm.model.model.embed_tokens.weight
+        assert generate(wm, prompt).token_ids == base_ids
+        wm.hotload("foreign", None, snapshot_root=str(root))
+        assert generate(wm, prompt).token_ids == lora_ids
+    finally:
+        wm.stop()
+
+
 def test_long_delta_chain_is_compacted_and_restores(tmp_path):
     root = tmp_path / "sampler"
     model = models.load_model(TINY)

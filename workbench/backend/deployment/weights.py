@@ -522,6 +522,14 @@ class WeightManager:
         walk and hooks cost more than the copy itself for small models). Checked before anything is
         written, so a snapshot that does not fit never leaves the model half overwritten."""
         import torch
+        if hasattr(model, "set_tied") and getattr(model.config, "tie_word_embeddings", False):
+            # a plain-torch model of a tied base: an adapter with a head of its own untied it (set_tied in
+            # _merge_lora); weights without a separate head (a base snapshot) tie it again
+            head, embedding = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+            tied = head is None or (embedding is not None and head.data_ptr() == embedding.data_ptr())
+            if tied != (model.lm_head.weight is model.model.embed_tokens.weight):
+                model.set_tied(tied)
+                self._targets.pop(model, None)
         targets = self._targets.get(model)
         if targets is None:
             targets = self._targets[model] = (model.state_dict(keep_vars=True), _tied_names(model))
