@@ -303,11 +303,11 @@ class Engine:
                 while not (self._stop or self.waiting or self.active or self._swap):
                     had_work = False
                     self.cond.wait()
+                if self._stop:
+                    break
                 # a new working step (wakes a hot-load thread waiting for its window)
                 self.step_started = time.perf_counter()
                 self.cond.notify_all()
-                if self._stop:
-                    break
                 swap = self._swap
                 if swap is not None and (not swap["drain"] or not self.active):
                     self._swap = None
