@@ -206,3 +206,60 @@ def test_encode_rejects_inputs_it_cannot_represent(mixed):
         dc.encode({k: v for k, v in new.items() if k != "t.0"}, old, "snap-0")
     with pytest.raises(ValueError, match="base_identity"):
         dc.encode(new, old, "")
+
+
+def long_tensors(seed: int) -> tuple[dict, dict]:
+    """Old and new weights longer than the decoder's chunk (of an odd length, so the last packed byte is
+    partial), one per layout and plane count the decoder reads differently."""
+    shape = (263, 1001)  # 263,263 elements: more than two chunks of 2**16 or 2**17
+    assert shape[0] * shape[1] > 2 * dc._CHUNK
+    g = torch.Generator().manual_seed(seed)
+    old = {name: (torch.randn(shape, generator=g) * 0.02).to(BF16)
+           for name in ("packed4", "packed2", "packed2-rare-escapes", "dense", "gaps-near", "gaps-far")}
+    new = {
+        "packed4": ulp_steps(old["packed4"], 0.9, 4, seed + 1),
+        "packed2": ulp_steps(old["packed2"], 0.3, 2, seed + 2),                # ~15% escape: the padded nonzero
+        "packed2-rare-escapes": ulp_steps(old["packed2-rare-escapes"], 0.3, 1, seed + 3),
+        "dense": ulp_steps(old["dense"], 1.0, 3000, seed + 4),
+        "gaps-near": ulp_steps(old["gaps-near"], 0.06, 1, seed + 5),          # gaps and codes of one byte
+        "gaps-far": old["gaps-far"].clone(),
+    }
+    flat = new["packed2-rare-escapes"].view(torch.int16).view(-1)
+    flat[::9001] += 40                                                        # a few escapes, far apart
+    far = new["gaps-far"].view(torch.int16).view(-1)
+    far[[0, 1, 70_000, 200_001, far.numel() - 1]] += torch.tensor([1000, -1000, 3, -2, 700], dtype=torch.int16)
+    return old, new
+
+
+@pytest.mark.parametrize("transform", ["sub", "xor"])
+def test_round_trip_across_chunks_in_every_layout_and_plane_count(transform):
+    old, new = long_tensors(5)
+    blob = dc.encode(new, old, "snap-0", transform=transform)
+    records = {rec["name"]: rec for rec in dc.read_header(blob)["tensors"]}
+    if transform == "sub":
+        assert {name: rec["layout"] for name, rec in records.items()} == {
+            "packed4": "packed4", "packed2": "packed2", "packed2-rare-escapes": "packed2", "dense": "dense",
+            "gaps-near": "gaps", "gaps-far": "gaps"}
+        assert records["packed2"]["escapes"] >= 263_263 // 32 > records["packed2-rare-escapes"]["escapes"] > 0
+        assert (records["gaps-near"]["gap_planes"], records["gaps-near"]["value_planes"]) == (1, 1)
+        assert (records["gaps-far"]["gap_planes"], records["gaps-far"]["value_planes"]) == (3, 2)
+        assert records["dense"]["value_planes"] == 2
+    old_copy = clone(old)
+    assert same_bits(dc.decode(blob, old, "snap-0"), new)
+    spare = {k: torch.full_like(v, 3.0) for k, v in old.items()}
+    out = dc.decode(blob, old, "snap-0", out=spare)
+    assert same_bits(out, new) and all(out[k] is spare[k] for k in new)
+    # weights held transposed (not contiguous) or as parameters decode the same, and are not modified
+    held = {k: (v.t().contiguous().t() if i % 2 else v.clone().requires_grad_()) for i, (k, v) in enumerate(old.items())}
+    assert not held["packed2"].is_contiguous()
+    assert same_bits(dc.decode(blob, held, "snap-0", out=spare), new)
+    assert same_bits(old, old_copy) and same_bits({k: v.detach() for k, v in held.items()}, old_copy)
+
+
+def test_current_weights_that_are_not_bf16_on_the_cpu_are_refused(mixed):
+    old, new = mixed
+    blob = dc.encode(new, old, "snap-0")
+    with pytest.raises(DeltaError, match="tensor t.1: bad record .*bfloat16"):
+        dc.decode(blob, {**old, "t.1": old["t.1"].float()}, "snap-0")
+    with pytest.raises(DeltaError, match="tensor t.1: bad record .*CPU"):
+        dc.decode(blob, {**old, "t.1": old["t.1"].to("meta")}, "snap-0")
