@@ -32,18 +32,25 @@ Why a hand-written container rather than safetensors: on the ~5M test model a sp
 Decoding is single-threaded numpy/torch, streamed in chunks through reused scratch buffers, and
 verifies each tensor's adler32 (the SDK's checksum_format name is "alder32") after reconstruction,
 which also catches a wrong base, plus checksums of the header and the payload. It never modifies its
-inputs; every failure raises DeltaError. Two costs dominated before they were cut (bench/delta_codec.py):
+inputs; every failure raises DeltaError. Costs that dominated before they were cut (bench/delta_codec.py,
+docs/delta-format.md "Decode and encode speed"):
   - zlib's adler32 runs at ~0.6 ns per element; zlib-ng's (SIMD, same checksum) at ~0.07, so it is
     used when the `zlib-ng` package is installed (plain zlib otherwise);
   - first touch of fresh memory: on this VM a page fault costs 12-100 us (3+ ns per byte, more than
     the whole decode), so a caller that decodes repeatedly passes `out=`, the tensors of a snapshot it
     no longer needs (a deployment recycles the one its last swap retired), and nothing is allocated.
     The per-tensor buffers (packed bytes, escaped codes, changed positions) are the calling thread's,
-    kept between calls (_Scratch.for_this_thread) for the same reason.
-Where a decode's time goes now (75M model, one-step delta, all `gaps`, 176 ms of CPU): zstd 41 ms,
-index_add_ 35, copying the held tensor 30, cumulative sum ~11, adler32 10, unzigzag 9: whole-array
-passes, not per-chunk Python overhead (chunks are 64K elements; the 5M model's 68 tensors cost
-~0.1 ms each in fixed overhead).
+    kept between calls (_Scratch.for_this_thread) for the same reason;
+  - finding escaped codes: numpy's nonzero branches per element while under a tenth of the mask is set
+    (~1.7 ns per element at a one-step packed2 delta's ~10%), so the mask is padded (_escape_positions);
+  - glibc's memmove (np.copyto) runs 5-8x slower here at some relative alignments: see _copy;
+  - fixed costs per tensor (68 in the 5M model): numpy views of tensor memory without torch views
+    (_memory_bits), gap positions in three passes, numpy's add.at where few elements changed.
+Where the time goes now (perf, 5M model): a one-step lr 1e-4 delta (packed2) spends it on the escape
+search (nonzero 17%, compare 2), the table lookup 12, zstd 10, Python 7, adding the held weights 6,
+placing the escaped codes 5, adler32 2; each is one numpy pass near its floor on this VM. Fewer passes
+would need a fused kernel (look up, patch escapes, add and checksum in one loop), which numpy and torch
+do not offer.
 """
 
 from __future__ import annotations
