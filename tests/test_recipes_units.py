@@ -409,7 +409,7 @@ def test_grpo_loss_per_token_advantages_and_mask():
 
 
 def test_igpo_turn_advantages_and_lookup_task():
-    from workbench.recipes.utils.lookup_task import (answer, lookup_reward, lookup_tool, make_lookup_rows,
+    from workbench.recipes.utils.lookup_task import (COLORS, answer, lookup_reward, lookup_tool, make_lookup_rows,
                                                      make_lookup_sft, make_lookup_warm_start)
 
     # two trajectories: the first looked up (IG 2.0) then answered right, the second answered at once, wrong
@@ -441,6 +441,13 @@ def test_igpo_turn_advantages_and_lookup_task():
     assert warm[0]["messages"][1]["content"].startswith("lookup ") and warm[1] == make_lookup_sft(8)[1]
     w = D.render_chat(tok, warm[1]["messages"], "last_assistant_message").weights
     assert 0 < sum(w) < sum(D.render_chat(tok, warm[1]["messages"]).weights)
+    # with guess rows: the prompt answered at once with a random color (no lookup), the other kinds unchanged
+    mixed = make_lookup_warm_start(400, mix="CFGF")
+    guesses = [r["messages"] for r in mixed[2::4]]
+    assert mixed[:2] == warm[:2] and all(len(m) == 2 and m[1]["content"].startswith("<answer> ") for m in guesses)
+    assert len({m[1]["content"] for m in guesses}) == len(COLORS)
+    with pytest.raises(ValueError, match="mix"):
+        make_lookup_warm_start(8, mix="CX")
 
 
 def test_igpo_config_checks(tmp_path, no_backend):

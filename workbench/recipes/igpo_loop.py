@@ -264,7 +264,9 @@ def collect(sampler, tokenizer, cfg: Config, rows: list[dict], idx: list[int], c
 
 
 def evaluate(sampler, tokenizer, cfg: Config, rows: list[dict], reward_fn, max_len) -> dict:
-    """Mean outcome reward of held-out trajectories; fixed seeds, so every evaluation draws the same numbers."""
+    """Mean outcome reward of held-out trajectories, tool calls per trajectory, and the reward of the
+    trajectories with / without a tool call (None when there are none); fixed seeds, so every evaluation
+    draws the same numbers."""
     tool = cfg.tool_fn or lookup_tool
     requests = [(row, _seed(cfg.seed, 7, i, k)) for i, row in enumerate(rows) for k in range(cfg.completions_per_prompt)]
     results = _trajectories(sampler, tokenizer, cfg, requests, max_len, tool)
@@ -272,7 +274,13 @@ def evaluate(sampler, tokenizer, cfg: Config, rows: list[dict], reward_fn, max_l
                for (row, _), tr in zip(requests, results)]
     calls = [0 if isinstance(tr, BaseException) else sum(r for _, _, r in tr.turns) for tr in results]
     n = max(len(rewards), 1)
-    return {"eval/reward": sum(rewards) / n, "eval/samples": len(rewards), "eval/tool_calls": sum(calls) / n}
+    # the reward split by whether the trajectory used the tool: says whether a change in reward is a change
+    # in how often the policy calls the tool or in what it makes of the reply
+    called = [r for r, c in zip(rewards, calls) if c]
+    direct = [r for r, c in zip(rewards, calls) if not c]
+    return {"eval/reward": sum(rewards) / n, "eval/samples": len(rewards), "eval/tool_calls": sum(calls) / n,
+            "eval/reward_with_tool": sum(called) / len(called) if called else None,
+            "eval/reward_without_tool": sum(direct) / len(direct) if direct else None}
 
 
 def main(cfg: Config) -> dict:

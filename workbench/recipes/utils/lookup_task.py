@@ -14,7 +14,8 @@ because the right result makes the right answer far more likely.
 The strings are chosen for the embedded 512-token vocabulary: every color and box number is one token, and
 the answer repeats the result's color token (` red`), so a model as small as qwen3-tiny learns the
 two-turn format from a short SFT warm start (`make_lookup_sft`, as the tests do) and RL has signal from
-the first step.
+the first step. Copying the box number and the color right takes a few hundred steps more
+(`make_lookup_warm_start`, scripts/igpo_reward.py).
 """
 
 from __future__ import annotations
@@ -69,15 +70,32 @@ def make_lookup_sft(n: int = 64, seed: int = 1) -> list[dict]:
     return out
 
 
-def make_lookup_warm_start(n: int = 4096, seed: int = 1, call_every: int = 4) -> list[dict]:
-    """Demonstrations for an SFT warm start with `train_on_what="last_assistant_message"` that weights the
-    answer turn above the tool-call turn: every `call_every`-th row stops after the lookup call (its loss is
-    on the call), the others are whole trajectories (loss on the answer only). Copying the looked-up color
-    is what a tiny model learns late; this mix teaches it in far fewer steps than training both turns of
-    every row, and keeps the call turn trained (answer-only SFT alone unlearns it)."""
+def make_lookup_warm_start(n: int = 4096, seed: int = 1, mix: str = "CFFF") -> list[dict]:
+    """Demonstrations for an SFT warm start, row k of kind `mix[k % len(mix)]`:
+      C  the prompt and the lookup call, nothing after;
+      F  the whole trajectory: call, the tool's result, the answer;
+      G  a direct guess: the prompt answered at once with a color drawn at random, no lookup (right 1 time
+         in len(COLORS)).
+    The default "CFFF" with `train_on_what="last_assistant_message"` (loss on the call in C rows, on the
+    answer in F rows) weights the answer turn above the call turn: copying the looked-up color is what a
+    tiny model learns late, and the call turn stays trained (answer-only SFT alone unlearns it). Its policy
+    nearly always looks up, so what RL could still improve is copying, which SFT teaches better.
+    "FG" with `train_on_what="all_assistant_messages"` makes the first turn a learned coin flip between
+    looking up (F) and guessing (G) while every F row trains both copies (the box number into the call,
+    the color into the answer): a policy that answers well when it looks up but looks up only about half
+    the time. That decision is what an outcome reward and IGPO's information gain can fix and more SFT on
+    the same mix cannot (scripts/igpo_reward.py)."""
+    if not mix or set(mix) - set("CFG"):
+        raise ValueError(f"mix must be a non-empty string of C, F and G, got {mix!r}")
+    rng = random.Random(f"guess-{seed}")
     out = []
     for k, row in enumerate(make_lookup_sft(n, seed)):
-        out.append({"messages": row["messages"][:2]} if k % call_every == 0 else row)
+        kind = mix[k % len(mix)]
+        if kind == "C":
+            row = {"messages": row["messages"][:2]}
+        elif kind == "G":
+            row = {"messages": row["messages"][:1] + [{"role": "assistant", "content": answer(rng.choice(COLORS))}]}
+        out.append(row)
     return out
 
 
