@@ -388,6 +388,7 @@ def test_hotload_work_is_sliced_and_paced_to_the_start_of_each_decode_step(tmp_p
     assert waited(pacer) < 0.5
     engine.step_started = time.perf_counter() - 10                 # a step far past the window:
     assert waited(_StepWindowPacer(engine, window_s=0)) < 0.5      # (pacing off: no wait)
+    assert waited(_StepWindowPacer(object(), window_s=0.05)) < 0.5  # an engine without visible steps (vLLM)
     assert waited(pacer) >= 0.5                                    # waits its longest (_PACE_WAIT_MAX_S)
 
     def next_step():                                               # the engine starts its next step

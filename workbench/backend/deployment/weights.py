@@ -677,14 +677,16 @@ class _StepWindowPacer:
     """The hot-load thread's `paced` hook (checkpoints/delta_codec.py), called after each bounded slice of
     its work (a tensor read or decoded, 4 MiB copied): while a decode step has been running for more
     than `window_s`, wait for the next step (Engine.wait_for_step_window); with nothing to decode, go on
-    at full speed. The swap itself stays a reference change between two decode steps (engine.swap_model)."""
+    at full speed. The swap itself stays a reference change between two decode steps (engine.swap_model).
+    An engine whose steps this process does not see (vLLM's run in its engine-core process) is not paced."""
 
     def __init__(self, engine, window_s: float):
-        self.engine, self.window_s = engine, window_s
+        self.wait = getattr(engine, "wait_for_step_window", None) if window_s > 0 else None
+        self.window_s = window_s
 
     def __call__(self) -> None:
-        if self.window_s > 0 and self.engine is not None:
-            self.engine.wait_for_step_window(self.window_s, _PACE_WAIT_MAX_S)
+        if self.wait is not None:
+            self.wait(self.window_s, _PACE_WAIT_MAX_S)
 
 
 def _dir_bytes(path: Path) -> int:
