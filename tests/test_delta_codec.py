@@ -218,7 +218,7 @@ def long_tensors(seed: int) -> tuple[dict, dict]:
            for name in ("packed4", "packed2", "packed2-rare-escapes", "dense", "gaps-near", "gaps-far")}
     new = {
         "packed4": ulp_steps(old["packed4"], 0.9, 4, seed + 1),
-        "packed2": ulp_steps(old["packed2"], 0.3, 2, seed + 2),                # ~15% escape: the padded nonzero
+        "packed2": ulp_steps(old["packed2"], 0.25, 2, seed + 2),               # ~12% escape: the padded nonzero
         "packed2-rare-escapes": ulp_steps(old["packed2-rare-escapes"], 0.3, 1, seed + 3),
         "dense": ulp_steps(old["dense"], 1.0, 3000, seed + 4),
         "gaps-near": ulp_steps(old["gaps-near"], 0.07, 1, seed + 5),          # gaps and codes of one byte
@@ -240,7 +240,7 @@ def test_round_trip_across_chunks_in_every_layout_and_plane_count(transform):
         assert {name: rec["layout"] for name, rec in records.items()} == {
             "packed4": "packed4", "packed2": "packed2", "packed2-rare-escapes": "packed2", "dense": "dense",
             "gaps-near": "gaps", "gaps-far": "gaps"}
-        assert records["packed2"]["escapes"] >= 263_263 // 32 > records["packed2-rare-escapes"]["escapes"] > 0
+        assert 263_263 // 8 > records["packed2"]["escapes"] >= 263_263 // 32 > records["packed2-rare-escapes"]["escapes"] > 0
         assert (records["gaps-near"]["gap_planes"], records["gaps-near"]["value_planes"]) == (1, 1)
         assert (records["gaps-far"]["gap_planes"], records["gaps-far"]["value_planes"]) == (3, 2)
         assert records["gaps-far"]["changed"] < dc._SMALL_SCATTER <= records["gaps-near"]["changed"]  # both scatters

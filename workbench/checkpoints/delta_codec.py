@@ -540,7 +540,7 @@ def _decode_packed(out, old, sections, n, bits, escapes, transform, s: _Scratch,
         if transform == "sub":
             _unzigzag_inplace(escaped)
     checksum, seen = 1, 0
-    dense_escapes = escapes >= n // 32
+    dense_escapes = n // 32 <= escapes < n // 8  # over ~1/8, chunks pass a tenth unpadded (_escape_positions)
     for a in range(0, n, _CHUNK):
         c = min(_CHUNK, n - a)
         values = out[a:a + c]
