@@ -24,16 +24,20 @@ lookup, 0.31 without), 0.680 overall. igpo_loop: 0.938 after 10 steps (tool call
 0.965 after 30 (tool calls 99.6%, reward with the lookup 0.97). SFT-only control (530 steps): 0.648
 (tool calls 53%, reward with the lookup 0.99). The rise is the decision RL is for: trajectories that look
 up are rewarded, guesses mostly are not; more SFT on the same mix keeps guessing half the time.
-With --ig-weight 0 (outcome reward only, same warm start, --warm-start): 0.816 after 10 steps (tool calls
-77%), 0.926 after 20, 0.957 after 30 (95%): the information gain, which credits the lookup turn itself,
-made the early rise faster (0.938 vs 0.816 at step 10); the end points are close (one run each, seed 0).
+With --ig-weight 0 (outcome reward only, same warm start via --warm-start): 0.816 after 10 steps (tool
+calls 77%), 0.926 after 20, 0.957 after 30 (95%). Again with --seed 1 (other rollouts and evaluation
+samples; before 0.691, tool calls 55%): IGPO 0.934 / 0.965 / 0.926 at steps 10 / 20 / 30 (tool calls 94%
+at step 10, 99.6% at 30, reward with the lookup sliding to 0.93), --ig-weight 0 0.816 / 0.922 / 0.957
+(77% at step 10). So the information gain, which credits the lookup turn itself, makes the early rise
+faster (0.94 vs 0.82 after 10 steps, both seeds); after 30 steps plain outcome-reward GRPO has caught up.
 History: with the earlier warm start ("CFFF", last_assistant_message, 90 steps x 16 rows) the model looked
 up in 91% of trajectories but was right only about a third of the time (0.359), and igpo_loop did not
 raise it (20 steps at lr 2e-3: 0.266; 40 at 5e-4: 0.395) while 20 more SFT steps gave 0.449: RL was asked
-to teach copying from a sparse reward, which SFT does better. Copying emerges abruptly and late on this 1M model (after ~200-400
-steps of 64 rows, depending on the data order: a 400-step "FG" warm start copied half the time). From that
-one, igpo_loop at lr 2e-3 without clipping first raised the tool-call rate (0.47 -> 0.97 in 10 steps), then
-collapsed (reward 0 from step 12, after gradient norms of 7 and 45): hence lr 1e-3 and clipping.
+to teach copying from a sparse reward, which SFT does better. Copying emerges abruptly and late on this
+1M model (after ~200-400 steps of 64 rows, depending on the data order: a 400-step "FG" warm start copied
+half the time). From that one, igpo_loop at lr 2e-3 without clipping first raised the tool-call rate
+(0.47 -> 0.97 in 10 steps), then collapsed (reward 0 from step 12, after gradient norms of 7 and 45):
+hence lr 1e-3 and clipping.
 """
 
 from __future__ import annotations
