@@ -94,7 +94,11 @@ class DeltaError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # pacing: a hook between bounded slices of work
 
-_pacing = threading.local()
+class _Pacing(threading.local):
+    hook = None  # the class default: reading an unset hook never raises (getattr catching AttributeError: ~1 us a tensor)
+
+
+_pacing = _Pacing()
 
 
 @contextlib.contextmanager
@@ -102,7 +106,7 @@ def paced(hook):
     """Within this block, the calling thread's snapshot reads and delta decodes (here and in formats.py)
     call `hook()` after every bounded slice of work (a tensor, or 256 KiB of an arc_v2 patch). A
     deployment's hot-load thread uses it to hand the CPU to its engine between slices (weights.py)."""
-    previous = getattr(_pacing, "hook", None)
+    previous = _pacing.hook
     _pacing.hook = hook
     try:
         yield
@@ -112,7 +116,7 @@ def paced(hook):
 
 def pace() -> None:
     """The end of one slice of work: run the calling thread's `paced` hook, if any."""
-    hook = getattr(_pacing, "hook", None)
+    hook = _pacing.hook
     if hook is not None:
         hook()
 
@@ -665,7 +669,7 @@ def decode(blob, old_bf16: dict, base_identity: str, out: dict | None = None) ->
                 end = offset + int(length)
                 sections.append(view[offset:end])
                 offset = end
-            shape = tuple(int(s) for s in rec["shape"])
+            shape = tuple(map(int, rec["shape"]))
             if shape != old_t.shape:
                 raise DeltaError(f"tensor {name}: delta shape {shape} differs from current {tuple(old_t.shape)}")
             if old_t.dtype != torch.bfloat16 or not old_t.is_cpu:
@@ -694,11 +698,13 @@ def reusable(out: dict | None, name: str, shape, avoid=None):
     decoded from)."""
     t = out.get(name) if out else None
     if (t is None or t.dtype != torch.bfloat16 or not t.is_cpu or not t.is_contiguous()
-            or t.shape != tuple(int(d) for d in shape) or t.numel() == 0):
+            or t.shape != (shape if type(shape) is tuple else tuple(int(d) for d in shape))):
+        return None
+    n = t.numel()
+    if n == 0:
         return None
     if avoid is not None:
-        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        a_start = avoid.data_ptr()
-        if start < a_start + avoid.numel() * avoid.element_size() and a_start < end:
+        start, a_start = t.data_ptr(), avoid.data_ptr()
+        if start < a_start + avoid.numel() * avoid.element_size() and a_start < start + 2 * n:
             return None
     return t
