@@ -425,7 +425,7 @@ def read_header(blob) -> dict:
 # fault costs more than decoding the page). Memory use stays bounded for any tensor size.
 _CHUNK = 1 << 17
 # Under this many changed elements numpy's add.at scatters faster than torch's index_add_, whose fixed
-# cost (three tensor wrappers and a dispatch, ~10 us here) is more than the work (2 vs 5 us at 500).
+# cost (three tensor wrappers and a dispatch) dominates: 2 vs 5 us at 500 changed, 21 vs 33 at 8000.
 _SMALL_SCATTER = 1 << 14
 
 
