@@ -490,9 +490,7 @@ class WeightManager:
             # then copy the result into the plain-torch target, whose parameter names are the same
             from workbench import models
             merged = PeftModel.from_pretrained(models.load_model(self.base_model), str(adapter_dir)).merge_and_unload()
-            target.set_tied(merged.lm_head.weight is merged.get_input_embeddings().weight)
-            self._targets.pop(target, None)
-            self._load_into(target, merged.state_dict())
+            self._load_into(target, merged.state_dict())     # ties or unties the head as the merged model has it
             return {k: v.detach().to(torch.bfloat16) for k, v in merged.state_dict().items()}
         if self._base_fp32 is None:     # loaded on the first LoRA load only: full-parameter runs never pay
             from workbench import models
@@ -523,8 +521,8 @@ class WeightManager:
         written, so a snapshot that does not fit never leaves the model half overwritten."""
         import torch
         if hasattr(model, "set_tied") and getattr(model.config, "tie_word_embeddings", False):
-            # a plain-torch model of a tied base: an adapter with a head of its own untied it (set_tied in
-            # _merge_lora); weights without a separate head (a base snapshot) tie it again
+            # a plain-torch model of a tied base takes the tying of the weights it is given: an adapter merged
+            # with a head of its own unties it, weights without a separate head (a base snapshot) tie it again
             head, embedding = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
             tied = head is None or (embedding is not None and head.data_ptr() == embedding.data_ptr())
             if tied != (model.lm_head.weight is model.model.embed_tokens.weight):
