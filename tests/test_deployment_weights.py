@@ -354,7 +354,7 @@ def test_hotload_guards_nonfinite_noop_fault_rollback_and_drain(tmp_path):
 def test_hotload_work_is_sliced_and_paced_to_the_start_of_each_decode_step(tmp_path):
     """Reads, decodes and copies call the hot-load thread's `paced` hook after every bounded slice; the
     pacer lets the load work only in the first `window` of a decode step: past it, it waits until the
-    next step starts (or the engine idles), and with nothing decoding it does not wait at all."""
+    step ends, and with nothing decoding it does not wait at all."""
     import threading
     import time
 
@@ -386,18 +386,39 @@ def test_hotload_work_is_sliced_and_paced_to_the_start_of_each_decode_step(tmp_p
     pacer = _StepWindowPacer(engine, window_s=0.05)
     engine.step_started = None                                     # nothing decoding: no wait
     assert waited(pacer) < 0.5
+    engine.step_started = time.perf_counter() + 5                  # inside a step's window: no wait
+    assert waited(pacer) < 0.5
     engine.step_started = time.perf_counter() - 10                 # a step far past the window:
     assert waited(_StepWindowPacer(engine, window_s=0)) < 0.5      # (pacing off: no wait)
     assert waited(_StepWindowPacer(object(), window_s=0.05)) < 0.5  # an engine without visible steps (vLLM)
     assert waited(pacer) >= 0.5                                    # waits its longest (_PACE_WAIT_MAX_S)
 
-    def next_step():                                               # the engine starts its next step
+    def step_ends():                                               # the engine ends its step
         time.sleep(0.1)
         with engine.cond:
-            engine.step_started = time.perf_counter()
+            engine.step_started = None
             engine.cond.notify_all()
 
-    threading.Thread(target=next_step).start()
     t0 = time.perf_counter()
+    threading.Thread(target=step_ends).start()
     engine.wait_for_step_window(0.05, timeout_s=60)                # what the pacer calls, with a long timeout
-    assert 0.1 <= time.perf_counter() - t0 < 60                    # woken by the new step, not the timeout
+    assert 0.1 <= time.perf_counter() - t0 < 60                    # woken by the step's end, not the timeout
+
+    # the engine's own loop marks its working steps and wakes a waiting load at the end of each
+    engine.step_started = None
+    engine.start()
+    try:
+        seq = engine.submit(Sequence([1, 2, 3], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)))
+        deadline = time.time() + 60
+        while engine.step_started is None and not seq.done.is_set():
+            assert time.time() < deadline
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        engine.wait_for_step_window(0.0, timeout_s=60)             # window 0: waits for the step under way
+        assert time.perf_counter() - t0 < 30
+        assert seq.done.wait(60) and seq.error is None
+        while engine.step_started is not None:                     # idle: no step under way
+            assert time.time() < deadline + 60
+            time.sleep(0.01)
+    finally:
+        engine.stop()

@@ -267,7 +267,7 @@ class Engine:
 
     def wait_for_step_window(self, window_s: float, timeout_s: float) -> None:
         """Return at once unless a working step has been running for more than `window_s`; then wait
-        until the next step starts or the engine has nothing to do (at most `timeout_s`). A hot-load
+        until that step ends (at most `timeout_s`). A hot-load
         thread calls it between slices of its work: it then computes only in the first `window_s` of
         each decode step, and a step it competes with for a core is lengthened by about that much at
         most, whatever the load's size (see weights.py, _StepWindowPacer)."""
@@ -305,9 +305,7 @@ class Engine:
                     self.cond.wait()
                 if self._stop:
                     break
-                # a new working step (wakes a hot-load thread waiting for its window)
-                self.step_started = time.perf_counter()
-                self.cond.notify_all()
+                self.step_started = time.perf_counter()      # a working step (see wait_for_step_window)
                 swap = self._swap
                 if swap is not None and (not swap["drain"] or not self.active):
                     self._swap = None
@@ -330,6 +328,7 @@ class Engine:
             now = time.perf_counter()
             with self.cond:
                 self.step_started = None
+                self.cond.notify_all()                      # a hot-load thread waits for this step's end
                 if had_work and self._pause_watch is not None:
                     self._pause_watch = max(self._pause_watch, now - self.last_step_end)
             had_work = bool(self.active or self.waiting)

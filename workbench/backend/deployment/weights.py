@@ -674,7 +674,7 @@ def check_finite(weights: dict, identity: str | None) -> None:
 class _StepWindowPacer:
     """The hot-load thread's `paced` hook (checkpoints/delta_codec.py), called after each bounded slice of
     its work (a tensor read or decoded, 4 MiB copied): while a decode step has been running for more
-    than `window_s`, wait for the next step (Engine.wait_for_step_window); with nothing to decode, go on
+    than `window_s`, wait for it to end (Engine.wait_for_step_window); with nothing to decode, go on
     at full speed. The swap itself stays a reference change between two decode steps (engine.swap_model).
     An engine whose steps this process does not see (vLLM's run in its engine-core process) is not paced."""
 
