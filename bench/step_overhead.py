@@ -5,6 +5,14 @@
 Trains N steps with plain PyTorch in this process and N steps through the official SDK ->
 control plane -> trainer process, alternating blocks so machine noise hits both alike, and prints
 ms/step for each, their ratio (target <= 1.10 for the ~5M model) and the fixed overhead per call.
+Two more SDK paths show what a loop that submits ahead pays (the pattern the SDK's own docstring and
+tinker-cookbook use; the trainer runs requests in submission order):
+  - "SDK, submitted ahead": each step submits forward_backward and optim_step, then waits on the
+    previous step's two futures, so one step is always in flight and the SDK's fixed cost per call
+    overlaps the trainer's compute;
+  - per call, "pipelined": 20 tiny forwards submitted back to back, then all waited on, divided by
+    20: the fixed cost a call adds to a loop's throughput when it does not wait on each call
+    (the latency of one lone call stays the SDK's floor; bench/call_profile.py splits that).
 `--ranks N` adds an N-rank trainer job (`accelerator_count=N`: torchrun, FSDP2 over gloo) as a third
 path in the same alternating blocks, with its own fixed cost per call. The batch is one micro-batch
 (16 equal lengths), so on N ranks it runs on one rank while the others pad (see
@@ -94,18 +102,30 @@ def main() -> None:
             c.forward_backward(datums, "cross_entropy").result()
             c.optim_step(adam).result()
 
+        in_flight: list = []   # the previous step's futures, for the submitted-ahead path
+
+        def sdk_step_ahead(c=client):
+            submitted = [c.forward_backward(datums, "cross_entropy"), c.optim_step(adam)]
+            for future in in_flight:
+                future.result()
+            in_flight[:] = submitted
+
         tiny = to_datums(batch(n=1, length=4))
 
         def sdk_tiny_call(c=client):
             c.forward(tiny, "cross_entropy").result()
+
+        def sdk_tiny_calls_pipelined(n=20, c=client):
+            for future in [c.forward(tiny, "cross_entropy") for _ in range(n)]:
+                future.result()
 
         def local_tiny_call():
             with torch.no_grad():
                 model(input_ids=batch(n=1, length=4)[:, :-1])
 
         local_step(), sdk_step()  # warm up both paths
-        local_times, sdk_times, call_overheads = [], [], []
-        paths = [(local_step, local_times), (sdk_step, sdk_times)]
+        local_times, sdk_times, ahead_times, call_overheads, pipelined_overheads = [], [], [], [], []
+        paths = [(local_step, local_times), (sdk_step, sdk_times), (sdk_step_ahead, ahead_times)]
         sharded_times, sharded_overheads = [], []
         if sharded:
             sdk_step(sharded[1])
@@ -116,17 +136,28 @@ def main() -> None:
                     t = time.perf_counter()
                     fn()
                     out.append(time.perf_counter() - t)
+                for future in in_flight:   # drain the submitted-ahead path before the next one is timed
+                    future.result()
+                in_flight.clear()
             for _ in range(20):
                 t = time.perf_counter()
                 sdk_tiny_call()
                 sdk_t = time.perf_counter() - t
                 t = time.perf_counter()
                 local_tiny_call()
-                call_overheads.append(sdk_t - (time.perf_counter() - t))
+                local_t = time.perf_counter() - t
+                call_overheads.append(sdk_t - local_t)
                 if sharded:
                     t = time.perf_counter()
                     sdk_tiny_call(sharded[1])
                     sharded_overheads.append(time.perf_counter() - t - (sdk_t - call_overheads[-1]))
+            for _ in range(3):
+                t = time.perf_counter()
+                sdk_tiny_calls_pipelined()
+                pipelined_t = (time.perf_counter() - t) / 20
+                t = time.perf_counter()
+                local_tiny_call()
+                pipelined_overheads.append(pipelined_t - (time.perf_counter() - t))
         params = sum(p.numel() for p in model.parameters())
         local_ms = statistics.median(local_times) * 1e3
         sdk_ms = statistics.median(sdk_times) * 1e3
@@ -136,11 +167,15 @@ def main() -> None:
         print(f"{'path':28s} {'ms/step':>10s}")
         print(f"{'in-process torch':28s} {local_ms:10.1f}")
         print(f"{'SDK -> backend':28s} {sdk_ms:10.1f}")
+        ahead_ms = statistics.median(ahead_times) * 1e3
+        print(f"{'SDK -> backend, ahead':28s} {ahead_ms:10.1f}   (one step submitted before waiting on the last)")
         if sharded:
             print(f"{f'SDK -> backend, {args.ranks} ranks':28s} {statistics.median(sharded_times) * 1e3:10.1f}")
-        print(f"ratio SDK/in-process: {sdk_ms / local_ms:.3f}  (target <= 1.10)")
+        print(f"ratio SDK/in-process: {sdk_ms / local_ms:.3f}  (target <= 1.10); "
+              f"submitted ahead: {ahead_ms / local_ms:.3f}")
         print(f"fixed overhead per call (forward of 1x4 tokens, SDK minus in-process): "
-              f"{statistics.median(call_overheads) * 1e3:.1f} ms")
+              f"{statistics.median(call_overheads) * 1e3:.1f} ms; pipelined (20 submitted, then waited): "
+              f"{statistics.median(pipelined_overheads) * 1e3:.1f} ms per call")
         if sharded:
             print(f"fixed overhead per call on {args.ranks} ranks (same forward, SDK minus in-process): "
                   f"{statistics.median(sharded_overheads) * 1e3:.1f} ms")
