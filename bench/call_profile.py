@@ -7,7 +7,9 @@
 control plane and trainer) and interleaves SDK forwards through both gateways, printing for each the
 latency (median, 10th percentile) and the CPU time per call of the control plane, the trainer and
 this client process (from /proc: on a busy machine latency is mostly waiting for a core, while CPU
-time per call is what the change itself costs or saves). Nothing else is run in that mode.
+time per call is what the change itself costs or saves), then this client's CPU per call against the
+canned server by thread (the SDK's event loop, pyqwest's tokio workers, the caller). Nothing else is run
+in that mode.
 
 Starts `workbench serve` in a temporary home and one trainer, then times (medians of --calls each,
 interleaved so machine noise hits all alike):
@@ -101,6 +103,24 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def client_cpu_by_thread() -> collections.Counter:
+    """CPU seconds of this process's threads, by what each is: the Python thread's name where it has one
+    (the SDK's event loop is `Thread-1 (_background_thread_func)`), else the OS thread name (pyqwest's
+    Rust transport runs in `tokio-rt-worker` threads)."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    by_thread: collections.Counter = collections.Counter()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            ns = int((task / "schedstat").read_text().split()[0])
+            name = names.get(int(task.name)) or (task / "comm").read_text().strip()
+        except (OSError, IndexError, ValueError):
+            continue   # a thread that ended meanwhile
+        by_thread[name] += ns / 1e9
+    return by_thread
+
+
 def start_canned(client, datum, workdir: Path) -> tuple[subprocess.Popen, str]:
     """bench/canned_trainer.py in its own process, answering forwards with the result `client` just got for
     `datum` from a real trainer (so the SDK parses the same body); (process, base_url)."""
@@ -183,11 +203,14 @@ def compare(model_name: str, other_tree: str, calls: int) -> None:
             for side in sides.values():
                 before = {n: cpu_seconds(p) for n, p in side["pids"].items()}
                 client_before = cpu_seconds(os.getpid())
+                threads_before = client_cpu_by_thread()
                 for _ in range(block):
                     t = time.perf_counter()
                     side["client"].forward(datum, "cross_entropy").result()
                     side["lat"].append(time.perf_counter() - t)
                 side["cpu"]["client (SDK)"] += cpu_seconds(os.getpid()) - client_before
+                side.setdefault("threads", collections.Counter()).update(client_cpu_by_thread())
+                side["threads"].subtract(threads_before)
                 for n, p in side["pids"].items():
                     side["cpu"][n] += cpu_seconds(p) - before[n]
         print(f"model {model_name}; load average at start {load_start}, at end {loadavg()}")
@@ -201,6 +224,10 @@ def compare(model_name: str, other_tree: str, calls: int) -> None:
             print(f"{name:12s} {statistics.median(lat) * 1e3:10.2f} {lat[n // 10] * 1e3:8.2f}   {'':16s}"
                   + " ".join(f"{cpu[c]:13.2f}" if c in cpu else f"{'-':>13s}" for c in columns)
                   + f" {sum(cpu.values()):6.2f}")
+        floor = sides["SDK floor"]
+        print("client CPU ms per call against the canned server, by thread (the SDK's own work per call):")
+        for name, sec in floor["threads"].most_common(6):
+            print(f"  {name:40s} {sec / len(floor['lat']) * 1e3:6.2f}")
         print("trees: " + ", ".join(f"{k} = {v}" for k, v in trees.items()) + f"; {n} calls each; SDK floor = "
               "the same SDK call against bench/canned_trainer.py (canned answers, no workbench code)")
     finally:
