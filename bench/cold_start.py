@@ -15,7 +15,8 @@ Starts `workbench serve` in a temporary home (port 0), creates a trainer on the 
     control plane's RUNNING (the job's updateTime) and the SDK seeing RUNNING + healthz
   - deployment create -> READY (SDK wait_for_ready, 0.05 s polling), s, and the replica's CPU s by then
   - RSS (VmRSS) and peak RSS (VmHWM) of the control plane, the trainer and the deployment replica, MiB;
-    of the trainer again after one forward_backward + optim_step through the SDK, and of the replica
+    of the trainer again after one forward_backward + optim_step through the SDK (at once, and once it
+    has been idle long enough to give the step's freed heap back), and of the replica
     again after serving a few completions (token prompts through the SDK's DeploymentSampler and a
     text prompt over HTTP, n=4, 32 tokens each)
   - the load average at start and end (the figures mean little on a loaded machine without it)
@@ -254,6 +255,10 @@ def measure(args) -> tuple[dict, dict, str, str]:
         client.optim_step(tinker.AdamParams(learning_rate=1e-4)).result()
         pid = rss["trainer"][0]
         rss["trainer after 1 step"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
+        # Once idle (its queue empty 1 s: IDLE_RELEASE_S in trainer/server.py), a trainer gives the step's
+        # freed heap back to the OS. Not imported from there: --compare runs this bench over older trees.
+        time.sleep(3.0)
+        rss["trainer idle after 1 step"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
         service.close()
         serve_completions(base_url, key, deployment.inference_model or deployment.name)
         pid = rss["deployment"][0]

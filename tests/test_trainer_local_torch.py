@@ -77,6 +77,40 @@ def test_worker_skips_a_lost_seq_after_the_gap_timeout():
         r.close()
 
 
+def test_worker_releases_memory_once_per_idle_spell_never_between_queued_jobs():
+    events: list[tuple[str, float]] = []
+    idle = threading.Semaphore(0)
+
+    def on_idle():
+        events.append(("idle", time.monotonic()))
+        idle.release()
+
+    loop = asyncio.new_event_loop()
+    worker = OrderedWorker(lambda mid: True, on_idle=on_idle, idle_s=0.2)
+
+    def job(name, seconds):
+        def fn():
+            events.append((f"{name} start", time.monotonic()))
+            time.sleep(seconds)   # a job longer than idle_s: no release may happen while it runs
+            events.append((f"{name} end", time.monotonic()))
+            return {}
+        return _Job(FutureRecord(name, "op", None, None, loop, asyncio.Event()), fn, time.monotonic())
+
+    try:
+        worker.submit(job("a", 0.3))
+        worker.submit(job("b", 0.3))
+        assert idle.acquire(timeout=60)
+        names = [name for name, _ in events]
+        assert names == ["a start", "a end", "b start", "b end", "idle"]
+        assert events[-1][1] - events[-2][1] >= 0.2 * 0.9   # after the queue stayed empty idle_s
+        worker.submit(job("c", 0.0))                         # a new idle spell: one more release
+        assert idle.acquire(timeout=60)
+        assert [name for name, _ in events].count("idle") == 2
+    finally:
+        worker.stop()
+        loop.close()
+
+
 def test_worker_does_not_wait_for_unknown_models_and_reports_errors():
     r = _Recorder(known=lambda mid: False, gap=30)
     try:

@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from workbench.backend.asgi import RouteApp
-from workbench.common import ApiKeyMiddleware, error_body
+from workbench.common import ApiKeyMiddleware, error_body, release_free_memory
 
 from . import protocol
 from .protocol import TrainerBackend, TrainerCannotContinue, UserError, describe_failure
@@ -60,6 +60,7 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("workbench.trainer.server")
 
+IDLE_RELEASE_S = 1.0          # an empty queue this long after work: give the freed heap back to the OS
 _MAX_FUTURES = 20000          # completed futures kept for re-delivery before the oldest are dropped
 
 
@@ -125,13 +126,20 @@ class OrderedWorker:
     or a bug in the worker itself stop it: then every queued future fails with the reason,
     later submissions fail at once, and `on_fatal(reason)` is called (the process exits non-zero,
     so the control plane marks the job FAILED with that reason) — never a silently dead queue.
+    Once the queue has stayed empty `idle_s` after some work, `on_idle` runs once (by default the freed
+    heap of the last steps goes back to the OS: an idle trainer does not keep its peak memory).
     """
 
     def __init__(self, known_model: Callable[[str], bool], gap_timeout_s: float = 3.0,
-                 on_fatal: Callable[[str], None] | None = None):
+                 on_fatal: Callable[[str], None] | None = None,
+                 on_idle: Callable[[], object] | None = release_free_memory, idle_s: float = IDLE_RELEASE_S):
         self._known_model = known_model
         self._gap = gap_timeout_s
         self._on_fatal = on_fatal
+        # Not while requests keep coming: the next step would fault every released page back in.
+        self._on_idle = on_idle
+        self._idle_s = idle_s
+        self._worked_since_idle = False
         self._cond = threading.Condition()
         self._queue: list[_Job] = []
         self._next_seq: dict[str, int] = {}
@@ -198,12 +206,14 @@ class OrderedWorker:
                 self._on_fatal(reason)
 
     def _loop(self) -> None:
+        idle_since: float | None = None   # when the queue last went empty after work
         while True:
             with self._cond:
                 while True:
                     if self._stopping:
                         return
-                    job, wait = self._pick(time.monotonic())
+                    now = time.monotonic()
+                    job, wait = self._pick(now)
                     if job is not None:
                         self._queue.remove(job)
                         rec = job.record
@@ -211,7 +221,22 @@ class OrderedWorker:
                             self._next_seq[rec.model_id] = max(self._next_seq.get(rec.model_id, 1), rec.seq_id + 1)
                             self._progress[rec.model_id] = time.monotonic()
                         break
+                    if self._worked_since_idle and self._on_idle is not None and not self._queue:
+                        idle_since = now if idle_since is None else idle_since
+                        if now - idle_since >= self._idle_s:
+                            break   # idle long enough: release outside the lock (job is None)
+                        wait = self._idle_s - (now - idle_since) if wait is None else \
+                            min(wait, self._idle_s - (now - idle_since))
                     self._cond.wait(timeout=wait)
+            idle_since = None
+            if job is None:
+                self._worked_since_idle = False
+                try:
+                    self._on_idle()
+                except Exception:  # noqa: BLE001 - a failed release costs memory, never the queue
+                    log.exception("releasing memory while idle failed")
+                continue
+            self._worked_since_idle = True
             self._execute(job)
 
     @staticmethod
