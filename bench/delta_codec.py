@@ -17,9 +17,10 @@ envelopes checked by the restricted unpickler first):
   delta on: on this VM first-touching fresh memory costs more than decoding).
 
 `--compare TREE` (a checkout of another commit, e.g. `git worktree add --detach /tmp/before main`) also
-times that tree's workbench_v1 decoder (TREE/workbench/checkpoints/delta_codec.py) on the same file,
-alternating with this tree's, both into fresh and recycled buffers: an A/B in one run, on a shared
-machine where runs minutes apart differ by more than the change. `--snapshots DIR` keeps the trained
+times that tree's workbench_v1 codec (TREE/workbench/checkpoints/delta_codec.py) on the same deltas:
+each tree encodes its own file (trees may write different format versions; both sizes are printed)
+and decodes it, alternating with this tree, into fresh and recycled buffers: an A/B in one run, on a
+shared machine where runs minutes apart differ by more than the change. `--snapshots DIR` keeps the trained
 snapshots there and reuses them (the 75M model trains for minutes per learning rate).
 
 arc_v3 races its candidate encodings against a deadline, so its size depends on timing and free
@@ -100,20 +101,31 @@ def load_codec(tree: Path):
 
 
 def compare_decoders(blob: bytes, new: dict, old: dict, other, repeats: int) -> dict:
-    """workbench_v1 decode MB/s per CPU-second, this tree's and `other`'s, alternating on the same blob."""
+    """workbench_v1 MB/s per CPU-second, this tree's and `other`'s, each decoding what its own encoder wrote
+    (the trees may write different format versions), alternating; also both files' sizes and encode speeds."""
     from workbench.checkpoints import delta_codec
 
     raw = sum(t.numel() * 2 for t in new.values())
+    blobs = {"this": blob}
+    encode_times = {"this": [], "other": []}
+    for _ in range(repeats):
+        for label, codec in (("this", delta_codec), ("other", other)):
+            blobs[label], seconds = timed(lambda: codec.encode(new, old, "prev"))
+            encode_times[label].append(seconds)
     recycled = {k: v.clone() for k, v in new.items()}
     times = {}
     for _ in range(repeats):
         for label, codec in (("this", delta_codec), ("other", other)):
             for into in ("fresh", "recycled"):
-                result, seconds = timed(lambda: codec.decode(blob, old, "prev", out=recycled if into == "recycled" else None))
+                result, seconds = timed(lambda: codec.decode(blobs[label], old, "prev",
+                                                             out=recycled if into == "recycled" else None))
                 assert same_bits(result, new), f"{label} tree's decoder did not reconstruct bit for bit"
                 del result
                 times.setdefault((label, into), []).append(seconds)
-    return {key: raw / min(t) / 1e6 for key, t in times.items()}
+    out = {key: raw / min(t) / 1e6 for key, t in times.items()}
+    out.update({("size", label): len(b) for label, b in blobs.items()})
+    out.update({("encode", label): raw / min(t) / 1e6 for label, t in encode_times.items()})
+    return out
 
 
 def measure(new: dict, old: dict, repeats: int, arc3_runs: int, scratch: Path, formats_: tuple = FORMATS,
@@ -239,13 +251,16 @@ def main() -> None:
             print(f"| {lr:g} | {label} | {m['changed']:.1%} | {kb(m['raw'])} | {sizes} | {ratios} | {enc} | {dec} |"
                   + (f" {m['wb_recycled_dec']:.0f} |" if recycled else ""))
     if other is not None:
-        print(f"\nworkbench_v1 decode, this tree / {args.compare} (alternating on the same file; MB/s of raw bf16 per "
-              f"CPU-second, best of {args.repeats}):\n")
-        print("| lr | delta | changed | into fresh memory | into recycled buffers | recycled: speed-up |")
-        print("|---|---|---|---|---|---|")
+        print(f"\nworkbench_v1, this tree / {args.compare} (each tree decodes the file its own encoder wrote, "
+              f"alternating; MB/s of raw bf16 per CPU-second, best of {args.repeats}):\n")
+        print("| lr | delta | changed | size | encode MB/s | decode into fresh memory | decode into recycled buffers "
+              "| recycled: speed-up |")
+        print("|---|---|---|---|---|---|---|---|")
         for lr, label, m in rows:
             c = m["compare"]
-            print(f"| {lr:g} | {label} | {m['changed']:.1%} | {c['this', 'fresh']:.0f} / {c['other', 'fresh']:.0f} "
+            print(f"| {lr:g} | {label} | {m['changed']:.1%} | {kb(c['size', 'this'])} / {kb(c['size', 'other'])} "
+                  f"| {c['encode', 'this']:.0f} / {c['encode', 'other']:.0f} "
+                  f"| {c['this', 'fresh']:.0f} / {c['other', 'fresh']:.0f} "
                   f"| {c['this', 'recycled']:.0f} / {c['other', 'recycled']:.0f} "
                   f"| {c['this', 'recycled'] / c['other', 'recycled']:.2f}x |")
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from workbench.checkpoints import delta_codec as dc
 from workbench.checkpoints.delta_codec import DeltaError
 
 BF16 = torch.bfloat16
+WRITTEN_LAYOUTS = {"same", "dense", "packed2g", "packed4g", "gaps"}  # version 2; packed2/packed4 are read only
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -85,8 +89,10 @@ def test_round_trip_is_bit_exact_in_every_layout(mixed, transform):
     assert layouts["t.3"] == layouts["empty"] == "same" and layouts["t.2"] == "gaps"
     assert any(rec.get("value_planes") == 2 for rec in header["tensors"])
     if transform == "sub":  # XOR codes of the same steps are larger, so their best layouts differ
-        assert (layouts["t.0"], layouts["t.1"], layouts["t.5"]) == ("packed4", "packed2", "dense")
-        assert set(layouts.values()) == set(dc.LAYOUTS)
+        assert (layouts["t.0"], layouts["t.1"], layouts["t.5"]) == ("packed4g", "packed2g", "dense")
+        assert set(layouts.values()) == set(WRITTEN_LAYOUTS)
+    # sections zstd cannot shrink (the near-random low bytes of large jumps, a few bytes) are stored raw
+    assert any(rec.get("raw") for rec in header["tensors"])
 
     out = dc.decode(blob, old, "snap-0")
     assert same_bits(out, new)
@@ -238,9 +244,11 @@ def test_round_trip_across_chunks_in_every_layout_and_plane_count(transform):
     records = {rec["name"]: rec for rec in dc.read_header(blob)["tensors"]}
     if transform == "sub":
         assert {name: rec["layout"] for name, rec in records.items()} == {
-            "packed4": "packed4", "packed2": "packed2", "packed2-rare-escapes": "packed2", "dense": "dense",
+            "packed4": "packed4g", "packed2": "packed2g", "packed2-rare-escapes": "packed2g", "dense": "dense",
             "gaps-near": "gaps", "gaps-far": "gaps"}
-        assert 263_263 // 8 > records["packed2"]["escapes"] >= 263_263 // 32 > records["packed2-rare-escapes"]["escapes"] > 0
+        # listed codes in every chunk, and ones whose gaps need a second byte plane
+        assert records["packed2"]["escapes"] > 263_263 // 32 and records["packed2"]["gap_planes"] == 1
+        assert records["packed2-rare-escapes"]["escapes"] > 0 and records["packed2-rare-escapes"]["gap_planes"] == 2
         assert (records["gaps-near"]["gap_planes"], records["gaps-near"]["value_planes"]) == (1, 1)
         assert (records["gaps-far"]["gap_planes"], records["gaps-far"]["value_planes"]) == (3, 2)
         assert records["gaps-far"]["changed"] < dc._SMALL_SCATTER <= records["gaps-near"]["changed"]  # both scatters
@@ -264,3 +272,162 @@ def test_current_weights_that_are_not_bf16_on_the_cpu_are_refused(mixed):
         dc.decode(blob, {**old, "t.1": old["t.1"].float()}, "snap-0")
     with pytest.raises(DeltaError, match="tensor t.1: bad record .*CPU"):
         dc.decode(blob, {**old, "t.1": old["t.1"].to("meta")}, "snap-0")
+
+
+# --------------------------------------------------------------------------------------------------
+# files written by an older encoder
+
+def _hash(n: int, seed: int) -> np.ndarray:
+    """n pseudo-random uint32s from integer arithmetic alone (splitmix-style), the same on every platform
+    and numpy/torch version: the golden files' weights are recomputed from it, never stored."""
+    x = np.arange(n, dtype=np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+    x *= np.uint64(0xBF58476D1CE4E5B9)  # uint64 arrays wrap silently, as intended
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(29)
+    return (x & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def _as_bf16(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(bits.astype(np.uint16).view(np.int16).copy()).view(BF16)
+
+
+def golden_weights() -> tuple[dict, dict]:
+    """Old and new weights for the golden files: one tensor per version-1 layout and plane count, the
+    packed2 one longer than a decode chunk with escapes over 1/32 (the padded escape search)."""
+    def old(n, seed):   # bf16 bit patterns of small weights of either sign (2**-11 to 2**-8), any mantissa
+        h = _hash(n, seed)
+        return (h & 0x807F) | (0x3A00 + ((h >> 8) & 0x3) * 0x80)
+
+    def moved(o, seed, fraction, steps):  # `fraction` of the elements moved by 1..steps ulps either way
+        h = _hash(o.size, seed)
+        move = (h % 1000) < fraction * 1000
+        step = ((h >> 10) % steps + 1).astype(np.int64) * np.where((h >> 20) & 1, 1, -1)
+        return ((o.astype(np.int64) + np.where(move, step, 0)) & 0xFFFF).astype(np.uint16)
+
+    sizes = {"packed4": 20_000, "packed2": 140_001, "packed2-rare-escapes": 9_000, "dense": 3_000,
+             "gaps-near": 30_000, "gaps-far": 70_003, "same": 1_000}
+    olds = {name: old(n, i + 1) for i, (name, n) in enumerate(sizes.items())}
+    news = {"packed4": moved(olds["packed4"], 11, 0.9, 5), "packed2": moved(olds["packed2"], 12, 0.25, 2),
+            "packed2-rare-escapes": moved(olds["packed2-rare-escapes"], 13, 0.3, 1),
+            "dense": moved(olds["dense"], 14, 1.0, 3000), "gaps-near": moved(olds["gaps-near"], 15, 0.05, 1),
+            "gaps-far": olds["gaps-far"].copy(), "same": olds["same"].copy()}
+    news["packed4"][::997] += 30
+    news["packed2-rare-escapes"][::1001] += 40
+    news["packed2-rare-escapes"][500] += 2000   # an escaped code over 255: two value planes
+    news["gaps-far"][[0, 1, 300, 70_002]] += np.array([1000, 65535 - 999, 3, 700], np.uint16)
+    olds["scalar"], news["scalar"] = np.array([0x3F00], np.uint16), np.array([0x3E80], np.uint16)
+    olds["empty"] = news["empty"] = np.zeros(0, np.uint16)
+    old_t = {k: _as_bf16(v) for k, v in olds.items()}
+    new_t = {k: _as_bf16(v) for k, v in news.items()}
+    old_t["scalar"], new_t["scalar"] = old_t["scalar"].reshape(()), new_t["scalar"].reshape(())
+    old_t["dense"], new_t["dense"] = old_t["dense"].reshape(30, 100), new_t["dense"].reshape(30, 100)
+    return old_t, new_t
+
+
+GOLDEN = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("transform", ["sub", "xor"])
+def test_files_of_format_version_1_still_decode(transform):
+    # Written by the version-1 encoder (commit 6544dc8) from golden_weights(), kept byte for byte:
+    #   blob = delta_codec.encode(new, old, "golden-base", transform=T); tests/data/delta_v1_T.wbd
+    old, new = golden_weights()
+    blob = (GOLDEN / f"delta_v1_{transform}.wbd").read_bytes()
+    header = dc.read_header(blob)
+    assert header["format_version"] == 1 and header["transform"] == transform
+    records = {rec["name"]: rec for rec in header["tensors"]}
+    assert not any("raw" in rec for rec in records.values())
+    if transform == "sub":  # every version-1 layout, escapes in two planes, and the padded escape search
+        assert {rec["layout"] for rec in records.values()} == {"same", "dense", "packed2", "packed4", "gaps"}
+        assert records["packed2-rare-escapes"]["value_planes"] == 2 and records["gaps-far"]["gap_planes"] == 3
+        assert 140_001 // 32 <= records["packed2"]["escapes"] < 140_001 // 8 and 140_001 > dc._CHUNK
+    old_copy = clone(old)
+    assert same_bits(dc.decode(blob, old, "golden-base"), new)
+    spare = {k: torch.full_like(v, 3.0) for k, v in old.items()}
+    assert same_bits(dc.decode(blob, old, "golden-base", out=spare), new) and same_bits(old, old_copy)
+    with pytest.raises(DeltaError, match="tensor packed2: checksum mismatch"):
+        wrong = clone(old)
+        wrong["packed2"].view(torch.int16)[-1] ^= 4
+        dc.decode(blob, wrong, "golden-base")
+
+
+@pytest.mark.parametrize("transform", ["sub", "xor"])
+def test_raw_sections_round_trip_bit_exactly_in_every_layout(transform):
+    old, new = long_tensors(7)
+    # raw_below=1: every section is stored raw, whatever zstd would save
+    blob = dc.encode(new, old, "snap-0", transform=transform, raw_below=1.0)
+    records = dc.read_header(blob)["tensors"]
+    assert all(rec["raw"] == list(range(len(rec["sections"]))) for rec in records if rec["sections"])
+    if transform == "sub":
+        assert {rec["layout"] for rec in records} == {"packed4g", "packed2g", "dense", "gaps"}
+    assert same_bits(dc.decode(blob, old, "snap-0"), new)
+    spare = {k: torch.full_like(v, 3.0) for k, v in old.items()}
+    out = dc.decode(blob, old, "snap-0", out=spare)
+    assert same_bits(out, new) and all(out[k] is spare[k] for k in new)
+    # raw_below=0: raw only where zstd does not shrink a section at all (near-random bytes, a few bytes)
+    tight = dc.encode(new, old, "snap-0", transform=transform, raw_below=0.0)
+    header = dc.read_header(tight)
+    offset, raw_sections = header["payload_offset"], 0
+    for rec in header["tensors"]:
+        for i, length in enumerate(rec["sections"]):
+            if i in rec.get("raw", []):
+                raw_sections += 1
+                assert len(zstandard.ZstdCompressor(level=dc.ZSTD_LEVEL).compress(tight[offset:offset + length])) >= length
+            offset += length
+    assert 0 < raw_sections < sum(len(rec["sections"]) for rec in header["tensors"])
+
+
+def _with_header(blob: bytes, edit) -> bytes:
+    """`blob` with its header JSON changed by `edit(header)`, every checksum made consistent again."""
+    header = dc.read_header(blob)
+    offset = header.pop("payload_offset")
+    version = header.pop("format_version")
+    edit(header)
+    packed = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    payload = blob[offset:]
+    return struct.pack("<8sHHIIQI", dc.MAGIC, version, 0, len(packed), zlib.adler32(packed), len(payload),
+                       zlib.adler32(payload)) + packed + payload
+
+
+def test_a_damaged_raw_section_is_caught_by_the_checksums(mixed):
+    old, new = mixed
+    blob = dc.encode(new, old, "snap-0", raw_below=1.0)
+    header = dc.read_header(blob)
+    offset = header["payload_offset"]
+    for rec in header["tensors"]:
+        if rec["name"] == "t.1":
+            break
+        offset += sum(rec["sections"])
+    assert rec["raw"] == [0]  # t.1's packed fields, raw
+    damaged = bytearray(blob)
+    damaged[offset + 100] ^= 0x10
+    with pytest.raises(DeltaError, match="payload checksum mismatch"):
+        dc.decode(bytes(damaged), old, "snap-0")
+    # the same damage with the payload checksum recomputed: the tensor's own checksum fails
+    payload = bytes(damaged[header["payload_offset"]:])
+    struct.pack_into("<I", damaged, 28, zlib.adler32(payload))
+    with pytest.raises(DeltaError, match="tensor t.1: checksum mismatch"):
+        dc.decode(bytes(damaged), old, "snap-0")
+
+
+def test_inconsistent_raw_and_listed_code_fields_are_refused(mixed):
+    old, new = mixed
+    blob = dc.encode(new, old, "snap-0", transform="xor", raw_below=1.0)
+
+    def record(header, name):
+        return next(rec for rec in header["tensors"] if rec["name"] == name)
+
+    cases = {
+        "raw index past the sections": lambda h: record(h, "t.2").update(raw=[0, 1, 7]),
+        "raw not a list": lambda h: record(h, "t.2").update(raw="all"),
+        "raw index twice": lambda h: record(h, "t.2").update(raw=[0, 0, 1]),
+        "a raw section marked zstd": lambda h: record(h, "t.2").update(raw=[0, 1]),
+        "listed codes without positions": lambda h: record(h, "t.1").update(gap_planes=0),
+        "more listed codes than stored": lambda h: record(h, "t.1").update(escapes=record(h, "t.1")["escapes"] + 1),
+    }
+    assert record(dc.read_header(blob), "t.1")["layout"] == "packed2g" and record(dc.read_header(blob), "t.1")["escapes"]
+    for what, edit in cases.items():
+        with pytest.raises(DeltaError, match="tensor t.[12]"):
+            dc.decode(_with_header(blob, edit), old, "snap-0")
+    assert same_bits(dc.decode(_with_header(blob, lambda h: None), old, "snap-0"), new)  # the helper itself is faithful

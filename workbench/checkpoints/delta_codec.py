@@ -14,12 +14,16 @@ documented byte by byte in docs/delta-format.md together with the measurements t
 How a tensor is encoded. Each element's change is the wrapping difference `new - old` of the bf16
 bit patterns, zigzag-mapped to an unsigned 16-bit code (0 = unchanged, 1 = -1 ulp, 2 = +1 ulp, ...).
 An optimizer step moves most weights by 0 or a few ulps, so codes are small. Per tensor, the
-smallest of these layouts is kept (all zstd level 1):
-  gaps     distance to each changed element (uint32 byte planes) + the changed codes: sparse changes;
-  packed2  2 bits per element (0, -1, +1 ulp, or "escape"), the escaped codes listed separately;
-  packed4  4 bits per element (codes 0-14, or "escape"), likewise: most elements change a few ulps;
-  dense    all codes as byte planes (low bytes; high bytes only if any is non-zero): large changes;
-  same     nothing changed, no data.
+smallest of these layouts is kept (format version 2; zstd level 1):
+  gaps      distance to each changed element (uint32 byte planes) + the changed codes: sparse changes;
+  packed2g  2 bits per element (codes 0-3: 0, -1, +1, -2 ulp); larger codes are listed separately,
+            with their positions as gaps (their field holds 0): a third of the elements change;
+  packed4g  4 bits per element (codes 0-15), likewise: most elements change a few ulps;
+  dense     all codes as byte planes (low bytes; high bytes only if any is non-zero): large changes;
+  same      nothing changed, no data.
+Version 1's packed2/packed4 (an all-ones field marked an escape, found by searching) are still read.
+Each section is one zstd frame, or (version 2) its plain bytes when zstd would save under RAW_BELOW of
+them: near-random planes (the low bytes of large changes) and sections of a few bytes.
 Why the difference rather than XOR: a +1 ulp step XORs to 1, 3, 7, 15... depending on the carry
 chain, information the decoder already has in `old`, while the difference is always 1 (8-19%
 smaller on a real AdamW trajectory). `transform="xor"` is kept so the benchmark can show it.
@@ -41,16 +45,16 @@ docs/delta-format.md "Decode and encode speed"):
     no longer needs (a deployment recycles the one its last swap retired), and nothing is allocated.
     The per-tensor buffers (packed bytes, escaped codes, changed positions) are the calling thread's,
     kept between calls (_Scratch.for_this_thread) for the same reason;
-  - finding escaped codes: numpy's nonzero branches per element while under a tenth of the mask is set
-    (~1.7 ns per element at a one-step packed2 delta's ~10%), so the mask is padded (_escape_positions);
+  - finding escaped codes (version 1): numpy's nonzero costs ~1 ns per element even on its branch-free
+    path (the mask is padded onto it, _escape_positions), the largest cost of a one-step 75M decode;
+    version 2 lists their positions (packed2g/packed4g: a cumulative sum over the listed codes only);
   - glibc's memmove (np.copyto) runs 5-8x slower here at some relative alignments: see _copy;
   - fixed costs per tensor (68 in the 5M model): numpy views of tensor memory without torch views
     (_memory_bits), gap positions in three passes, numpy's add.at where few elements changed.
-Where the time goes now (perf, 5M model): a one-step lr 1e-4 delta (packed2) spends it on the escape
-search (nonzero 17%, compare 2), the table lookup 12, zstd 10, Python 7, adding the held weights 6,
-placing the escaped codes 5, adler32 2; each is one numpy pass near its floor on this VM. Fewer passes
-would need a fused kernel (look up, patch escapes, add and checksum in one loop), which numpy and torch
-do not offer.
+Where the time goes now (perf, 75M model, one-step lr 1e-4, packed2g): the table lookup ~20%, zstd
+~15, adding the held weights ~10 (it reads them from memory), placing the listed codes ~7, their
+positions ~7, adler32 ~4, Python the rest; each one numpy pass near its floor on this VM. Fewer passes
+would need a fused kernel (look up, add and checksum in one loop), which numpy and torch do not offer.
 """
 
 from __future__ import annotations
@@ -75,10 +79,14 @@ np = LazyModule("numpy")
 torch = LazyModule("torch")
 
 MAGIC = b"WBDELTA\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # what encode writes
+READ_VERSIONS = (1, 2)      # what decode reads (version 1: no raw sections, no packed2g/packed4g)
 TRANSFORMS = ("sub", "xor")
-LAYOUTS = ("same", "dense", "packed2", "packed4", "gaps")
+LAYOUTS = ("same", "dense", "packed2", "packed4", "gaps", "packed2g", "packed4g")
 ZSTD_LEVEL = 1  # calibration: level 3 is never more than 2-3% smaller and encodes slower
+# A section is stored raw when zstd would save less than this share of its bytes: decoding zstd costs
+# ~1.1 ns per output byte on this VM, a raw section nothing (it is read in place).
+RAW_BELOW = 0.10
 # magic, version (u16), flags (u16), header length (u32), header adler32 (u32), payload length (u64),
 # payload adler32 (u32); little-endian. The payload checksum makes any damaged byte an error, even one
 # that would decode to the same weights (e.g. a packed byte's unused padding fields).
@@ -174,8 +182,8 @@ def _unzigzag_inplace(code: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # byte planes
 
-def _compress_planes(values: np.ndarray, cctx: zstandard.ZstdCompressor) -> list[bytes]:
-    """Little-endian byte planes of an unsigned integer array, each zstd-compressed.
+def _byte_planes(values: np.ndarray) -> list[np.ndarray]:
+    """Little-endian byte planes of an unsigned integer array (uncompressed).
 
     Plane i holds byte i of every value (grouping bytes of the same significance is what lets zstd's
     Huffman stage see their skewed distribution). Top planes that are all zero are not stored (the
@@ -184,10 +192,21 @@ def _compress_planes(values: np.ndarray, cctx: zstandard.ZstdCompressor) -> list
     top = int(values.max()) if values.size else 0
     n_planes = max(1, (top.bit_length() + 7) // 8)
     if n_planes == 1:
-        return [cctx.compress(values.astype(np.uint8))]
+        return [values.astype(np.uint8)]
     as_bytes = values.astype(values.dtype.newbyteorder("<"), copy=False).view(np.uint8)
     as_bytes = as_bytes.reshape(-1, values.dtype.itemsize)
-    return [cctx.compress(np.ascontiguousarray(as_bytes[:, i])) for i in range(n_planes)]
+    return [np.ascontiguousarray(as_bytes[:, i]) for i in range(n_planes)]
+
+
+def _store(data: np.ndarray, cctx: zstandard.ZstdCompressor, raw_below: float) -> tuple[bytes, bool]:
+    """(a section's bytes, whether they are stored raw): zstd, unless it saves under `raw_below` of the size.
+
+    A plane zstd barely shrinks (near-random bytes) costs its whole zstd decode (~1.1 ns per byte on this
+    VM) to save a few bytes; stored raw it is read in place, no copy."""
+    compressed = cctx.compress(data)
+    if len(compressed) > (1.0 - raw_below) * data.nbytes:
+        return data.tobytes(), True
+    return compressed, False
 
 
 class _FrameReader:
@@ -223,30 +242,61 @@ class _FrameReader:
         self.remaining -= got
         return out
 
+    def take(self, n: int, buffer: np.ndarray) -> np.ndarray:
+        """The next n bytes as a uint8 array: decompressed into buffer[:n]."""
+        return self.read_into(buffer[:n])
+
+
+class _RawReader:
+    """Sequential reads from a section stored raw (version 2), with _FrameReader's methods."""
+
+    def __init__(self, section, size: int, what: str):
+        if len(section) != size:
+            raise DeltaError(f"{what}: raw section of {len(section)} bytes, expected {size}")
+        self.what, self._bytes, self._at = what, np.frombuffer(section, np.uint8), 0
+
+    def take(self, n: int, buffer=None) -> np.ndarray:
+        """The next n bytes as a uint8 array: a read-only view of the file's bytes, nothing copied."""
+        if n > self._bytes.size - self._at:
+            raise DeltaError(f"{self.what}: needs more than the {self._bytes.size - self._at} bytes left in its section")
+        self._at += n
+        return self._bytes[self._at - n:self._at]
+
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        np.copyto(out, self.take(out.size))
+        return out
+
+
+def _open(section, size: int, raw: bool, dctx, what: str):
+    """A reader of one section that holds `size` bytes: raw (version 2) or one zstd frame."""
+    return _RawReader(section, size, what) if raw else _FrameReader(section, size, dctx, what)
+
 
 class _PlaneReader:
-    """Reads unsigned integers stored as zstd'd little-endian byte planes (see _compress_planes).
+    """Reads unsigned integers stored as little-endian byte planes (see _byte_planes), each a zstd frame
+    or raw.
 
     Planes are read in lockstep, so each needs its own decompressor from `dctxs` (a zstd stream
     reader decompresses with its decompressor's context: two open readers on one would clash).
     """
 
-    def __init__(self, frames: list, count: int, dctxs: list, what: str):
+    def __init__(self, frames: list, raw: list, count: int, dctxs: list, what: str):
         if len(frames) > len(dctxs):
             raise DeltaError(f"{what}: {len(frames)} byte planes, at most {len(dctxs)} expected")
-        self._planes = [_FrameReader(f, count, d, f"{what} byte plane {i}") for i, (f, d) in enumerate(zip(frames, dctxs))]
+        self._planes = [_open(f, count, r, d, f"{what} byte plane {i}")
+                        for i, (f, r, d) in enumerate(zip(frames, raw, dctxs))]
 
     def read(self, out: np.ndarray, scratch: "_Scratch") -> np.ndarray:
         """Fill `out` (unsigned integers) with the next len(out) values; returns it. Planes are staged
         through `scratch`'s reused buffers (no per-call allocation)."""
         staging = scratch.grown("staging", out.size, np.uint8)
         for i, plane in enumerate(self._planes):
-            plane.read_into(staging)
+            data = plane.take(out.size, staging)
             if i == 0:
-                np.copyto(out, staging)
+                np.copyto(out, data)
             else:
                 wide = scratch.grown(out.dtype.char, out.size, out.dtype)  # keyed by type code (its str() is slow)
-                np.left_shift(staging, 8 * i, out=wide, dtype=out.dtype)
+                np.left_shift(data, 8 * i, out=wide, dtype=out.dtype)
                 out |= wide
         if not self._planes:
             out[:] = 0
@@ -254,74 +304,92 @@ class _PlaneReader:
 
 
 # --------------------------------------------------------------------------------------------------
-# packed codes: b bits per element, the all-ones value escapes to a separate list
+# packed codes: b bits per element; larger codes are listed separately
 
-PACKED_BITS = {"packed2": 2, "packed4": 4}
-_ESCAPE_MARK = 0x8000  # what the lookup table yields for an escape field (overwritten once the escape is read)
+# packed2g/packed4g (version 2, written): a field holds codes 0 .. 2**b - 1; larger codes are listed
+# with their positions (as gaps) and their field holds 0. packed2/packed4 (version 1, read only): the
+# field's all-ones value marks an escape, and escaped codes are listed in element order.
+PACKED_BITS = {"packed2": 2, "packed4": 4, "packed2g": 2, "packed4g": 4}
+_ESCAPE_MARK = 0x8000  # what a version-1 lookup table yields for an escape field (overwritten once the escape is read)
 
 
-def _pack(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(packed bytes, escaped codes minus the escape value). Element i sits in bits (i % per) * b of byte i // per."""
-    per, escape = 8 // bits, (1 << bits) - 1
-    fields = np.zeros(-(-codes.size // per) * per, np.uint8)
-    np.minimum(codes, escape, out=fields[:codes.size], casting="unsafe")
+def _pack(fields: np.ndarray, bits: int) -> np.ndarray:
+    """Packed bytes of `fields` (uint8, each < 2**bits): element i sits in bits (i % per) * b of byte i // per."""
+    per = 8 // bits
+    padded = np.zeros(-(-fields.size // per) * per, np.uint8)
+    padded[:fields.size] = fields
     # Gather the `per` fields of each byte with whole-word shifts (field j sits at bit 8j of a
     # little-endian word) instead of strided column reads.
-    words = fields.view(np.uint32 if per == 4 else np.uint16).astype(np.uint32)
+    words = padded.view(np.uint32 if per == 4 else np.uint16).astype(np.uint32)
     packed = words.copy()
     for j in range(1, per):
         packed |= words >> (j * (8 - bits))
-    escaped = codes[codes >= escape] - escape
-    return packed.astype(np.uint8), escaped.astype(np.uint16)
+    return packed.astype(np.uint8)
 
 
 @functools.cache   # built on first decode, not at import: the control plane imports this module without numpy
-def _lookup_table(bits: int, transform: str) -> np.ndarray:
+def _lookup_table(bits: int, transform: str, escapes_in_fields: bool) -> np.ndarray:
     """byte -> its `8 // bits` decoded uint16 values (difference or XOR), as one numpy item per byte.
 
     One fancy-index take of this table expands packed bytes to values in a single pass; items are
-    8 (packed2) or 4 (packed4) bytes wide, so the take moves whole words.
+    8 (packed2) or 4 (packed4) bytes wide, so the take moves whole words. `escapes_in_fields`: the
+    version-1 layouts, whose all-ones field yields _ESCAPE_MARK.
     """
-    per, escape = 8 // bits, (1 << bits) - 1
-    short = np.arange(escape, dtype=np.uint16)
-    values = np.append(_unzigzag_inplace(short) if transform == "sub" else short, np.uint16(_ESCAPE_MARK))
+    per, top = 8 // bits, 1 << bits
+    short = np.arange(top - 1 if escapes_in_fields else top, dtype=np.uint16)
+    values = _unzigzag_inplace(short) if transform == "sub" else short
+    if escapes_in_fields:
+        values = np.append(values, np.uint16(_ESCAPE_MARK))
     byte = np.arange(256)
-    table = np.stack([values[(byte >> (bits * j)) & escape] for j in range(per)], axis=1).astype(np.uint16)
+    table = np.stack([values[(byte >> (bits * j)) & (top - 1)] for j in range(per)], axis=1).astype(np.uint16)
     return np.ascontiguousarray(table).view(np.uint64 if per == 4 else np.uint32).reshape(256)
 
 
 # --------------------------------------------------------------------------------------------------
 # encode
 
-def _candidates(codes: np.ndarray, k: int, cctx):
-    """(layout, record fields, sections in layout order) for the layouts worth trying on these codes.
+def _gap_planes(positions: np.ndarray) -> list[np.ndarray]:
+    """Byte planes of the uint32 gaps between increasing positions (g_j = i_j - i_(j-1) - 1, i_(-1) = -1)."""
+    gaps = np.diff(positions, prepend=-1)
+    gaps -= 1  # zero-based: adjacent positions have gap 0
+    return _byte_planes(gaps.astype(np.uint32))
 
-    All of these are compressed and the smallest is kept; cheap counts only skip layouts that lose
-    by construction on every trajectory measured (bench/delta_codec.py): gaps when a quarter or more
-    changed, packed when a quarter of its fields would escape (or under 10% changed: gaps wins),
-    dense while packed4 escapes fewer than 1 in 16 values.
+
+def _candidates(codes: np.ndarray, k: int):
+    """(layout, record fields, uncompressed sections in layout order) for the layouts worth trying.
+
+    All of these are stored and the smallest is kept; cheap counts only skip layouts that lose by
+    construction on every trajectory measured (bench/delta_codec.py): gaps when a quarter or more
+    changed, packed when a quarter of its fields would overflow (or under 10% changed: gaps wins),
+    dense while under 1 in 16 codes overflow packed4's fields.
     """
     n = codes.size
-    escapes = {bits: int(np.count_nonzero(codes >= (1 << bits) - 1)) for bits in PACKED_BITS.values()}
+    big = {bits: codes >= (1 << bits) for bits in (2, 4)}
+    escapes = {bits: int(np.count_nonzero(mask)) for bits, mask in big.items()}
     if escapes[4] > n // 16:
-        dense = _compress_planes(codes, cctx)
+        dense = _byte_planes(codes)
         yield "dense", {"value_planes": len(dense)}, dense
-    for layout, bits in PACKED_BITS.items():
+    for layout, bits in (("packed2g", 2), ("packed4g", 4)):
         if escapes[bits] > n // 4 or k < n // 10:
             continue
-        packed, escaped = _pack(codes, bits)
-        escaped_planes = _compress_planes(escaped, cctx) if escapes[bits] else []
-        yield layout, {"escapes": escapes[bits], "value_planes": len(escaped_planes)}, [cctx.compress(packed), *escaped_planes]
+        fields = codes.astype(np.uint8)  # only the fields that hold their code are kept below
+        if escapes[bits]:
+            at = np.flatnonzero(big[bits])
+            fields[at] = 0
+            gaps = _gap_planes(at)
+            values = _byte_planes(codes[at] - (1 << bits))
+            yield layout, {"escapes": escapes[bits], "gap_planes": len(gaps), "value_planes": len(values)}, \
+                [_pack(fields, bits), *gaps, *values]
+        else:
+            yield layout, {"escapes": 0, "gap_planes": 0, "value_planes": 0}, [_pack(fields, bits)]
     if k <= n // 4:
         changed = np.flatnonzero(codes != 0)  # on bool: numpy's fast path
-        values = _compress_planes(codes[changed], cctx)
-        gaps = np.diff(changed, prepend=-1)
-        gaps -= 1  # zero-based: adjacent changed elements have gap 0
-        gap_planes = _compress_planes(gaps.astype(np.uint32), cctx)
-        yield "gaps", {"value_planes": len(values), "gap_planes": len(gap_planes)}, [*gap_planes, *values]
+        values = _byte_planes(codes[changed])
+        gaps = _gap_planes(changed)
+        yield "gaps", {"value_planes": len(values), "gap_planes": len(gaps)}, [*gaps, *values]
 
 
-def _encode_tensor(new: np.ndarray, old: np.ndarray, transform: str, cctx) -> tuple[dict, list[bytes]]:
+def _encode_tensor(new: np.ndarray, old: np.ndarray, transform: str, cctx, raw_below: float) -> tuple[dict, list[bytes]]:
     """One tensor -> (record fields, its sections in layout order); the smallest layout wins."""
     record = {"adler32": adler32(new)}
     codes = _zigzag(new - old) if transform == "sub" else new ^ old  # uint16 arithmetic wraps
@@ -330,18 +398,27 @@ def _encode_tensor(new: np.ndarray, old: np.ndarray, transform: str, cctx) -> tu
     if k == 0:
         record["layout"] = "same"
         return record, []
-    # min() keeps the first of equal sizes, in the order _candidates yields them.
-    layout, fields, sections = min(_candidates(codes, k, cctx), key=lambda c: sum(len(s) for s in c[2]))
+    best = None
+    for layout, fields, planes in _candidates(codes, k):
+        stored = [_store(plane, cctx, raw_below) for plane in planes]
+        size = sum(len(data) for data, _ in stored)
+        if best is None or size < best[0]:  # ties keep the first, in the order _candidates yields them
+            best = size, layout, fields, stored
+    _, layout, fields, stored = best
     record["layout"] = layout
     record.update(fields)
-    return record, sections
+    raw = [i for i, (_, is_raw) in enumerate(stored) if is_raw]
+    if raw:
+        record["raw"] = raw
+    return record, [data for data, _ in stored]
 
 
 def encode(new_bf16: dict, old_bf16: dict, base_identity: str, *, transform: str = "sub",
-           level: int = ZSTD_LEVEL) -> bytes:
+           level: int = ZSTD_LEVEL, raw_below: float = RAW_BELOW) -> bytes:
     """Encode `new_bf16` as a delta over `old_bf16` (the snapshot named `base_identity`); return the file bytes.
 
-    Both dicts must hold the same tensor names with equal shapes, all bf16 on CPU.
+    Both dicts must hold the same tensor names with equal shapes, all bf16 on CPU. A section is stored
+    raw when zstd saves under `raw_below` of its size (0: only when zstd does not shrink it at all).
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
@@ -359,7 +436,7 @@ def encode(new_bf16: dict, old_bf16: dict, base_identity: str, *, transform: str
             raise ValueError(f"tensor {name}: shape {tuple(new_t.shape)} differs from base {tuple(old_t.shape)}")
         if new_t.numel() > _MAX_ELEMENTS:
             raise ValueError(f"tensor {name}: {new_t.numel()} elements, more than the format's 2**32 - 1")
-        fields, sections = _encode_tensor(bf16_bits(new_t), bf16_bits(old_t), transform, cctx)
+        fields, sections = _encode_tensor(bf16_bits(new_t), bf16_bits(old_t), transform, cctx, raw_below)
         records.append({"name": name, "shape": list(new_t.shape), **fields,
                         "sections": [len(s) for s in sections]})
         payload.extend(sections)
@@ -388,8 +465,9 @@ def read_header(blob) -> dict:
     magic, version, flags, header_len, header_sum, payload_len, payload_sum = _PREAMBLE.unpack(view[:_PREAMBLE.size])
     if magic != MAGIC:
         raise DeltaError(f"not a workbench delta (magic {bytes(magic)!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise DeltaError(f"unknown delta format version {version}; this workbench reads version {FORMAT_VERSION}")
+    if version not in READ_VERSIONS:
+        raise DeltaError(f"unknown delta format version {version}; this workbench reads versions "
+                         f"{', '.join(map(str, READ_VERSIONS))} (a newer workbench wrote it: upgrade this one)")
     if flags != 0:  # reserved: a writer that sets them expects a reader that understands them
         raise DeltaError(f"unknown delta flags {flags:#06x} (version {version} defines none)")
     start = _PREAMBLE.size
@@ -497,16 +575,16 @@ def _unzigzag_chunk(code: np.ndarray, sign: np.ndarray) -> None:
     code ^= sign
 
 
-def _decode_dense(out, old, sections, n, transform, s: _Scratch, name) -> int:
-    planes = [_FrameReader(f, n, d, f"tensor {name} byte plane {i}") for i, (f, d) in enumerate(zip(sections, s.dctx))]
+def _decode_dense(out, old, sections, raw, n, transform, s: _Scratch, name) -> int:
+    planes = [_open(f, n, r, d, f"tensor {name} byte plane {i}") for i, (f, r, d) in enumerate(zip(sections, raw, s.dctx))]
     checksum = 1
     for a in range(0, n, _CHUNK):
         c = min(_CHUNK, n - a)
         values = out[a:a + c]
-        np.copyto(values, planes[0].read_into(s.u8[:c]))
+        np.copyto(values, planes[0].take(c, s.u8))
         if len(planes) == 2:
             high = s.u16[:c]
-            np.copyto(high, planes[1].read_into(s.u8[:c]))
+            np.copyto(high, planes[1].take(c, s.u8))
             high <<= 8
             values |= high
         if transform == "sub":
@@ -531,14 +609,27 @@ def _escape_positions(values: np.ndarray, mask: np.ndarray, dense: bool) -> np.n
     return at[:at.size - pad]
 
 
-def _decode_packed(out, old, sections, n, bits, escapes, transform, s: _Scratch, name) -> int:
+def _take_packed(values: np.ndarray, packed: np.ndarray, first: int, per: int, table: np.ndarray, s: _Scratch) -> None:
+    """values <- the decoded fields of packed[first:], len(values) of them: one table lookup per byte."""
+    c = values.size
+    whole = c // per  # only the tensor's last byte can hold fewer than `per` values
+    index = s.index[:-(-c // per)]
+    np.copyto(index, packed[first:first + index.size])  # take is ~3x faster with intp indices
+    table.take(index[:whole], out=values[:whole * per].view(table.dtype), mode="wrap")  # (np.take's wrapper: +1 us)
+    if whole < index.size:
+        values[whole * per:] = table[index[whole]:index[whole] + 1].view(np.uint16)[:c - whole * per]
+
+
+def _decode_packed(out, old, sections, raw, n, bits, escapes, transform, s: _Scratch, name) -> int:
+    """Version 1's packed2/packed4: escapes marked in the fields, found by searching each chunk."""
     per = 8 // bits
-    table = _lookup_table(bits, transform)
+    table = _lookup_table(bits, transform, True)
     # The packed bytes (n/4 or n/2) and the escaped codes are small: read each in one go.
     nbytes = -(-n // per)
-    packed = _FrameReader(sections[0], nbytes, s.dctx[0], f"tensor {name} packed codes").read_into(s.grown("packed", nbytes, np.uint8))
+    packed = _open(sections[0], nbytes, raw[0], s.dctx[0], f"tensor {name} packed codes").take(
+        nbytes, s.grown("packed", nbytes, np.uint8))
     if escapes:
-        escaped = _PlaneReader(sections[1:], escapes, s.dctx[1:], f"tensor {name} escaped codes").read(
+        escaped = _PlaneReader(sections[1:], raw[1:], escapes, s.dctx[1:], f"tensor {name} escaped codes").read(
             s.grown("escaped", escapes, np.uint16), s)
         escaped += (1 << bits) - 1
         if transform == "sub":
@@ -548,13 +639,7 @@ def _decode_packed(out, old, sections, n, bits, escapes, transform, s: _Scratch,
     for a in range(0, n, _CHUNK):
         c = min(_CHUNK, n - a)
         values = out[a:a + c]
-        first, whole = a // per, c // per  # only the tensor's last byte can hold fewer than `per` values
-        index = s.index[:-(-c // per)]
-        np.copyto(index, packed[first:first + index.size])  # np.take is ~3x faster with intp indices
-        # One table lookup per byte yields its `per` decoded values (differences already un-zigzagged).
-        np.take(table, index[:whole], out=values[:whole * per].view(table.dtype), mode="wrap")
-        if whole < index.size:
-            values[whole * per:] = table[index[whole]:index[whole] + 1].view(np.uint16)[:c - whole * per]
+        _take_packed(values, packed, a // per, per, table, s)
         if escapes:
             at = _escape_positions(values, s.mask, dense_escapes)
             if seen + at.size > escapes:
@@ -567,32 +652,72 @@ def _decode_packed(out, old, sections, n, bits, escapes, transform, s: _Scratch,
     return checksum
 
 
-def _decode_gaps(out, old, sections, n, k, gap_planes, transform, s: _Scratch, name) -> int:
+def _gap_positions(sections, raw, k: int, n: int, s: _Scratch, what: str) -> np.ndarray:
+    """The k increasing positions (int64, < n) stored as gaps in these byte planes."""
     # position_j = sum of (gap_i + 1) for i <= j, minus 1 = (cumulative sum of the gaps)_j + j. The sum
     # runs in int64 on a widened copy, in place (numpy's cumsum casting uint8/uint32 on the fly is
     # slower, and its Python wrapper alone costs more than the add on a small tensor).
     index = s.grown("index", k, np.int64)
-    if gap_planes == 1:  # every gap under 256 (the usual case): widen the one byte plane directly
-        np.copyto(index, _FrameReader(sections[0], k, s.dctx[0], f"tensor {name} gaps").read_into(s.grown("staging", k, np.uint8)))
+    if len(sections) == 1:  # every gap under 256 (the usual case): widen the one byte plane directly
+        np.copyto(index, _open(sections[0], k, raw[0], s.dctx[0], f"{what} gaps").take(k, s.grown("staging", k, np.uint8)))
     else:
-        np.copyto(index, _PlaneReader(sections[:gap_planes], k, s.dctx, f"tensor {name} gaps").read(s.grown("gaps", k, np.uint32), s))
+        np.copyto(index, _PlaneReader(sections, raw, k, s.dctx, f"{what} gaps").read(s.grown("gaps", k, np.uint32), s))
     np.add.accumulate(index, out=index)
     index += s.arange(k)
     if index[-1] >= n:  # gaps are >= 0, so positions increase and the last is the largest
-        raise DeltaError(f"tensor {name}: changed-element positions run past the tensor's {n} elements")
+        raise DeltaError(f"{what}: positions run past the tensor's {n} elements")
+    return index
+
+
+def _decode_packed_gaps(out, old, sections, raw, n, bits, escapes, gap_planes, transform, s: _Scratch, name) -> int:
+    """Version 2's packed2g/packed4g: codes that do not fit a field are listed with their positions.
+
+    No search: the positions come from the gaps (a cumulative sum over the listed codes only), where
+    version 1 found its escape marks with numpy's nonzero over every element (~1 ns each, the largest
+    cost of a one-step 75M decode)."""
+    per = 8 // bits
+    table = _lookup_table(bits, transform, False)
+    nbytes = -(-n // per)
+    what = f"tensor {name}"
+    packed = _open(sections[0], nbytes, raw[0], s.dctx[0], f"{what} packed codes").take(
+        nbytes, s.grown("packed", nbytes, np.uint8))
+    if escapes:
+        at = _gap_positions(sections[1:1 + gap_planes], raw[1:1 + gap_planes], escapes, n, s, f"{what} listed codes'")
+        escaped = _PlaneReader(sections[1 + gap_planes:], raw[1 + gap_planes:], escapes, s.dctx, f"{what} listed codes").read(
+            s.grown("escaped", escapes, np.uint16), s)
+        escaped += 1 << bits
+        if transform == "sub":
+            _unzigzag_inplace(escaped)
+        # where each chunk's listed codes start and end (positions increase)
+        bounds = np.searchsorted(at, np.arange(0, n + _CHUNK, _CHUNK)).tolist() if n > _CHUNK else (0, escapes)
+    checksum = 1
+    for i, a in enumerate(range(0, n, _CHUNK)):
+        c = min(_CHUNK, n - a)
+        values = out[a:a + c]
+        _take_packed(values, packed, a // per, per, table, s)
+        if escapes:
+            lo, hi = bounds[i], bounds[i + 1]
+            out[at[lo:hi]] = escaped[lo:hi]  # fields of listed codes hold 0: overwritten here
+        checksum = _finish_chunk(values, old[a:a + c], transform, checksum)
+    return checksum
+
+
+def _decode_gaps(out, old, sections, raw, n, k, gap_planes, transform, s: _Scratch, name) -> int:
+    index = _gap_positions(sections[:gap_planes], raw[:gap_planes], k, n, s, f"tensor {name} changed-element")
     values = s.grown("values", k, np.uint16)
-    planes = sections[gap_planes:]
+    planes, planes_raw = sections[gap_planes:], raw[gap_planes:]
     if len(planes) == 1 and transform == "sub":
         # one byte plane (every code < 256): undo the zigzag on the bytes, then widen with sign extension
         # (int8 -> int16), half the bytes of doing it on uint16
-        code = _FrameReader(planes[0], k, s.dctx[0], f"tensor {name} values byte plane 0").read_into(s.grown("staging", k, np.uint8))
+        code = _open(planes[0], k, planes_raw[0], s.dctx[0], f"tensor {name} values byte plane 0").read_into(
+            s.grown("staging", k, np.uint8))
         sign = np.bitwise_and(code, 1, out=s.grown("sign", k, np.uint8))
         np.negative(sign, out=sign)
         code >>= 1
         code ^= sign
         np.copyto(values.view(np.int16), code.view(np.int8))
     else:
-        _PlaneReader(planes, k, s.dctx, f"tensor {name} values").read(values, s)
+        _PlaneReader(planes, planes_raw, k, s.dctx, f"tensor {name} values").read(values, s)
         if transform == "sub":
             _unzigzag_chunk(values, s.grown("sign16", k, np.uint16))
     _copy(out, old)
@@ -623,16 +748,28 @@ def _decode_tensor(rec: dict, old: np.ndarray, out: np.ndarray, sections: list, 
     value_planes = int(rec["value_planes"])
     escapes = int(rec.get("escapes", 0))
     gap_planes = int(rec.get("gap_planes", 0))
-    expected_sections = {"dense": value_planes, "gaps": gap_planes + value_planes}.get(layout, 1 + value_planes)
+    listed = layout in ("packed2g", "packed4g")
+    expected_sections = {"dense": value_planes, "gaps": gap_planes + value_planes}.get(
+        layout, 1 + gap_planes + value_planes if listed else 1 + value_planes)
+    raw_at = rec.get("raw", [])
+    if not isinstance(raw_at, list) or not all(type(i) is int for i in raw_at) or len(set(raw_at)) != len(raw_at):
+        raise DeltaError(f"tensor {name}: inconsistent record (raw={raw_at!r} is not a list of distinct section indices)")
     if (not 0 < k <= n or not 0 <= escapes <= k or value_planes not in ((0, 1, 2) if escapes == 0 else (1, 2))
-            or not 0 <= gap_planes <= 4 or len(sections) != expected_sections):
+            or not 0 <= gap_planes <= 4 or (listed and (gap_planes == 0) != (escapes == 0))
+            or len(sections) != expected_sections or not all(0 <= i < len(sections) for i in raw_at)):
         raise DeltaError(f"tensor {name}: inconsistent record (changed={k} of {n}, escapes={escapes}, value_planes="
-                         f"{value_planes}, gap_planes={gap_planes}, {len(sections)} sections)")
+                         f"{value_planes}, gap_planes={gap_planes}, raw={raw_at}, {len(sections)} sections)")
+    raw = [False] * len(sections)
+    for i in raw_at:
+        raw[i] = True
     if layout == "dense":
-        return _decode_dense(out, old, sections, n, transform, scratch, name)
+        return _decode_dense(out, old, sections, raw, n, transform, scratch, name)
+    if listed:
+        return _decode_packed_gaps(out, old, sections, raw, n, PACKED_BITS[layout], escapes, gap_planes, transform,
+                                   scratch, name)
     if layout in PACKED_BITS:
-        return _decode_packed(out, old, sections, n, PACKED_BITS[layout], escapes, transform, scratch, name)
-    return _decode_gaps(out, old, sections, n, k, gap_planes, transform, scratch, name)
+        return _decode_packed(out, old, sections, raw, n, PACKED_BITS[layout], escapes, transform, scratch, name)
+    return _decode_gaps(out, old, sections, raw, n, k, gap_planes, transform, scratch, name)
 
 
 def decode(blob, old_bf16: dict, base_identity: str, out: dict | None = None) -> dict:
