@@ -16,7 +16,7 @@ from workbench.checkpoints import delta_codec as dc
 from workbench.checkpoints.delta_codec import DeltaError
 
 BF16 = torch.bfloat16
-WRITTEN_LAYOUTS = {"same", "dense", "packed2g", "packed4g", "gaps"}  # version 2; packed2/packed4 are read only
+WRITTEN_LAYOUTS = {"same", "dense", "packed2g", "packed4g", "packed8g", "gaps"}  # version 2; packed2/packed4 are read only
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def weights(seed: int, shape=(64, 96)) -> torch.Tensor:
 @pytest.fixture
 def mixed():
     """Old and new weights that exercise every layout, both value planes and awkward bit patterns."""
-    old = {f"t.{i}": weights(i) for i in range(6)}
+    old = {f"t.{i}": weights(i) for i in range(7)}
     old["special"] = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 3e38, -1e-38,
                                    65504.0], dtype=BF16)
     old["scalar"] = torch.tensor(0.5, dtype=BF16)
@@ -59,6 +59,7 @@ def mixed():
         "t.3": old["t.3"].clone(),                       # nothing moves: same
         "t.4": ulp_steps(old["t.4"], 0.2, 2000, 13),     # some jump far: escapes with two byte planes
         "t.5": ulp_steps(old["t.5"], 1.0, 3000, 14),     # everything jumps far: dense, two byte planes
+        "t.6": ulp_steps(old["t.6"], 0.9, 60, 15),       # most move tens of ulps: packed8g
         # sign flips, NaN payload change, inf -> finite, wrap-around differences
         "special": torch.tensor([-0.0, 0.0, -1.0, 1.0, 1.0, float("nan"), float("inf"), -3e38, 1e-38, 65504.0],
                                 dtype=BF16),
@@ -89,7 +90,7 @@ def test_round_trip_is_bit_exact_in_every_layout(mixed, transform):
     assert layouts["t.3"] == layouts["empty"] == "same" and layouts["t.2"] == "gaps"
     assert any(rec.get("value_planes") == 2 for rec in header["tensors"])
     if transform == "sub":  # XOR codes of the same steps are larger, so their best layouts differ
-        assert (layouts["t.0"], layouts["t.1"], layouts["t.5"]) == ("packed4g", "packed2g", "dense")
+        assert (layouts["t.0"], layouts["t.1"], layouts["t.5"], layouts["t.6"]) == ("packed4g", "packed2g", "dense", "packed8g")
         assert set(layouts.values()) == set(WRITTEN_LAYOUTS)
     # sections zstd cannot shrink (the near-random low bytes of large jumps, a few bytes) are stored raw
     assert any(rec.get("raw") for rec in header["tensors"])
@@ -221,17 +222,19 @@ def long_tensors(seed: int) -> tuple[dict, dict]:
     assert shape[0] * shape[1] > 2 * dc._CHUNK
     g = torch.Generator().manual_seed(seed)
     old = {name: (torch.randn(shape, generator=g) * 0.02).to(BF16)
-           for name in ("packed4", "packed2", "packed2-rare-escapes", "dense", "gaps-near", "gaps-far")}
+           for name in ("packed4", "packed2", "packed2-rare-escapes", "packed8", "dense", "gaps-near", "gaps-far")}
     new = {
         "packed4": ulp_steps(old["packed4"], 0.9, 4, seed + 1),
         "packed2": ulp_steps(old["packed2"], 0.25, 2, seed + 2),               # ~12% escape: the padded nonzero
         "packed2-rare-escapes": ulp_steps(old["packed2-rare-escapes"], 0.3, 1, seed + 3),
+        "packed8": ulp_steps(old["packed8"], 0.9, 60, seed + 6),
         "dense": ulp_steps(old["dense"], 1.0, 3000, seed + 4),
         "gaps-near": ulp_steps(old["gaps-near"], 0.07, 1, seed + 5),          # gaps and codes of one byte
         "gaps-far": old["gaps-far"].clone(),
     }
     flat = new["packed2-rare-escapes"].view(torch.int16).view(-1)
     flat[::9001] += 40                                                        # a few escapes, far apart
+    new["packed8"].view(torch.int16).view(-1)[::5001] += 1000                 # codes over 255, listed
     far = new["gaps-far"].view(torch.int16).view(-1)
     far[[0, 1, 70_000, 200_001, far.numel() - 1]] += torch.tensor([1000, -1000, 3, -2, 700], dtype=torch.int16)
     return old, new
@@ -244,11 +247,12 @@ def test_round_trip_across_chunks_in_every_layout_and_plane_count(transform):
     records = {rec["name"]: rec for rec in dc.read_header(blob)["tensors"]}
     if transform == "sub":
         assert {name: rec["layout"] for name, rec in records.items()} == {
-            "packed4": "packed4g", "packed2": "packed2g", "packed2-rare-escapes": "packed2g", "dense": "dense",
-            "gaps-near": "gaps", "gaps-far": "gaps"}
+            "packed4": "packed4g", "packed2": "packed2g", "packed2-rare-escapes": "packed2g", "packed8": "packed8g",
+            "dense": "dense", "gaps-near": "gaps", "gaps-far": "gaps"}
         # listed codes in every chunk, and ones whose gaps need a second byte plane
         assert records["packed2"]["escapes"] > 263_263 // 32 and records["packed2"]["gap_planes"] == 1
         assert records["packed2-rare-escapes"]["escapes"] > 0 and records["packed2-rare-escapes"]["gap_planes"] == 2
+        assert records["packed8"]["escapes"] >= 263_263 // 5001
         assert (records["gaps-near"]["gap_planes"], records["gaps-near"]["value_planes"]) == (1, 1)
         assert (records["gaps-far"]["gap_planes"], records["gaps-far"]["value_planes"]) == (3, 2)
         assert records["gaps-far"]["changed"] < dc._SMALL_SCATTER <= records["gaps-near"]["changed"]  # both scatters
@@ -360,7 +364,7 @@ def test_raw_sections_round_trip_bit_exactly_in_every_layout(transform):
     records = dc.read_header(blob)["tensors"]
     assert all(rec["raw"] == list(range(len(rec["sections"]))) for rec in records if rec["sections"])
     if transform == "sub":
-        assert {rec["layout"] for rec in records} == {"packed4g", "packed2g", "dense", "gaps"}
+        assert {rec["layout"] for rec in records} == {"packed4g", "packed2g", "packed8g", "dense", "gaps"}
     assert same_bits(dc.decode(blob, old, "snap-0"), new)
     spare = {k: torch.full_like(v, 3.0) for k, v in old.items()}
     out = dc.decode(blob, old, "snap-0", out=spare)

@@ -19,6 +19,8 @@ smallest of these layouts is kept (format version 2; zstd level 1):
   packed2g  2 bits per element (codes 0-3: 0, -1, +1, -2 ulp); larger codes are listed separately,
             with their positions as gaps (their field holds 0): a third of the elements change;
   packed4g  4 bits per element (codes 0-15), likewise: most elements change a few ulps;
+  packed8g  a byte per element: the difference itself as a signed byte (XOR: its low byte), likewise
+            for the rest: many elements change by tens of ulps;
   dense     all codes as byte planes (low bytes; high bytes only if any is non-zero): large changes;
   same      nothing changed, no data.
 Version 1's packed2/packed4 (an all-ones field marked an escape, found by searching) are still read.
@@ -82,7 +84,7 @@ MAGIC = b"WBDELTA\0"
 FORMAT_VERSION = 2          # what encode writes
 READ_VERSIONS = (1, 2)      # what decode reads (version 1: no raw sections, no packed2g/packed4g)
 TRANSFORMS = ("sub", "xor")
-LAYOUTS = ("same", "dense", "packed2", "packed4", "gaps", "packed2g", "packed4g")
+LAYOUTS = ("same", "dense", "packed2", "packed4", "gaps", "packed2g", "packed4g", "packed8g")
 ZSTD_LEVEL = 1  # calibration: level 3 is never more than 2-3% smaller and encodes slower
 # A section is stored raw when zstd would save less than this share of its bytes: decoding zstd costs
 # ~1.1 ns per output byte on this VM, a raw section nothing (it is read in place).
@@ -309,13 +311,15 @@ class _PlaneReader:
 # packed2g/packed4g (version 2, written): a field holds codes 0 .. 2**b - 1; larger codes are listed
 # with their positions (as gaps) and their field holds 0. packed2/packed4 (version 1, read only): the
 # field's all-ones value marks an escape, and escaped codes are listed in element order.
-PACKED_BITS = {"packed2": 2, "packed4": 4, "packed2g": 2, "packed4g": 4}
+PACKED_BITS = {"packed2": 2, "packed4": 4, "packed2g": 2, "packed4g": 4, "packed8g": 8}
 _ESCAPE_MARK = 0x8000  # what a version-1 lookup table yields for an escape field (overwritten once the escape is read)
 
 
 def _pack(fields: np.ndarray, bits: int) -> np.ndarray:
     """Packed bytes of `fields` (uint8, each < 2**bits): element i sits in bits (i % per) * b of byte i // per."""
     per = 8 // bits
+    if per == 1:
+        return fields
     padded = np.zeros(-(-fields.size // per) * per, np.uint8)
     padded[:fields.size] = fields
     # Gather the `per` fields of each byte with whole-word shifts (field j sits at bit 8j of a
@@ -355,24 +359,30 @@ def _gap_planes(positions: np.ndarray) -> list[np.ndarray]:
     return _byte_planes(gaps.astype(np.uint32))
 
 
-def _candidates(codes: np.ndarray, k: int):
+def _candidates(codes: np.ndarray, k: int, transform: str):
     """(layout, record fields, uncompressed sections in layout order) for the layouts worth trying.
 
     All of these are stored and the smallest is kept; cheap counts only skip layouts that lose by
     construction on every trajectory measured (bench/delta_codec.py): gaps when a quarter or more
     changed, packed when a quarter of its fields would overflow (or under 10% changed: gaps wins),
-    dense while under 1 in 16 codes overflow packed4's fields.
+    packed8g and dense while under 1 in 16 codes overflow packed4's fields, and dense also when every
+    code fits a byte (packed8g then holds the same bytes and decodes faster).
     """
     n = codes.size
     big = {bits: codes >= (1 << bits) for bits in (2, 4)}
     escapes = {bits: int(np.count_nonzero(mask)) for bits, mask in big.items()}
     if escapes[4] > n // 16:
-        dense = _byte_planes(codes)
-        yield "dense", {"value_planes": len(dense)}, dense
-    for layout, bits in (("packed2g", 2), ("packed4g", 4)):
-        if escapes[bits] > n // 4 or k < n // 10:
+        big[8] = codes >= 256
+        escapes[8] = int(np.count_nonzero(big[8]))
+        if escapes[8]:  # (every code under 256: packed8g holds the same bytes, and decodes faster)
+            dense = _byte_planes(codes)
+            yield "dense", {"value_planes": len(dense)}, dense
+    for layout, bits in (("packed2g", 2), ("packed4g", 4), ("packed8g", 8)):
+        if bits not in escapes or escapes[bits] > n // 4 or k < n // 10:
             continue
         fields = codes.astype(np.uint8)  # only the fields that hold their code are kept below
+        if bits == 8 and transform == "sub":
+            _unzigzag_inplace(fields)  # packed8g holds the difference itself (a signed byte): no zigzag to undo
         if escapes[bits]:
             at = np.flatnonzero(big[bits])
             fields[at] = 0
@@ -399,7 +409,7 @@ def _encode_tensor(new: np.ndarray, old: np.ndarray, transform: str, cctx, raw_b
         record["layout"] = "same"
         return record, []
     best = None
-    for layout, fields, planes in _candidates(codes, k):
+    for layout, fields, planes in _candidates(codes, k, transform):
         stored = [_store(plane, cctx, raw_below) for plane in planes]
         size = sum(len(data) for data, _ in stored)
         if best is None or size < best[0]:  # ties keep the first, in the order _candidates yields them
@@ -676,7 +686,7 @@ def _decode_packed_gaps(out, old, sections, raw, n, bits, escapes, gap_planes, t
     version 1 found its escape marks with numpy's nonzero over every element (~1 ns each, the largest
     cost of a one-step 75M decode)."""
     per = 8 // bits
-    table = _lookup_table(bits, transform, False)
+    table = _lookup_table(bits, transform, False) if per > 1 else None
     nbytes = -(-n // per)
     what = f"tensor {name}"
     packed = _open(sections[0], nbytes, raw[0], s.dctx[0], f"{what} packed codes").take(
@@ -694,7 +704,12 @@ def _decode_packed_gaps(out, old, sections, raw, n, bits, escapes, gap_planes, t
     for i, a in enumerate(range(0, n, _CHUNK)):
         c = min(_CHUNK, n - a)
         values = out[a:a + c]
-        _take_packed(values, packed, a // per, per, table, s)
+        if per > 1:
+            _take_packed(values, packed, a // per, per, table, s)
+        elif transform == "sub":  # a byte per element, the difference itself: sign-extend it
+            np.copyto(values.view(np.int16), packed[a:a + c].view(np.int8))
+        else:
+            np.copyto(values, packed[a:a + c])
         if escapes:
             lo, hi = bounds[i], bounds[i + 1]
             out[at[lo:hi]] = escaped[lo:hi]  # fields of listed codes hold 0: overwritten here
@@ -748,7 +763,7 @@ def _decode_tensor(rec: dict, old: np.ndarray, out: np.ndarray, sections: list, 
     value_planes = int(rec["value_planes"])
     escapes = int(rec.get("escapes", 0))
     gap_planes = int(rec.get("gap_planes", 0))
-    listed = layout in ("packed2g", "packed4g")
+    listed = layout in ("packed2g", "packed4g", "packed8g")
     expected_sections = {"dense": value_planes, "gaps": gap_planes + value_planes}.get(
         layout, 1 + gap_planes + value_planes if listed else 1 + value_planes)
     raw_at = rec.get("raw", [])
