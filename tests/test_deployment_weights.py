@@ -90,10 +90,16 @@ def test_lora_snapshot_merges_like_peft_and_restores(tmp_path):
 FORMATS = ("arc_v2", "workbench_v1")
 
 
-def test_foreign_adapter_with_its_own_head_then_a_base_load(tmp_path):
+@pytest.mark.parametrize("impl", ["plain", "transformers"])
+def test_foreign_adapter_with_its_own_head_then_a_base_load(tmp_path, monkeypatch, impl):
     """An adapter trained elsewhere with a head of its own (modules_to_save, no weight tying) unties the
-    served model's head; a base snapshot loaded after it ties it again and serves the base exactly."""
+    served model's head; a base snapshot loaded after it ties it again and serves the base exactly. On
+    both model implementations a replica can serve (workbench's plain-torch Qwen3, transformers')."""
     from peft import LoraConfig, PeftModel, get_peft_model
+
+    from workbench.models import qwen3_torch
+
+    monkeypatch.setenv("WORKBENCH_DEPLOYMENT_MODEL_IMPL", impl)
 
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
@@ -118,6 +124,7 @@ def test_foreign_adapter_with_its_own_head_then_a_base_load(tmp_path):
 
     wm = started(tmp_path / "dep")
     try:
+        assert isinstance(wm.model, qwen3_torch.Qwen3ForCausalLM) == (impl == "plain")
         wm.hotload("full", None, snapshot_root=str(root))
         base_ids = generate(wm, prompt).token_ids
         wm.hotload("foreign", None, snapshot_root=str(root))

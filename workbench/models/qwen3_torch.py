@@ -213,14 +213,8 @@ class Qwen3ForCausalLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def set_tied(self, tied: bool) -> None:
-        """Share the LM head with the embedding (tied) or give it a weight of its own (a copy), as a
-        transformers model whose head was replaced (PEFT's modules_to_save) has."""
-        embedding = self.model.embed_tokens.weight
-        if tied and self.lm_head.weight is not embedding:
-            self.lm_head.weight = embedding
-        elif not tied and self.lm_head.weight is embedding:
-            self.lm_head.weight = nn.Parameter(embedding.detach().clone(), requires_grad=embedding.requires_grad)
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 use_cache: bool | None = None) -> CausalLMOutput:

@@ -137,6 +137,7 @@ class WeightManager:
         # first touch costs more than the decode on this VM; see checkpoints/delta_codec.py)
         self._retired_bf16: dict | None = None
         self._base_fp32: dict | None = None
+        self.tied_base = False                 # the base model's LM head is its input embedding (_load_into)
         # model -> (name -> tensor, tied names); weak, so a replaced spare model is not kept alive
         self._targets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.chain: list[dict] = []
@@ -187,6 +188,7 @@ class WeightManager:
             plain = os.environ.get("WORKBENCH_DEPLOYMENT_MODEL_IMPL", "auto") != "transformers"
             self.tokenizer = models.load_tokenizer(self.base_model, plain=plain)
             model = models.load_model(self.base_model, plain=plain).eval()
+            self.tied_base = head_is_tied(model)
             bf16_round_(model)
             self.base_bf16 = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
             check_finite(self.base_bf16, None)
@@ -494,8 +496,7 @@ class WeightManager:
             return {k: v.detach().to(torch.bfloat16) for k, v in merged.state_dict().items()}
         if self._base_fp32 is None:     # loaded on the first LoRA load only: full-parameter runs never pay
             from workbench import models
-            self._base_fp32 = {k: v.detach().clone() for k, v in
-                               models.load_model(self.base_model).state_dict().items()}
+            self._base_fp32 = _clone_sharing(models.load_model(self.base_model).state_dict())
         self._load_into(target, self._base_fp32)
         try:
             merged = PeftModel.from_pretrained(target, str(adapter_dir)).merge_and_unload()
@@ -520,13 +521,15 @@ class WeightManager:
         walk and hooks cost more than the copy itself for small models). Checked before anything is
         written, so a snapshot that does not fit never leaves the model half overwritten."""
         import torch
-        if hasattr(model, "set_tied") and getattr(model.config, "tie_word_embeddings", False):
-            # a plain-torch model of a tied base takes the tying of the weights it is given: an adapter merged
-            # with a head of its own unties it, weights without a separate head (a base snapshot) tie it again
+        if self.tied_base:
+            # a model of a tied base (plain-torch or transformers') takes the tying of the weights it is given:
+            # an adapter merged with a head of its own unties it, weights without a separate head (a base
+            # snapshot) tie it again. Decided from the base, not the model's config: PEFT's merge sets
+            # tie_word_embeddings=False in the config of the model it untied.
             head, embedding = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
             tied = head is None or (embedding is not None and head.data_ptr() == embedding.data_ptr())
-            if tied != (model.lm_head.weight is model.model.embed_tokens.weight):
-                model.set_tied(tied)
+            if tied != head_is_tied(model):
+                set_head_tied(model, tied)
                 self._targets.pop(model, None)
         targets = self._targets.get(model)
         if targets is None:
@@ -695,6 +698,37 @@ def _dir_bytes(path: Path) -> int:
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     except OSError:
         return 0
+
+
+def head_is_tied(model) -> bool:
+    """Whether the model's LM head is its input embedding (one Parameter)."""
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def set_head_tied(model, tied: bool) -> None:
+    """Share the LM head with the input embedding (tied), or give it a weight of its own (a copy), as a
+    transformers model whose head PEFT's modules_to_save replaced has. Works on workbench's plain-torch
+    Qwen3 and on transformers' models alike (both have get_input/output_embeddings); the config's
+    tie_word_embeddings is set to match, as PEFT's merge sets it when it unties."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings().weight
+    if tied and head.weight is not embedding:
+        head.weight = embedding
+    elif not tied and head.weight is embedding:
+        head.weight = type(embedding)(embedding.detach().clone(), requires_grad=embedding.requires_grad)
+    if getattr(model, "config", None) is not None:
+        model.config.tie_word_embeddings = tied
+
+
+def _clone_sharing(state: dict) -> dict:
+    """Clone a state dict's tensors, keeping names that share memory (a tied head) sharing one clone, so
+    the copy still says whether the head is tied (_load_into decides the tying from that)."""
+    clones, out = {}, {}
+    for k, v in state.items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if key not in clones:
+            clones[key] = v.detach().clone()
+        out[k] = clones[key]
+    return out
 
 
 def _tied_names(model) -> dict[str, set[str]]:
