@@ -182,6 +182,8 @@ def test_sdk_sampler_batches_and_reports(setup):
     assert after["max_batch_seen"] >= 4
     # the embedded Qwen3 is served by the plain-torch model: the replica never imported transformers
     assert after["model_code"] == "workbench.models.qwen3_torch" and after["transformers_imported"] is False
+    # nor anything else it does not need before a hot load (each costs resident memory: bench/cold_start.py)
+    assert after["optional_modules_imported"] == [], after["optional_modules_imported"]
     assert after["decode_steps"] - before["decode_steps"] < 8 * 24 / 2
     metrics = sampler._recent_metrics[-1]
     assert metrics.prefill_queue_duration is not None and metrics.num_concurrent_requests >= 1

@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None, make_replica=None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]
+    # loop="asyncio", not uvloop: uvloop costs the replica ~1.8 MiB of RSS for ~0.1-0.3 ms per request on
+    # loopback, within the noise of a completion (bench/cold_start.py; measured in issue 16's notes)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                           timeout_keep_alive=75, timeout_graceful_shutdown=GRACEFUL_S))
+                                           loop="asyncio", timeout_keep_alive=75,
+                                           timeout_graceful_shutdown=GRACEFUL_S))
 
     def announce():
         # the port file is the control plane's "ready to serve HTTP" signal: write it only once

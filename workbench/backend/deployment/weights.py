@@ -9,7 +9,8 @@
 What is held. The current snapshot is kept as a bf16 state dict (`current_bf16`: exactly what a base
 snapshot holds, and the XOR base the next delta applies to), and as an fp32 model the engine computes
 with (this CPU has no fast bf16). At start the replica serves the base model rounded to bf16 (what a
-base snapshot of it would hold) with identity null.
+base snapshot of it would hold) with identity null, as the fp32 model alone: no delta can apply to
+identity null (a delta names its previous snapshot), so no bf16 copy of it is kept.
 
 Hot load (§5). Runs under one lock, in a hot-load thread of its own (the caller waits for it; the
 server calls from off the event loop).
@@ -58,6 +59,7 @@ import errno
 import json
 import os
 import re
+import sys
 import threading
 import time
 import traceback
@@ -131,8 +133,9 @@ class WeightManager:
         self.startup_error: str | None = None
         self.current_identity: str | None = None
         self.current_kind: str = "base_model"
+        # None while the base model is served (identity null): no delta applies to it (a delta names the
+        # snapshot it applies to, never null: 409), so that bf16 copy would only cost RSS
         self.current_bf16: dict | None = None
-        self.base_bf16: dict | None = None
         # the bf16 tensors the last swap retired: the next delta decodes into them (no fresh memory, whose
         # first touch costs more than the decode on this VM; see checkpoints/delta_codec.py)
         self._retired_bf16: dict | None = None
@@ -178,7 +181,6 @@ class WeightManager:
 
     def _startup(self) -> None:
         try:
-            import torch
             from workbench import models
             from .engine import Engine
 
@@ -190,8 +192,7 @@ class WeightManager:
             model = models.load_model(self.base_model, plain=plain).eval()
             self.tied_base = head_is_tied(model)
             bf16_round_(model)
-            self.base_bf16 = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
-            check_finite(self.base_bf16, None)
+            check_finite(model.state_dict(), None)       # rounded: finite here iff finite in bf16
             self.model = model        # the spare is made at the first load (_spare_model): RSS at READY
             cfg = model.config
             self.vocab_size = int(cfg.vocab_size)
@@ -202,7 +203,6 @@ class WeightManager:
             with self._state_lock:
                 self.ready = True
                 if restored is None:
-                    self.current_bf16 = self.base_bf16
                     if self.loading_state.get("stage") != "error":   # keep a failed restore visible
                         self.loading_state = {"stage": "done"}
         except Exception as e:  # the process stays up to report it; inference answers 503
@@ -417,7 +417,7 @@ class WeightManager:
             self.current_identity, self.current_kind = identity, kind
             self.current_bf16, self.chain, self.deltas_since_base = weights, chain, since_base
             self.loading_state = {"stage": "done", "target_snapshot_identity": identity}
-        if retired is not None and retired is not self.base_bf16 and retired is not weights:
+        if retired is not None and retired is not weights:
             self._retired_bf16 = retired
         self._prune_materialized()
         return {"status": "ok", "identity": identity, "kind": kind, "source": via,
@@ -542,7 +542,6 @@ class WeightManager:
         if missing or unexpected or wrong:
             raise HotloadError(422, f"snapshot does not fit base model {self.base_model}: missing {missing[:5]}, "
                                     f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
-        from workbench.checkpoints.delta_codec import pace
         with torch.no_grad():
             for k, v in weights.items():
                 target = tensors[k]
@@ -550,10 +549,10 @@ class WeightManager:
                     flat, src = target.view(-1), v.view(-1)
                     for a in range(0, flat.numel(), _COPY_SLICE):   # bounded slices (see _StepWindowPacer)
                         flat[a:a + _COPY_SLICE].copy_(src[a:a + _COPY_SLICE])
-                        pace()
+                        _pace()
                 else:
                     target.copy_(v)
-                    pace()
+                    _pace()
 
     def _read_state(self) -> bytes | None:
         try:
@@ -666,12 +665,20 @@ def check_finite(weights: dict, identity: str | None) -> None:
     into fresh memory (bf16, 4.7M elements: 178 ms against 0.8 ms on this VM)."""
     import torch
 
-    from workbench.checkpoints.delta_codec import pace
     for name, t in weights.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
             raise HotloadError(422, f"snapshot {identity!r} has non-finite values (NaN or inf) in {name}; "
                                     "refused, the previous snapshot keeps serving")
-        pace()
+        _pace()
+
+
+def _pace() -> None:
+    """delta_codec.pace() (the hot-load pacing hook), without importing delta_codec where nothing has yet:
+    pace() acts only inside a `paced(...)` block, which only that module can have opened, and importing it
+    (zstandard) costs a replica ~2 MiB at READY for nothing (the base model's check at start)."""
+    codec = sys.modules.get("workbench.checkpoints.delta_codec")
+    if codec is not None:
+        codec.pace()
 
 
 class _StepWindowPacer:
