@@ -137,6 +137,37 @@ def test_greedy_matches_generate_and_cache_grows(tiny):
         engine.stop()
 
 
+def test_an_idle_engine_gives_its_memory_back_and_serves_again(tiny, monkeypatch):
+    """Idle IDLE_RELEASE_S after work, the engine drops its KV cache and hands the freed heap back to the OS,
+    once per idle spell; the next request builds a new cache and computes the same tokens."""
+    from workbench.backend.deployment import engine as engine_module
+
+    model, tok = tiny
+    releases = []
+    monkeypatch.setattr(engine_module, "IDLE_RELEASE_S", 0.05)
+    monkeypatch.setattr(engine_module, "release_free_memory", lambda: releases.append(time.monotonic()))
+    engine = Engine(model, tok).start()
+
+    def wait_released(n):
+        deadline = time.monotonic() + 60
+        while len(releases) < n or engine.runner.k:
+            assert time.monotonic() < deadline, "the idle engine kept its memory"
+            time.sleep(0.01)
+
+    try:
+        prompt = make_prompts(1, seed=4, lo=5, hi=12)[0]
+        first = Sequence(prompt, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+        run(engine, [first])
+        wait_released(1)
+        again = Sequence(prompt, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+        run(engine, [again])
+        assert again.token_ids == first.token_ids
+        wait_released(2)
+    finally:
+        engine.stop()
+    assert len(releases) == 2          # one per idle spell, not one per wait
+
+
 def test_sampling_controls(tiny):
     model, tok = tiny
     engine = Engine(model, tok).start()

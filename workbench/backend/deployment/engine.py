@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from workbench.common import release_free_memory
 from workbench.models import qwen3_torch
 
 from .replica import FinalEvent, SamplingParams, TokenEvent, TokenInfo
@@ -56,6 +57,10 @@ from .threads import set_torch_threads
 __all__ = ["Engine", "Sequence", "SamplingParams", "TokenInfo", "TokenEvent", "FinalEvent", "sample_batch"]
 
 _ids = itertools.count()
+
+# Idle this long after work: the KV cache is dropped and the freed heap goes back to the OS (_release_memory).
+# Long enough that a client sampling request after request (an RL loop) never pays for it.
+IDLE_RELEASE_S = 1.0
 
 
 class Sequence:
@@ -296,13 +301,19 @@ class Engine:
     def _loop(self) -> None:
         set_torch_threads()                    # OpenMP thread counts are per OS thread
         had_work = False
+        worked = False                         # steps ran since memory was last given back
         while True:
             with self.cond:
                 if not (self._stop or self.waiting or self.active or self._swap):
                     self.runner.trim()
+                idle_since = time.monotonic()
                 while not (self._stop or self.waiting or self.active or self._swap):
                     had_work = False
-                    self.cond.wait()
+                    left = IDLE_RELEASE_S - (time.monotonic() - idle_since)
+                    if worked and left <= 0:
+                        self._release_memory()
+                        worked = False
+                    self.cond.wait(left if worked else None)
                 if self._stop:
                     break
                 self.step_started = time.perf_counter()      # a working step (see wait_for_step_window)
@@ -332,8 +343,16 @@ class Engine:
                 if had_work and self._pause_watch is not None:
                     self._pause_watch = max(self._pause_watch, now - self.last_step_end)
             had_work = bool(self.active or self.waiting)
+            worked = True
             self.last_step_end = now
         self._fail_all("deployment replica shutting down")
+
+    def _release_memory(self) -> None:
+        """Idle for IDLE_RELEASE_S after work: drop the KV cache and give the C heap's free pages back to
+        the OS (glibc keeps what torch frees: the last batch's activations, a retired cache, a hot load's
+        temporaries). Once per idle spell, not per step: the next request faults its pages back in."""
+        self.runner.trim(keep_bytes=0)
+        release_free_memory()
 
     def _take_admissions(self) -> list[Sequence]:
         room = self.max_batch - len(self.active)

@@ -64,8 +64,8 @@ class Runner(Protocol):
     def clear(self) -> None:
         """Drop every row."""
 
-    def trim(self) -> None:
-        """Called when idle: give back memory grown for a burst."""
+    def trim(self, keep_bytes: int = 64 << 20) -> None:
+        """Called when idle: give back memory grown for a burst (buffers past `keep_bytes`; 0: all)."""
 
 
 def kv_runner_supported(model) -> bool:
