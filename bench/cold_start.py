@@ -18,7 +18,7 @@ Starts `workbench serve` in a temporary home (port 0), creates a trainer on the 
     of the trainer again after one forward_backward + optim_step through the SDK (at once, and once it
     has been idle long enough to give the step's freed heap back), and of the replica
     again after serving a few completions (token prompts through the SDK's DeploymentSampler and a
-    text prompt over HTTP, n=4, 32 tokens each)
+    text prompt over HTTP, n=4, 32 tokens each), at once and once idle (as the trainer)
   - the load average at start and end (the figures mean little on a loaded machine without it)
 and, per process, the 8 heaviest third-party imports `python -X importtime` attributes to
 importing its entry module in a fresh interpreter (where the cold start goes).
@@ -263,6 +263,11 @@ def measure(args) -> tuple[dict, dict, str, str]:
         serve_completions(base_url, key, deployment.inference_model or deployment.name)
         pid = rss["deployment"][0]
         rss["deployment after completions"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
+        # Likewise a replica's engine, idle 1 s after work (IDLE_RELEASE_S in deployment/engine.py), drops
+        # its KV cache and gives the freed heap back.
+        time.sleep(3.0)
+        rss["deployment idle after completions"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"),
+                                                                                       float("nan"))
     finally:
         load_end = loadavg()
         if serve.poll() is None:
