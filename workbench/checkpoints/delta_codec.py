@@ -49,14 +49,15 @@ docs/delta-format.md "Decode and encode speed"):
     kept between calls (_Scratch.for_this_thread) for the same reason;
   - finding escaped codes (version 1): numpy's nonzero costs ~1 ns per element even on its branch-free
     path (the mask is padded onto it, _escape_positions), the largest cost of a one-step 75M decode;
-    version 2 lists their positions (packed2g/packed4g: a cumulative sum over the listed codes only);
+    version 2 lists their positions (packed*g: a cumulative sum over the listed codes only);
   - glibc's memmove (np.copyto) runs 5-8x slower here at some relative alignments: see _copy;
   - fixed costs per tensor (68 in the 5M model): numpy views of tensor memory without torch views
     (_memory_bits), gap positions in three passes, numpy's add.at where few elements changed.
-Where the time goes now (perf, 75M model, one-step lr 1e-4, packed2g): the table lookup ~20%, zstd
-~15, adding the held weights ~10 (it reads them from memory), placing the listed codes ~7, their
-positions ~7, adler32 ~4, Python the rest; each one numpy pass near its floor on this VM. Fewer passes
-would need a fused kernel (look up, add and checksum in one loop), which numpy and torch do not offer.
+Where the time goes now (perf, 75M model, one-step lr 1e-4, packed2g): the table lookup ~15% (and ~5
+widening its indices), zstd ~16, adding the held weights ~10 (it reads them from memory), placing the
+listed codes ~8, their positions ~5, adler32 ~4, the interpreter ~17; each one numpy pass near its
+floor on this VM. Fewer passes would need a fused kernel (look up, add and checksum in one loop),
+which numpy and torch do not offer.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ torch = LazyModule("torch")
 
 MAGIC = b"WBDELTA\0"
 FORMAT_VERSION = 2          # what encode writes
-READ_VERSIONS = (1, 2)      # what decode reads (version 1: no raw sections, no packed2g/packed4g)
+READ_VERSIONS = (1, 2)      # what decode reads (version 1: no raw sections, no packed2g/4g/8g)
 TRANSFORMS = ("sub", "xor")
 LAYOUTS = ("same", "dense", "packed2", "packed4", "gaps", "packed2g", "packed4g", "packed8g")
 ZSTD_LEVEL = 1  # calibration: level 3 is never more than 2-3% smaller and encodes slower
@@ -308,8 +309,9 @@ class _PlaneReader:
 # --------------------------------------------------------------------------------------------------
 # packed codes: b bits per element; larger codes are listed separately
 
-# packed2g/packed4g (version 2, written): a field holds codes 0 .. 2**b - 1; larger codes are listed
-# with their positions (as gaps) and their field holds 0. packed2/packed4 (version 1, read only): the
+# packed2g/packed4g/packed8g (version 2, written): a field holds codes 0 .. 2**b - 1 (packed8g with
+# "sub": the difference itself, a signed byte); larger codes are listed with their positions (as gaps)
+# and their field holds 0. packed2/packed4 (version 1, read only): the
 # field's all-ones value marks an escape, and escaped codes are listed in element order.
 PACKED_BITS = {"packed2": 2, "packed4": 4, "packed2g": 2, "packed4g": 4, "packed8g": 8}
 _ESCAPE_MARK = 0x8000  # what a version-1 lookup table yields for an escape field (overwritten once the escape is read)
@@ -680,7 +682,7 @@ def _gap_positions(sections, raw, k: int, n: int, s: _Scratch, what: str) -> np.
 
 
 def _decode_packed_gaps(out, old, sections, raw, n, bits, escapes, gap_planes, transform, s: _Scratch, name) -> int:
-    """Version 2's packed2g/packed4g: codes that do not fit a field are listed with their positions.
+    """Version 2's packed2g/packed4g/packed8g: codes that do not fit a field are listed with their positions.
 
     No search: the positions come from the gaps (a cumulative sum over the listed codes only), where
     version 1 found its escape marks with numpy's nonzero over every element (~1 ns each, the largest
