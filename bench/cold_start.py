@@ -255,7 +255,7 @@ def measure(args) -> tuple[dict, dict, str, str]:
         client.optim_step(tinker.AdamParams(learning_rate=1e-4)).result()
         pid = rss["trainer"][0]
         rss["trainer after 1 step"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
-        # Once idle (its queue empty 1 s: IDLE_RELEASE_S in trainer/server.py), a trainer gives the step's
+        # Once idle (its queue empty 1 s: common.IDLE_RELEASE_S), a trainer gives the step's
         # freed heap back to the OS. Not imported from there: --compare runs this bench over older trees.
         time.sleep(3.0)
         rss["trainer idle after 1 step"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
@@ -263,7 +263,7 @@ def measure(args) -> tuple[dict, dict, str, str]:
         serve_completions(base_url, key, deployment.inference_model or deployment.name)
         pid = rss["deployment"][0]
         rss["deployment after completions"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"), float("nan"))
-        # Likewise a replica's engine, idle 1 s after work (IDLE_RELEASE_S in deployment/engine.py), drops
+        # Likewise a replica's engine, idle 1 s after work (common.IDLE_RELEASE_S), drops
         # its KV cache and gives the freed heap back.
         time.sleep(3.0)
         rss["deployment idle after completions"] = (pid, *rss_mib(pid)) if pid else (None, float("nan"),

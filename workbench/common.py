@@ -316,6 +316,11 @@ class LazyModule:
 
 
 # ---- process memory ------------------------------------------------------------------------------
+IDLE_RELEASE_S = 1.0
+"""How long a trainer's queue or a replica's engine stays idle after work before it calls
+release_free_memory (once per idle spell). Long enough that a client calling step after step (an RL
+loop sampling, then training) never pays for it."""
+
 _malloc_trim: Callable[[int], int] | None | bool = False   # False: not looked up yet; None: no glibc
 
 

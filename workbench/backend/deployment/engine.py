@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from workbench.common import release_free_memory
+from workbench.common import IDLE_RELEASE_S, release_free_memory
 from workbench.models import qwen3_torch
 
 from .replica import FinalEvent, SamplingParams, TokenEvent, TokenInfo
@@ -57,10 +57,6 @@ from .threads import set_torch_threads
 __all__ = ["Engine", "Sequence", "SamplingParams", "TokenInfo", "TokenEvent", "FinalEvent", "sample_batch"]
 
 _ids = itertools.count()
-
-# Idle this long after work: the KV cache is dropped and the freed heap goes back to the OS (_release_memory).
-# Long enough that a client sampling request after request (an RL loop) never pays for it.
-IDLE_RELEASE_S = 1.0
 
 
 class Sequence:

@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from workbench.backend.asgi import RouteApp
-from workbench.common import ApiKeyMiddleware, error_body, release_free_memory
+from workbench.common import IDLE_RELEASE_S, ApiKeyMiddleware, error_body, release_free_memory
 
 from . import protocol
 from .protocol import TrainerBackend, TrainerCannotContinue, UserError, describe_failure
@@ -60,7 +60,6 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("workbench.trainer.server")
 
-IDLE_RELEASE_S = 1.0          # an empty queue this long after work: give the freed heap back to the OS
 _MAX_FUTURES = 20000          # completed futures kept for re-delivery before the oldest are dropped
 
 
